@@ -1,0 +1,176 @@
+"""The FastAPI application of rank 0 and the uvicorn thread that serves it."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import error_body, install_error_handlers
+from api.openai_routes import router as openai_router
+from api.service import Service
+from cluster.engine_client import EngineState
+from cluster.errors import ConfigError
+
+log = logging.getLogger("orchard.api")
+
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length or by counting what actually arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(send)
+                    return
+        seen = 0
+        sent_413 = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not sent_413:
+                await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _TooLarge:
+            sent_413 = True
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        resp = JSONResponse(
+            error_body(
+                413, f"request body over the limit of {self.max_bytes} bytes", None, "request_too_large"
+            ),
+            status_code=413,
+        )
+        await resp({"type": "http"}, _empty_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class ApiKeyAuth:
+    """`Authorization: Bearer <key>` on /v1 when keys are configured, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = tuple(k.encode() for k in keys)
+
+    def allowed(self, header: bytes | None) -> bool:
+        if header is None or not header.lower().startswith(b"bearer "):
+            return False
+        given = header[7:].strip()
+        ok = False
+        for key in self.keys:  # no early exit: timing does not tell which key matched
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
+            header = dict(scope.get("headers", ())).get(b"authorization")
+            if not self.allowed(header):
+                message = (
+                    "missing API key: send Authorization: Bearer <key>"
+                    if header is None
+                    else "incorrect API key"
+                )
+                resp = JSONResponse(error_body(401, message, None, "invalid_api_key"), status_code=401)
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="Orchard", version="0.1.0", description="OpenAI-compatible API of an Orchard cluster")
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(openai_router)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        svc: Service = request.app.state.service
+        state = svc.client.state
+        alive = state in (EngineState.READY, EngineState.DRAINING, EngineState.STARTING)
+        body: dict[str, Any] = {
+            "status": "ok" if alive else "failed",
+            "engine": state.value,
+            "model": svc.config.model_name,
+            "ranks": svc.config.world_size,
+            "uptime_s": round(time.time() - svc.started, 1),
+        }
+        if svc.client.failure:
+            body["error"] = svc.client.failure
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    app.add_middleware(ApiKeyAuth, keys=service.config.api_keys)
+    app.add_middleware(BodyLimit, max_bytes=service.config.limits.max_body_bytes)
+    return app
+
+
+class ApiServer:
+    """uvicorn in a background thread: rank 0's main thread belongs to the engine (MPI is single-threaded)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.host, self.port = host, port
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise ConfigError(
+                    f"cannot serve HTTP on {self.host}:{self.port} (address in use or not available)"
+                )
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"HTTP server did not start on {self.host}:{self.port} within {timeout:g} s"
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)

@@ -1,0 +1,496 @@
+"""`/v1/chat/completions`, `/v1/completions` and `/v1/models`, in OpenAI's shapes (streamed or not)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.errors import APIError, error_body
+from api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from api.service import Service
+from cluster.requests import (
+    Admission,
+    FinishReason,
+    GenerationRequest,
+    RequestEvent,
+    SamplingParams,
+    TokenLogprob,
+)
+
+router = APIRouter()
+
+
+def _svc(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    return svc
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_svc(request).model_card()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    svc = _svc(request)
+    svc.check_model(model_id, param=None)
+    return svc.model_card()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    svc = _svc(request)
+    svc.check_model(body.model)
+    _reject_unsupported(body)
+    if body.tools or body.functions:
+        raise APIError(
+            400, "tools are not supported by this server", param="tools", code="unsupported_parameter"
+        )
+    if body.tool_choice not in (None, "none"):
+        raise APIError(400, "tool_choice is not supported", param="tool_choice", code="unsupported_parameter")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(
+            400,
+            f"response_format {body.response_format.type!r} is not supported (only 'text')",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+    try:
+        prompt = svc.tokenizer.encode_chat(messages)
+    except Exception as exc:  # a template that raises on this conversation (role order, ...)
+        raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from exc
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    sampling = _sampling(svc, body, len(prompt), max_tokens, logprobs)
+    return await _generate(request, svc, "chat", prompt, sampling, body.stream, _include_usage(body), echo="")
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    svc = _svc(request)
+    svc.check_model(body.model)
+    _reject_unsupported(body)
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
+    if body.best_of not in (None, 1):
+        raise APIError(400, "best_of > 1 is not supported", param="best_of", code="unsupported_parameter")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+    prompt, echo = _completion_prompt(svc, body.prompt)
+    sampling = _sampling(svc, body, len(prompt), body.max_tokens, body.logprobs)
+    return await _generate(
+        request, svc, "text", prompt, sampling, body.stream, _include_usage(body), echo if body.echo else ""
+    )
+
+
+# -- validation helpers ----------------------------------------------------------------------------
+
+
+def _reject_unsupported(body: SamplingFields) -> None:
+    if body.n != 1:
+        raise APIError(
+            400, "n > 1 is not supported: send several requests", param="n", code="unsupported_parameter"
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0.0):
+            raise APIError(400, f"{name} is not supported yet", param=name, code="unsupported_parameter")
+    if body.repetition_penalty not in (None, 1.0):
+        raise APIError(
+            400,
+            "repetition_penalty is not supported yet",
+            param="repetition_penalty",
+            code="unsupported_parameter",
+        )
+
+
+def _include_usage(body: SamplingFields) -> bool:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _message_dict(m: Any, index: int) -> dict[str, Any]:
+    content = m.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400,
+                    f"content part type {part.type!r} is not supported (text only)",
+                    param=f"messages.{index}.content",
+                )
+            texts.append(part.text)
+        content = "\n".join(texts)
+    out: dict[str, Any] = {"role": m.role, "content": content or ""}
+    if m.name:
+        out["name"] = m.name
+    return out
+
+
+def _completion_prompt(svc: Service, prompt: Any) -> tuple[list[int], str]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(
+                400, "batched prompts are not supported: send one prompt per request", param="prompt"
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return svc.tokenizer.encode(prompt), prompt
+    ids = list(prompt)
+    if not ids:
+        raise APIError(400, "prompt is empty", param="prompt")
+    vocab = svc.vocab_size
+    bad = next((t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+    return ids, svc.tokenizer.decode(ids)
+
+
+def _sampling(
+    svc: Service, body: SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    cfg, lim = svc.config, svc.config.limits
+    if prompt_len > svc.config.prompt_limit:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens, over this server's limit of {cfg.prompt_limit}",
+            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    room = cfg.context_length - prompt_len
+    if max_tokens is not None and max_tokens > lim.max_tokens:
+        raise APIError(
+            400,
+            f"max_tokens {max_tokens} is over this server's limit of {lim.max_tokens}",
+            param="max_tokens",
+        )
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        raise APIError(
+            400,
+            f"this model's maximum context length is {cfg.context_length} tokens; the prompt has {prompt_len} "
+            f"and {max_tokens or 1} more were requested",
+            param="max_tokens" if max_tokens else "messages",
+            code="context_length_exceeded",
+        )
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > lim.max_stop_strings:
+        raise APIError(400, f"at most {lim.max_stop_strings} stop strings are allowed", param="stop")
+    if any(not s or len(s) > 256 for s in stops):
+        raise APIError(400, "stop strings must be 1 to 256 characters", param="stop")
+    bias: list[tuple[int, float]] = []
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+        if not 0 <= tid < svc.vocab_size:
+            raise APIError(400, f"logit_bias token {tid} is outside the vocabulary", param="logit_bias")
+        bias.append((tid, float(value)))
+    if len(bias) > 300:
+        raise APIError(400, "logit_bias may hold at most 300 tokens", param="logit_bias")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_k = body.top_k if body.top_k and body.top_k > 0 else 0
+    return SamplingParams(
+        temperature=temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=top_k,
+        min_p=body.min_p or 0.0,
+        seed=None if body.seed is None else body.seed % (2**63),
+        max_tokens=max_tokens if max_tokens is not None else min(lim.default_max_tokens, room),
+        stop=tuple(stops),
+        logit_bias=tuple(bias),
+        logprobs=logprobs,
+    )
+
+
+# -- running a request ----------------------------------------------------------------------------
+
+
+async def _generate(
+    request: Request,
+    svc: Service,
+    kind: str,
+    prompt: list[int],
+    sampling: SamplingParams,
+    stream: bool,
+    include_usage: bool,
+    echo: str,
+) -> Any:
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    rid = f"{prefix}-{uuid.uuid4().hex}"
+    queue: asyncio.Queue[RequestEvent] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def sink(event: RequestEvent) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    client = request.client.host if request.client else ""
+    req = GenerationRequest(rid, tuple(prompt), sampling, sink, client=client)
+    admission = svc.client.submit(req)
+    if admission is not Admission.ACCEPTED:
+        raise _admission_error(admission)
+    render = _ChatRender(svc) if kind == "chat" else _TextRender(svc)
+    created = int(time.time())
+    if stream:
+        return StreamingResponse(
+            _stream(svc, rid, queue, render, created, include_usage, echo),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _collect(request, svc, rid, queue, render, created, echo)
+
+
+def _admission_error(admission: Admission) -> APIError:
+    if admission is Admission.QUEUE_FULL:
+        return APIError(
+            429, "the server's queue is full; retry shortly", code="queue_full", headers={"Retry-After": "1"}
+        )
+    if admission is Admission.DRAINING:
+        return APIError(
+            503,
+            "the server is draining and admits no new requests",
+            code="draining",
+            headers={"Retry-After": "5"},
+        )
+    return APIError(503, "the engine is not available", code="unavailable", headers={"Retry-After": "5"})
+
+
+def _event_error(event: RequestEvent) -> APIError | None:
+    if event.finish_reason is FinishReason.ERROR:
+        status = {"timeout": 504, "unavailable": 503}.get(event.error_type, 500)
+        return APIError(status, event.error or "generation failed", code=event.error_type)
+    if event.finish_reason is FinishReason.CANCELLED:
+        return APIError(503, "the request was cancelled by an operator", code="cancelled")
+    return None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect(
+    request: Request,
+    svc: Service,
+    rid: str,
+    queue: asyncio.Queue[RequestEvent],
+    render: _Render,
+    created: int,
+    echo: str,
+) -> JSONResponse:
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    texts = [echo]
+    logprobs: list[TokenLogprob] = []
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                svc.client.cancel(rid)
+                return JSONResponse(error_body(400, "client disconnected"), status_code=499)
+            event = getter.result()
+            texts.append(event.text)
+            logprobs.extend(event.logprobs)
+            if event.finished:
+                break
+    finally:
+        watcher.cancel()
+    err = _event_error(event)
+    if err is not None:
+        return JSONResponse(err.body(), status_code=err.status)
+    reason = event.finish_reason.value if event.finish_reason else None
+    body = render.full(rid, created, "".join(texts), reason, logprobs or None)
+    body["usage"] = _usage(event)
+    return JSONResponse(body)
+
+
+def _usage(event: RequestEvent) -> dict[str, int]:
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    svc: Service,
+    rid: str,
+    queue: asyncio.Queue[RequestEvent],
+    render: _Render,
+    created: int,
+    include_usage: bool,
+    echo: str,
+) -> AsyncIterator[str]:
+    finished = False
+    usage_field = {"usage": None} if include_usage else {}
+    try:
+        if render.opening_chunk or echo:
+            yield _sse({**render.chunk(rid, created, echo, None, None, first=True), **usage_field})
+        while True:
+            event = await queue.get()
+            err = _event_error(event)
+            if err is not None:
+                finished = True
+                yield _sse(err.body())
+                break
+            lps = list(event.logprobs) or None
+            if event.text or lps:
+                yield _sse({**render.chunk(rid, created, event.text, None, lps), **usage_field})
+            if event.finished:
+                finished = True
+                reason = event.finish_reason.value if event.finish_reason else None
+                yield _sse({**render.chunk(rid, created, "", reason, None), **usage_field})
+                if include_usage:
+                    yield _sse(
+                        {
+                            **render.chunk(rid, created, "", None, None, usage_only=True),
+                            "usage": _usage(event),
+                        }
+                    )
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            svc.client.cancel(rid)
+
+
+class _Render:
+    opening_chunk = False  # chat streams open with the assistant role, as OpenAI's do
+
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+
+    def full(
+        self, rid: str, created: int, text: str, reason: str | None, lps: list[TokenLogprob] | None
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def chunk(
+        self,
+        rid: str,
+        created: int,
+        text: str,
+        reason: str | None,
+        lps: list[TokenLogprob] | None,
+        first: bool = False,
+        usage_only: bool = False,
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _envelope(self, rid: str, created: int, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": self.svc.config.model_name,
+            "choices": choices,
+        }
+
+    def token_text(self, tid: int) -> str:
+        return self.svc.tokenizer.decode([tid])
+
+
+class _ChatRender(_Render):
+    opening_chunk = True
+
+    def _logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if lps is None:
+            return None
+
+        def entry(tid: int, lp: float) -> dict[str, Any]:
+            text = self.token_text(tid)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in lps
+            ],
+            "refusal": None,
+        }
+
+    def full(
+        self, rid: str, created: int, text: str, reason: str | None, lps: list[TokenLogprob] | None
+    ) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": self._logprobs(lps),
+            "finish_reason": reason,
+        }
+        return self._envelope(rid, created, "chat.completion", [choice])
+
+    def chunk(
+        self,
+        rid: str,
+        created: int,
+        text: str,
+        reason: str | None,
+        lps: list[TokenLogprob] | None,
+        first: bool = False,
+        usage_only: bool = False,
+    ) -> dict[str, Any]:
+        if usage_only:
+            return self._envelope(rid, created, "chat.completion.chunk", [])
+        delta: dict[str, Any] = (
+            {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        )
+        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(lps), "finish_reason": reason}
+        return self._envelope(rid, created, "chat.completion.chunk", [choice])
+
+
+class _TextRender(_Render):
+    def _logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if lps is None:
+            return None
+        tokens = [self.token_text(t.token_id) for t in lps]
+        offsets, pos = [], 0
+        for tok in tokens:
+            offsets.append(pos)
+            pos += len(tok)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{self.token_text(i): v for i, v in t.top} for t in lps],
+            "text_offset": offsets,
+        }
+
+    def full(
+        self, rid: str, created: int, text: str, reason: str | None, lps: list[TokenLogprob] | None
+    ) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(lps), "finish_reason": reason}
+        return self._envelope(rid, created, "text_completion", [choice])
+
+    def chunk(
+        self,
+        rid: str,
+        created: int,
+        text: str,
+        reason: str | None,
+        lps: list[TokenLogprob] | None,
+        first: bool = False,
+        usage_only: bool = False,
+    ) -> dict[str, Any]:
+        if usage_only:
+            return self._envelope(rid, created, "text_completion", [])
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(lps), "finish_reason": reason}
+        return self._envelope(rid, created, "text_completion", [choice])

@@ -1,0 +1,1 @@
+"""Pure coordination logic for Orchard: no MLX, MPI, Textual or FastAPI imports live here."""

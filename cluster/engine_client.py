@@ -1,0 +1,91 @@
+"""The thread-safe door between the HTTP thread and the engine thread.
+
+`submit` decides admission synchronously (so the API can answer 429/503 at once) and queues the request;
+the engine thread drains the inbox between steps. Nothing here blocks the event loop for long: a lock
+held for a few list operations.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.requests import Admission, GenerationRequest
+
+
+class EngineState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(slots=True, frozen=True)
+class Cancel:
+    request_id: str
+    reason: str = "cancelled"
+
+
+Command = GenerationRequest | Cancel
+
+
+class EngineClient:
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._inbox: deque[Command] = deque()
+        self._wake = threading.Event()
+        self._waiting = 0  # submitted, not yet started or dropped by the engine
+        self.state = EngineState.STARTING
+        self.failure: str | None = None
+
+    # -- HTTP side -------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Admission:
+        with self._lock:
+            if self.state is EngineState.DRAINING:
+                return Admission.DRAINING
+            if self.state is not EngineState.READY:
+                return Admission.UNAVAILABLE
+            if self._waiting >= self.max_waiting:
+                return Admission.QUEUE_FULL
+            self._waiting += 1
+            self._inbox.append(request)
+        self._wake.set()
+        return Admission.ACCEPTED
+
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        with self._lock:
+            self._inbox.append(Cancel(request_id, reason))
+        self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    # -- engine side -----------------------------------------------------------------------------
+    def take(self) -> list[Command]:
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+            self._wake.clear()
+        return items
+
+    def wait(self, timeout: float) -> None:
+        self._wake.wait(timeout)
+
+    def left_queue(self, n: int = 1) -> None:
+        """The engine started (or dropped) n waiting requests."""
+        with self._lock:
+            self._waiting -= n
+
+    def set_state(self, state: EngineState, failure: str | None = None) -> None:
+        with self._lock:
+            if self.state in (EngineState.FAILED, EngineState.STOPPED):
+                return
+            self.state = state
+            if failure:
+                self.failure = failure
+        self._wake.set()

@@ -1,0 +1,124 @@
+"""Typed messages of the control bus. Every rank executes a `StepPlan` exactly as rank 0 sent it.
+
+Wire form: each message is a msgpack array whose first element is its kind tag; `cluster.bus` wraps it
+in the versioned envelope. Field order is the wire order: append fields, never reorder them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from cluster.errors import BusDecodeError
+
+
+@dataclass(slots=True, frozen=True)
+class Admit:
+    """A new sequence: every rank remembers its prompt tokens and opens an empty KV cache for it."""
+
+    seq_id: int
+    tokens: tuple[int, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class PrefillChunk:
+    """Run prompt positions [start, end) of a sequence; `end == len(prompt)` means sample afterwards."""
+
+    seq_id: int
+    start: int
+    end: int
+
+
+@dataclass(slots=True, frozen=True)
+class StepPlan:
+    """One engine step. Order of execution on every rank: release, admit, prefill, decode.
+
+    `decode_ids[i]` is row i of the decode batch and `decode_tokens[i]` its input token: the batch rows
+    on every rank are put in exactly this order before the forward pass.
+    """
+
+    KIND: ClassVar[int] = 1
+    step: int
+    release: tuple[int, ...] = ()
+    admit: tuple[Admit, ...] = ()
+    prefill: tuple[PrefillChunk, ...] = ()
+    decode_ids: tuple[int, ...] = ()
+    decode_tokens: tuple[int, ...] = ()
+
+    def is_empty(self) -> bool:
+        return not (self.release or self.admit or self.prefill or self.decode_ids)
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.KIND,
+            self.step,
+            list(self.release),
+            [[a.seq_id, list(a.tokens)] for a in self.admit],
+            [[p.seq_id, p.start, p.end] for p in self.prefill],
+            list(self.decode_ids),
+            list(self.decode_tokens),
+        ]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> StepPlan:
+        _, step, release, admit, prefill, decode_ids, decode_tokens = w
+        if len(decode_ids) != len(decode_tokens):
+            raise BusDecodeError("step plan: decode ids and tokens differ in length")
+        return cls(
+            step=_int(step),
+            release=tuple(_int(x) for x in release),
+            admit=tuple(Admit(_int(s), tuple(_int(t) for t in toks)) for s, toks in admit),
+            prefill=tuple(PrefillChunk(_int(s), _int(a), _int(b)) for s, a, b in prefill),
+            decode_ids=tuple(_int(x) for x in decode_ids),
+            decode_tokens=tuple(_int(x) for x in decode_tokens),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class Heartbeat:
+    """Sent by an idle rank 0 at a low rate so followers know it is alive."""
+
+    KIND: ClassVar[int] = 2
+    step: int
+    sent_at: float = 0.0
+
+    def to_wire(self) -> list[Any]:
+        return [self.KIND, self.step, self.sent_at]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> Heartbeat:
+        _, step, sent_at = w
+        if not isinstance(sent_at, (int, float)):
+            raise BusDecodeError("heartbeat: sent_at is not a number")
+        return cls(step=_int(step), sent_at=float(sent_at))
+
+
+@dataclass(slots=True, frozen=True)
+class Shutdown:
+    """Every rank leaves its loop and exits with `exit_code`; `reason` goes to each rank's log."""
+
+    KIND: ClassVar[int] = 3
+    exit_code: int = 0
+    reason: str = field(default="")
+
+    def to_wire(self) -> list[Any]:
+        return [self.KIND, self.exit_code, self.reason]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> Shutdown:
+        _, code, reason = w
+        if not isinstance(reason, str):
+            raise BusDecodeError("shutdown: reason is not a string")
+        return cls(exit_code=_int(code), reason=reason)
+
+
+BusMessage = StepPlan | Heartbeat | Shutdown
+MESSAGE_TYPES: dict[int, type[StepPlan] | type[Heartbeat] | type[Shutdown]] = {
+    t.KIND: t for t in (StepPlan, Heartbeat, Shutdown)
+}
+
+
+def _int(x: Any) -> int:
+    if type(x) is not int:
+        raise BusDecodeError(f"expected an integer on the bus, got {type(x).__name__}")
+    return x

@@ -1,0 +1,226 @@
+"""Continuous batching as a step function over plain data.
+
+`schedule()` turns the queue into the next `StepPlan`; `update()` takes the tokens rank 0 sampled for that
+plan and turns them into request events. New requests join between steps, finished ones leave at the
+next plan's `release`; nobody waits for the batch to drain. Modelled on vLLM v1's scheduler
+(`schedule()` / `update_from_output()`), minus paging.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from cluster.messages import Admit, PrefillChunk, StepPlan
+from cluster.requests import FinishReason, GenerationRequest, RequestEvent, TokenLogprob
+from cluster.textstream import Decode, IncrementalDetokenizer, StopMatcher
+
+
+class SeqState(str, enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    max_batch: int = 8  # sequences being prefilled or decoded at once
+    prefill_chunk: int = 256  # prompt tokens per step, shared by all prefilling sequences
+    context_length: int = 2048
+
+
+@dataclass(slots=True, frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(slots=True)
+class Sequence:
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    stop: StopMatcher
+    state: SeqState = SeqState.WAITING
+    computed: int = 0  # prompt positions whose KV is on every rank
+    output: list[int] = field(default_factory=list)
+    admitted: bool = False  # the ranks know this sequence (it must be released)
+    first_token_at: float | None = None
+
+    @property
+    def seq_id(self) -> int:
+        return self.request.seq_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_tokens)
+
+
+Emit = tuple[GenerationRequest, RequestEvent]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        decode: Decode,
+        eos_token_ids: Iterable[int],
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self._decode = decode
+        self._eos = frozenset(eos_token_ids)
+        self._clock = clock
+        self._waiting: deque[Sequence] = deque()
+        self._active: list[Sequence] = []  # PREFILL and RUNNING, in admission order
+        self._by_request: dict[str, Sequence] = {}
+        self._release: list[int] = []
+        self._step = 0
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active or self._release)
+
+    def sequences(self) -> list[Sequence]:
+        return list(self._waiting) + list(self._active)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def add(self, request: GenerationRequest) -> None:
+        seq = Sequence(
+            request=request,
+            detok=IncrementalDetokenizer(self._decode),
+            stop=StopMatcher(request.sampling.stop),
+        )
+        self._waiting.append(seq)
+        self._by_request[request.request_id] = seq
+
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> list[Emit]:
+        """Finish a request wherever it is; returns its final event (none if it is unknown or done)."""
+        seq = self._by_request.get(request_id)
+        if seq is None or seq.state is SeqState.FINISHED:
+            return []
+        if seq.state is SeqState.WAITING:
+            self._waiting.remove(seq)
+        return [self._finish(seq, reason, "")]
+
+    def fail_all(self, message: str) -> list[Emit]:
+        out = []
+        for seq in self.sequences():
+            ev = self._finish(seq, FinishReason.ERROR, "")
+            ev[1].error = message
+            out.append(ev)
+        return out
+
+    # -- the step function -----------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """The next plan: admit waiting requests into free slots, prefill within budget, decode."""
+        cfg = self.config
+        admits = []
+        while self._waiting and len(self._active) < cfg.max_batch:
+            seq = self._waiting.popleft()
+            seq.state, seq.admitted = SeqState.PREFILL, True
+            self._active.append(seq)
+            admits.append(Admit(seq.seq_id, seq.request.prompt_tokens))
+        budget = cfg.prefill_chunk
+        prefill = []
+        decode_ids, decode_tokens = [], []
+        for seq in self._active:
+            if seq.state is SeqState.RUNNING:
+                decode_ids.append(seq.seq_id)
+                decode_tokens.append(seq.output[-1])
+            elif budget > 0:
+                end = min(seq.prompt_len, seq.computed + budget)
+                prefill.append(PrefillChunk(seq.seq_id, seq.computed, end))
+                budget -= end - seq.computed
+        release, self._release = tuple(self._release), []
+        self._step += 1
+        plan = StepPlan(
+            step=self._step,
+            release=release,
+            admit=tuple(admits),
+            prefill=tuple(prefill),
+            decode_ids=tuple(decode_ids),
+            decode_tokens=tuple(decode_tokens),
+        )
+        return plan
+
+    def update(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> list[Emit]:
+        """Apply the outputs of `plan`; returns the events to deliver."""
+        now = self._clock()
+        by_id = {s.seq_id: s for s in self._active}
+        for chunk in plan.prefill:
+            seq = by_id.get(chunk.seq_id)
+            if seq is not None and seq.state is SeqState.PREFILL:
+                seq.computed = chunk.end
+        events: list[Emit] = []
+        for seq_id, tok in sampled.items():
+            seq = by_id.get(seq_id)
+            if seq is None or seq.state is SeqState.FINISHED:
+                continue  # cancelled while the step ran
+            if seq.state is SeqState.PREFILL:
+                seq.state = SeqState.RUNNING
+                seq.first_token_at = now
+            events.append(self._append(seq, tok))
+        return events
+
+    # -- internals -------------------------------------------------------------------------------
+    def _append(self, seq: Sequence, tok: SampledToken) -> Emit:
+        seq.output.append(tok.token_id)
+        params = seq.request.sampling
+        lp = (tok.logprob,) if tok.logprob is not None else ()
+        if tok.token_id in self._eos:
+            return self._finish(seq, FinishReason.STOP, seq.detok.flush(), (tok.token_id,), lp)
+        text = seq.stop.feed(seq.detok.push(tok.token_id))
+        if seq.stop.stopped:
+            return self._finish(seq, FinishReason.STOP, text, (tok.token_id,), lp)
+        total = seq.prompt_len + len(seq.output)
+        if len(seq.output) >= params.max_tokens or total >= self.config.context_length:
+            text += seq.stop.feed(seq.detok.flush())
+            if not seq.stop.stopped:
+                text += seq.stop.flush()
+            reason = FinishReason.STOP if seq.stop.stopped else FinishReason.LENGTH
+            return self._finish(seq, reason, text, (tok.token_id,), lp)
+        event = RequestEvent(
+            seq.request.request_id,
+            text=text,
+            token_ids=(tok.token_id,),
+            logprobs=lp,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.output),
+        )
+        return seq.request, event
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        text: str,
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] = (),
+    ) -> Emit:
+        if seq.state in (SeqState.PREFILL, SeqState.RUNNING):
+            self._active.remove(seq)
+        if seq.admitted:
+            self._release.append(seq.seq_id)
+        seq.state = SeqState.FINISHED
+        self._by_request.pop(seq.request.request_id, None)
+        event = RequestEvent(
+            seq.request.request_id,
+            text=text,
+            token_ids=tuple(token_ids),
+            logprobs=tuple(logprobs),
+            finish_reason=reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.output),
+        )
+        return seq.request, event

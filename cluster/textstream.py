@@ -1,0 +1,72 @@
+"""Token ids to text, incrementally, with stop strings held back until they are ruled out.
+
+Pure logic with an injected `decode` function, so it is tested without a model. The technique (decode a
+short window and emit only what is stable, never a trailing U+FFFD) is the one vLLM and TGI use for
+byte-level BPE, where one character can span several tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+Decode = Callable[[Sequence[int]], str]
+
+
+class IncrementalDetokenizer:
+    def __init__(self, decode: Decode) -> None:
+        self._decode = decode
+        self._tokens: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token: int) -> str:
+        """Add one token and return the text it completes (possibly empty)."""
+        self._tokens.append(token)
+        prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        full = self._decode(self._tokens[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._tokens)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Text still pending at the end (an incomplete character decodes as U+FFFD)."""
+        prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        full = self._decode(self._tokens[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._tokens)
+        return full[len(prefix) :]
+
+
+class StopMatcher:
+    """Finds the first stop string in streamed text; never emits any part of it.
+
+    Up to `max(len(stop)) - 1` characters are held back, because they may be the start of a stop string
+    that the next token completes.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Return the text that is safe to emit; sets `stopped` when a stop string appears."""
+        if self.stopped:
+            return ""
+        if not self._stops:
+            return text
+        buf = self._pending + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return buf[:cut]
+        keep = min(self._hold, len(buf))
+        self._pending = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out

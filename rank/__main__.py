@@ -1,0 +1,203 @@
+"""`python -m rank`: start one rank. Order matters: environment fix-ups (may re-exec), MLX distributed
+init, then mpi4py (it must not initialise MPI itself), model load + shard, then the role's loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from rank.env import prepare_process, under_mpi
+
+log = logging.getLogger("orchard")
+
+
+def _setup_logging(level: str, rank: int) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _init_distributed() -> tuple[Any, Any]:
+    """MLX first, then mpi4py on the already initialised MPI (ENVIRONMENT.md)."""
+    from cluster.bus import Transport
+    from rank.transport import LocalTransport, MpiTransport
+
+    transport: Transport
+    if not under_mpi():
+        return None, LocalTransport()
+    import mlx.core as mx
+
+    group = mx.distributed.init(backend="mpi", strict=True)
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = False
+    from mpi4py import MPI
+
+    transport = MpiTransport(MPI.COMM_WORLD)
+    if group.size() != transport.size:
+        raise SystemExit(f"MLX sees {group.size()} ranks but MPI sees {transport.size}")
+    return (group if group.size() > 1 else None), transport
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    prepare_process(argv)
+    from rank.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    rank_env = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    _setup_logging(args.log_level, rank_env)
+    from cluster.errors import OrchardError
+
+    try:
+        from rank.cli import validate
+
+        validate(args)
+        group, transport = _init_distributed()
+        return _run(args, group, transport)
+    except OrchardError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+def _run(args: Any, group: Any, transport: Any) -> int:
+    from cluster.bus import BusCodec, ControlBus
+    from cluster.errors import BusError
+    from rank.engine import follow
+    from rank.env import blas_in_use
+    from rank.executor import Executor
+    from rank.models import default_cache_dir, load_model, resolve_model
+
+    rank, size = transport.rank, transport.size
+    t0 = time.monotonic()
+    cache_dir = args.cache_dir or default_cache_dir()
+    model_dir = resolve_model(args.model, cache_dir, progress=log.info if rank == 0 else log.debug)
+    model, config = load_model(model_dir, group)
+    log.info(
+        "loaded %s as shard %d/%d in %.1f s (BLAS: %s)",
+        model_dir.name,
+        rank,
+        size,
+        time.monotonic() - t0,
+        blas_in_use(),
+    )
+    bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
+    executor = Executor(model, want_logits=rank == 0)
+    if rank != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains and tells us when to stop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return follow(executor, bus)
+        except BusError as exc:
+            log.error("fatal control-bus error, aborting the job: %s", exc)
+            transport.abort(3)
+            return 3
+    return _lead(args, model_dir, config, executor, bus)
+
+
+def _lead(args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus: Any) -> int:
+    from api.app import ApiServer, create_app
+    from api.service import Service
+    from cluster.config import ServingConfig, ServingLimits
+    from cluster.engine_client import EngineClient
+    from cluster.scheduler import Scheduler, SchedulerConfig
+    from rank.cli import api_keys
+    from rank.engine import Leader
+    from rank.models import EMBEDDED_NAME
+    from rank.tokenizer import ChatTokenizer
+
+    tokenizer = ChatTokenizer(model_dir)
+    context = int(config.get("max_position_embeddings") or 2048)
+    if args.max_context:
+        context = min(context, args.max_context)
+    name = args.served_model_name or (
+        EMBEDDED_NAME if args.model is None else model_dir.name.removesuffix(".gguf")
+    )
+    if args.model and not args.served_model_name and str(args.model).endswith(".gguf"):
+        name = os.path.basename(str(args.model)).removesuffix(".gguf")
+    limits = ServingLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        default_max_tokens=args.default_max_tokens,
+        max_waiting=args.max_queue,
+        request_timeout=args.request_timeout,
+    )
+    serving = ServingConfig(
+        model_name=name,
+        context_length=context,
+        limits=limits,
+        api_keys=api_keys(args),
+        admin_token=args.admin_token,
+        world_size=bus.size,
+    )
+    client = EngineClient(max_waiting=args.max_queue)
+    scheduler = Scheduler(
+        SchedulerConfig(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, context_length=context),
+        decode=tokenizer.decode,
+        eos_token_ids=tokenizer.eos_token_ids,
+        clock=time.monotonic,
+    )
+    leader = Leader(
+        executor,
+        scheduler,
+        bus,
+        client,
+        heartbeat_interval=args.heartbeat_interval,
+        drain_timeout=args.drain_timeout,
+        request_timeout=args.request_timeout,
+    )
+    vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
+    server = ApiServer(
+        create_app(Service(client, tokenizer, serving, vocab)), args.host, args.port, "warning"
+    )
+    try:
+        server.start()
+    except Exception:
+        from cluster.messages import Shutdown
+
+        bus.send(Shutdown(2, "rank 0 could not start its HTTP server"))
+        raise
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if leader.draining:
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            leader.request_stop()
+        else:
+            log.info(
+                "%s: draining (new requests get 503; in-flight ones have %g s)",
+                signal.Signals(signum).name,
+                args.drain_timeout,
+            )
+            leader.request_drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    keys = "on" if serving.api_keys else "off"
+    log.info(
+        "serving %s on http://%s:%d/v1 with %d rank(s), context %d, max batch %d, API keys %s",
+        name,
+        args.host,
+        args.port,
+        bus.size,
+        context,
+        args.max_batch,
+        keys,
+    )
+    code = leader.run()
+    server.stop()
+    if code:
+        bus.transport.abort(code) if bus.size > 1 else None
+    log.info("rank 0 exiting with %d", code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Command-line flags of `python -m rank`. Every limit has a flag; secrets also come from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from cluster.bus import DEFAULT_MAX_MESSAGE_BYTES
+from cluster.config import ServingLimits
+from cluster.errors import ConfigError
+
+_D = ServingLimits()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rank",
+        description=(
+            "One rank of an Orchard job. Run it alone for one process, or under mpirun for tensor "
+            "parallelism across ranks: mpirun -hostfile hostfiles/studio.txt python -m rank. Rank 0 serves "
+            "the OpenAI-compatible API."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--model",
+        help="local mlx-lm model directory or llama GGUF file (default: embedded SmolLM2-135M-Instruct)",
+    )
+    m.add_argument(
+        "--served-model-name", help="model id shown by /v1/models (default: the model's folder or file name)"
+    )
+    m.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where converted models live (default: $ORCHARD_CACHE or ~/.cache/orchard)",
+    )
+    m.add_argument("--max-context", type=int, default=0, help="context length in tokens (0: the model's own)")
+    m.add_argument(
+        "--blas",
+        choices=("auto", "openblas", "none"),
+        default=os.environ.get("ORCHARD_BLAS", "auto"),
+        help="Linux: preload OpenBLAS for MLX's CPU matmuls (auto: when one is installed; env ORCHARD_BLAS)",
+    )
+    h = p.add_argument_group("HTTP (rank 0)")
+    h.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; use 0.0.0.0 only on a trusted network"
+    )
+    h.add_argument("--port", type=int, default=8000, help="TCP port of the API")
+    h.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted API key (repeatable; env ORCHARD_API_KEYS, comma-separated)",
+    )
+    h.add_argument("--api-key-file", type=Path, help="file with one accepted API key per line")
+    h.add_argument(
+        "--admin-token",
+        default=os.environ.get("ORCHARD_ADMIN_TOKEN"),
+        help="token for /admin routes (env ORCHARD_ADMIN_TOKEN)",
+    )
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-batch", type=int, default=8, help="sequences prefilled or decoded at once")
+    lim.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per engine step")
+    lim.add_argument(
+        "--max-queue",
+        type=int,
+        default=_D.max_waiting,
+        help="requests waiting beyond the batch; more get 429",
+    )
+    lim.add_argument(
+        "--max-body-bytes", type=int, default=_D.max_body_bytes, help="largest request body; larger get 413"
+    )
+    lim.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=_D.max_prompt_tokens,
+        help="longest prompt (0: the context length)",
+    )
+    lim.add_argument(
+        "--max-tokens", type=int, default=_D.max_tokens, help="largest max_tokens a request may ask for"
+    )
+    lim.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=_D.default_max_tokens,
+        help="max_tokens when a request gives none",
+    )
+    lim.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_D.request_timeout,
+        help="seconds a request may take in all (0: no limit)",
+    )
+    lim.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests"
+    )
+    lim.add_argument(
+        "--bus-max-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest control-bus message"
+    )
+    lim.add_argument(
+        "--heartbeat-interval", type=float, default=1.0, help="seconds between idle heartbeats on the bus"
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity"
+    )
+    return p
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key)
+    env = os.environ.get("ORCHARD_API_KEYS", "")
+    keys += [k.strip() for k in env.split(",") if k.strip()]
+    if args.api_key_file:
+        try:
+            lines = args.api_key_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file {args.api_key_file}: {exc.strerror}") from exc
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    return tuple(dict.fromkeys(keys))
+
+
+def validate(args: argparse.Namespace) -> None:
+    positive = (
+        "max_batch",
+        "prefill_chunk",
+        "max_queue",
+        "max_body_bytes",
+        "max_tokens",
+        "default_max_tokens",
+        "bus_max_bytes",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.port < 65536:
+        raise ConfigError("--port must be 1..65535")
+    if args.heartbeat_interval <= 0:
+        raise ConfigError("--heartbeat-interval must be positive")

@@ -1,0 +1,194 @@
+"""The step loops. Rank 0 (`Leader`) plans, broadcasts, executes, samples and answers; every other rank
+(`follow`) receives and executes. The leader's loop is the only code on rank 0 that calls MPI or MLX.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from cluster.bus import ControlBus
+from cluster.engine_client import Cancel, EngineClient, EngineState
+from cluster.errors import BusError
+from cluster.messages import Heartbeat, Shutdown, StepPlan
+from cluster.requests import FinishReason, GenerationRequest, RequestEvent, SamplingParams
+from cluster.scheduler import Emit, Scheduler
+from rank.executor import Executor
+from rank.sampler import Sampler
+
+log = logging.getLogger("orchard.engine")
+
+
+class Leader:
+    def __init__(
+        self,
+        executor: Executor,
+        scheduler: Scheduler,
+        bus: ControlBus,
+        client: EngineClient,
+        heartbeat_interval: float = 1.0,
+        drain_timeout: float = 30.0,
+        request_timeout: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.executor = executor
+        self.scheduler = scheduler
+        self.bus = bus
+        self.client = client
+        self.sampler = Sampler()
+        self.heartbeat_interval = heartbeat_interval
+        self.drain_timeout = drain_timeout
+        self.request_timeout = request_timeout
+        self.clock = clock
+        self._params: dict[int, SamplingParams] = {}
+        self._requests: dict[str, GenerationRequest] = {}
+        self._drain_since: float | None = None
+        self._stop = False
+        self.steps = 0
+        self.generated_tokens = 0
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_since is not None or self._stop
+
+    # Called from the signal handler (main thread, between bytecodes): only set flags.
+    def request_drain(self) -> None:
+        if self._drain_since is None:
+            self._drain_since = self.clock()
+        self.client.set_state(EngineState.DRAINING)
+
+    def request_stop(self) -> None:
+        self._stop = True
+        self.client.set_state(EngineState.DRAINING)
+
+    def run(self) -> int:
+        self.client.set_state(EngineState.READY)
+        last_sent = self.clock()
+        try:
+            while True:
+                now = self.clock()
+                self._take_inbox(now)
+                self._expire(now)
+                if self._should_exit(now):
+                    break
+                if not self.scheduler.has_work():
+                    if now - last_sent >= self.heartbeat_interval:
+                        self.bus.send(Heartbeat(self.steps, time.time()))
+                        last_sent = now
+                    self.client.wait(min(self.heartbeat_interval, 0.25))
+                    continue
+                waiting_before = self.scheduler.num_waiting
+                plan = self.scheduler.schedule()
+                self.client.left_queue(waiting_before - self.scheduler.num_waiting)
+                self.bus.send(plan)
+                last_sent = self.clock()
+                self._deliver(self._step(plan))
+        except BusError as exc:
+            return self._fail(f"control bus failure: {exc}")
+        except Exception as exc:
+            log.exception("engine step failed")
+            return self._fail(f"engine failure: {type(exc).__name__}: {exc}")
+        self.client.set_state(EngineState.STOPPED)
+        self.bus.send(Shutdown(0, "rank 0 stopped"))
+        return 0
+
+    def _step(self, plan: StepPlan) -> list[Emit]:
+        out = self.executor.execute(plan)
+        self.steps += 1
+        if not out.row_ids or out.logits is None:
+            return self.scheduler.update(plan, {})
+        sampled = self.sampler.sample(out.row_ids, out.logits, self._params)
+        self.generated_tokens += len(sampled)
+        return self.scheduler.update(plan, sampled)
+
+    def _take_inbox(self, now: float) -> None:
+        emits: list[Emit] = []
+        start, added = self.scheduler.num_waiting, 0
+        for cmd in self.client.take():
+            if isinstance(cmd, Cancel):
+                emits += self.scheduler.cancel(cmd.request_id)
+                continue
+            if cmd.arrival == 0.0:
+                cmd.arrival = now
+            self._params[cmd.seq_id] = cmd.sampling
+            self._requests[cmd.request_id] = cmd
+            self.scheduler.add(cmd)
+            added += 1
+        self.client.left_queue(start + added - self.scheduler.num_waiting)
+        self._deliver(emits)
+
+    def _expire(self, now: float) -> None:
+        if not self.request_timeout:
+            return
+        late = [r for r in self._requests.values() if now - r.arrival > self.request_timeout]
+        emits: list[Emit] = []
+        for req in late:
+            waiting = self.scheduler.num_waiting
+            got = self.scheduler.cancel(req.request_id, FinishReason.ERROR)
+            self.client.left_queue(waiting - self.scheduler.num_waiting)
+            for _, ev in got:
+                ev.error = f"request timed out after {self.request_timeout:g} s"
+                ev.error_type = "timeout"
+            emits += got
+        self._deliver(emits)
+
+    def _should_exit(self, now: float) -> bool:
+        if self._stop:
+            return True
+        if self._drain_since is None:
+            return False
+        if not self.scheduler.has_work() and self.client.waiting == 0:
+            return True
+        if now - self._drain_since > self.drain_timeout:
+            waiting = self.scheduler.num_waiting
+            emits = self.scheduler.fail_all("the server is shutting down (drain timeout)")
+            for _, ev in emits:
+                ev.error_type = "unavailable"
+            self.client.left_queue(waiting)
+            self._deliver(emits)
+            # Release what the ranks hold so the final state is clean, then stop.
+            if self.scheduler.has_work():
+                plan = self.scheduler.schedule()
+                self.bus.send(plan)
+                self.executor.execute(plan)
+            return True
+        return False
+
+    def _deliver(self, emits: list[Emit]) -> None:
+        for req, event in emits:
+            if event.finished:
+                self._requests.pop(req.request_id, None)
+                self._params.pop(req.seq_id, None)
+                self.sampler.forget((req.seq_id,))
+            _safe_send(req, event)
+
+    def _fail(self, message: str) -> int:
+        log.error("%s; failing all requests and stopping the job", message)
+        self.client.set_state(EngineState.FAILED, message)
+        waiting = self.scheduler.num_waiting
+        self._deliver(self.scheduler.fail_all(message))
+        self.client.left_queue(waiting)
+        for cmd in self.client.take():
+            if isinstance(cmd, GenerationRequest):
+                _safe_send(cmd, RequestEvent(cmd.request_id, finish_reason=FinishReason.ERROR, error=message))
+        return 1
+
+
+def _safe_send(req: GenerationRequest, event: RequestEvent) -> None:
+    try:
+        req.sink(event)
+    except Exception:  # a broken sink (closed loop) must never take the engine down
+        log.debug("dropping event for %s: sink failed", req.request_id, exc_info=True)
+
+
+def follow(executor: Executor, bus: ControlBus) -> int:
+    """A follower's whole life: execute what rank 0 broadcasts until it says stop."""
+    while True:
+        message = bus.receive()
+        if isinstance(message, Shutdown):
+            if message.exit_code:
+                log.error("rank 0 stopped the job: %s", message.reason)
+            return message.exit_code
+        if isinstance(message, StepPlan):
+            executor.execute(message)

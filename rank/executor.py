@@ -1,0 +1,127 @@
+"""Runs a `StepPlan` on this rank's shard. Every rank runs the same code in the same order; only rank 0
+asks for logits (followers skip the vocabulary projection, which needs no collective).
+
+KV layout: a sequence being prefilled owns a per-layer `KVCache`; once it decodes it is a row of the
+shared `BatchKVCache` (left-padded, mlx-lm's), whose rows are kept in the plan's `decode_ids` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from cluster.errors import EngineError
+from cluster.messages import StepPlan
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """Rows of `logits` belong to `row_ids` (sequence ids), in order. Empty on followers."""
+
+    row_ids: list[int]
+    logits: mx.array | None
+
+
+class Executor:
+    def __init__(self, model: Any, want_logits: bool) -> None:
+        self.model = model
+        self.want_logits = want_logits
+        self.num_layers = len(model.layers)
+        self.prompts: dict[int, tuple[int, ...]] = {}
+        self.prefilling: dict[int, list[KVCache]] = {}
+        self.batch: list[BatchKVCache] | None = None
+        self.batch_ids: list[int] = []
+        args = model.args
+        self._tied = bool(getattr(args, "tie_word_embeddings", True)) or not hasattr(model, "lm_head")
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.prompts)
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        self._release(plan.release)
+        for admit in plan.admit:
+            if admit.seq_id in self.prompts:
+                raise EngineError(f"sequence {admit.seq_id} admitted twice")
+            self.prompts[admit.seq_id] = admit.tokens
+            self.prefilling[admit.seq_id] = [KVCache() for _ in range(self.num_layers)]
+        row_ids: list[int] = []
+        hidden: list[mx.array] = []
+        for chunk in plan.prefill:
+            cache = self.prefilling[chunk.seq_id]
+            tokens = self.prompts[chunk.seq_id][chunk.start : chunk.end]
+            if cache[0].offset != chunk.start:
+                raise EngineError(
+                    f"sequence {chunk.seq_id}: prefill at {chunk.start}, cache at {cache[0].offset}"
+                )
+            h = self.model.model(mx.array(tokens, dtype=mx.int32)[None], cache=cache)
+            if chunk.end == len(self.prompts[chunk.seq_id]):
+                row_ids.append(chunk.seq_id)
+                hidden.append(h[:, -1, :])
+            mx.eval(h)  # bounds the graph; on followers this runs the chunk's collectives
+        if plan.decode_ids:
+            self._arrange_batch(plan.decode_ids)
+            inputs = mx.array(plan.decode_tokens, dtype=mx.int32)[:, None]
+            h = self.model.model(inputs, cache=self.batch)
+            row_ids.extend(plan.decode_ids)
+            hidden.append(h[:, -1, :])
+        if not hidden:
+            return StepOutput([], None)
+        last = mx.concatenate(hidden, axis=0) if len(hidden) > 1 else hidden[0]
+        if not self.want_logits:
+            mx.eval(last)
+            return StepOutput(row_ids, None)
+        logits = self._lm_head(last).astype(mx.float32)
+        return StepOutput(row_ids, logits)
+
+    def _lm_head(self, h: mx.array) -> mx.array:
+        if self._tied:
+            return self.model.model.embed_tokens.as_linear(h)
+        return self.model.lm_head(h)
+
+    def _release(self, seq_ids: tuple[int, ...]) -> None:
+        if not seq_ids:
+            return
+        gone = set(seq_ids)
+        for sid in seq_ids:
+            self.prompts.pop(sid, None)
+            self.prefilling.pop(sid, None)
+        if self.batch is not None and gone.intersection(self.batch_ids):
+            keep = [i for i, sid in enumerate(self.batch_ids) if sid not in gone]
+            self.batch_ids = [self.batch_ids[i] for i in keep]
+            if not keep:
+                self.batch = None
+            else:
+                idx = mx.array(keep, dtype=mx.int32)
+                for c in self.batch:
+                    c.filter(idx)
+
+    def _arrange_batch(self, decode_ids: tuple[int, ...]) -> None:
+        """Join newly prefilled sequences, then put the rows in the plan's order."""
+        for sid in decode_ids:
+            if sid in self.prefilling:
+                self._join(sid, self.prefilling.pop(sid))
+            elif sid not in self.prompts:
+                raise EngineError(f"decode of unknown sequence {sid}")
+        if list(decode_ids) != self.batch_ids:
+            pos = {sid: i for i, sid in enumerate(self.batch_ids)}
+            if set(pos) != set(decode_ids):
+                raise EngineError("decode batch differs from the plan (ranks out of step)")
+            order = mx.array([pos[sid] for sid in decode_ids], dtype=mx.int32)
+            assert self.batch is not None
+            for c in self.batch:
+                c.keys, c.values = c.keys[order], c.values[order]
+                c.offset, c.left_padding = c.offset[order], c.left_padding[order]
+            self.batch_ids = list(decode_ids)
+
+    def _join(self, sid: int, caches: list[KVCache]) -> None:
+        merged = [BatchKVCache.merge([c]) for c in caches]
+        if self.batch is None:
+            self.batch = merged
+        else:
+            for mine, theirs in zip(self.batch, merged, strict=True):
+                mine.extend(theirs)
+        self.batch_ids.append(sid)
