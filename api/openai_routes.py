@@ -72,7 +72,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = _sampling(svc, body, len(prompt), max_tokens, logprobs)
-    return await _generate(request, svc, "chat", prompt, sampling, body.stream, _include_usage(body), echo="")
+    return await _generate(
+        request,
+        svc,
+        "chat",
+        prompt,
+        sampling,
+        body.stream,
+        _include_usage(body),
+        "",
+        body.return_tokens_as_token_ids,
+    )
 
 
 @router.post("/v1/completions")
@@ -88,8 +98,17 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
     prompt, echo = _completion_prompt(svc, body.prompt)
     sampling = _sampling(svc, body, len(prompt), body.max_tokens, body.logprobs)
+    echo_text = echo if body.echo else ""
     return await _generate(
-        request, svc, "text", prompt, sampling, body.stream, _include_usage(body), echo if body.echo else ""
+        request,
+        svc,
+        "text",
+        prompt,
+        sampling,
+        body.stream,
+        _include_usage(body),
+        echo_text,
+        body.return_tokens_as_token_ids,
     )
 
 
@@ -228,6 +247,7 @@ async def _generate(
     stream: bool,
     include_usage: bool,
     echo: str,
+    as_ids: bool,
 ) -> Any:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     rid = f"{prefix}-{uuid.uuid4().hex}"
@@ -242,7 +262,7 @@ async def _generate(
     admission = svc.client.submit(req)
     if admission is not Admission.ACCEPTED:
         raise _admission_error(admission)
-    render = _ChatRender(svc) if kind == "chat" else _TextRender(svc)
+    render = (_ChatRender if kind == "chat" else _TextRender)(svc, as_ids)
     created = int(time.time())
     if stream:
         return StreamingResponse(
@@ -377,8 +397,9 @@ async def _stream(
 class _Render:
     opening_chunk = False  # chat streams open with the assistant role, as OpenAI's do
 
-    def __init__(self, svc: Service) -> None:
+    def __init__(self, svc: Service, as_ids: bool = False) -> None:
         self.svc = svc
+        self.as_ids = as_ids
 
     def full(
         self, rid: str, created: int, text: str, reason: str | None, lps: list[TokenLogprob] | None
@@ -407,7 +428,7 @@ class _Render:
         }
 
     def token_text(self, tid: int) -> str:
-        return self.svc.tokenizer.decode([tid])
+        return f"token_id:{tid}" if self.as_ids else self.svc.tokenizer.decode([tid])
 
 
 class _ChatRender(_Render):

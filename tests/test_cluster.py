@@ -1,0 +1,149 @@
+"""End to end with real parts: the venv's mpirun, `python -m rank`, uvicorn on 127.0.0.1, the official
+openai client. Greedy output under tensor parallelism must equal one rank's, token for token."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.jobs import Job
+
+pytestmark = pytest.mark.cluster
+
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "1, 2, 3, 4,",
+    "Orchard serves models from a cluster of Macs",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_tp2(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
+    return job_factory.start(2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "tiny-tp2")
+
+
+@pytest.fixture(scope="module")
+def tiny_tp1(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
+    return job_factory.start(1, ["--model", str(tiny_model), "--served-model-name", "tiny"], "tiny-tp1")
+
+
+def client(job: Job) -> openai.OpenAI:
+    return openai.OpenAI(base_url=job.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def greedy_ids(job: Job, prompt: str, n: int = 24, model: str = "tiny") -> list[int]:
+    r = client(job).completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        logprobs=0,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    assert r.choices[0].logprobs is not None and r.choices[0].logprobs.tokens is not None
+    return [int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens]
+
+
+def test_openai_client_non_streaming_and_streaming(tiny_tp2: Job) -> None:
+    c = client(tiny_tp2)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    r = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=10, temperature=0
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage is not None and r.usage.completion_tokens <= 10 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    stream = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content  # same greedy answer streamed or not
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == r.usage
+
+
+def test_raw_sse_ends_with_done(tiny_tp2: Job) -> None:
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 4, "stream": True, "temperature": 0}
+    with httpx.stream("POST", tiny_tp2.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_eight_concurrent_requests_of_different_lengths(tiny_tp2: Job) -> None:
+    c = client(tiny_tp2)
+
+    def one(i: int) -> tuple[int, int, str | None]:
+        r = c.completions.create(
+            model="tiny",
+            prompt="x" * (5 + 40 * i),
+            max_tokens=3 + 4 * i,
+            temperature=0.7,
+            seed=i,
+            logit_bias={"2": -100},  # never <|im_end|>: every request runs to its own length
+        )
+        assert r.usage is not None
+        return i, r.usage.completion_tokens, r.choices[0].finish_reason
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    for i, n, reason in results:
+        assert reason == "length" and n == 3 + 4 * i
+
+
+def test_tp2_greedy_equals_tp1_token_for_token(tiny_tp2: Job, tiny_tp1: Job) -> None:
+    for prompt in PROMPTS:
+        assert greedy_ids(tiny_tp2, prompt) == greedy_ids(tiny_tp1, prompt), prompt
+
+
+def test_bad_input_gets_4xx_and_the_cluster_keeps_serving(tiny_tp2: Job) -> None:
+    url = tiny_tp2.url
+    before = greedy_ids(tiny_tp2, PROMPTS[0])
+    bad = [
+        ("/v1/chat/completions", b"{not json"),
+        ("/v1/chat/completions", b'{"model": "tiny", "messages": []}'),
+        ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}'),
+        ("/v1/completions", b'{"model": "tiny", "prompt": [999999999]}'),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": -1}'),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 100000000}'),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": "hot"}'),
+        ("/v1/completions", b'{"model": "other", "prompt": "x"}'),
+        ("/v1/nope", b"{}"),
+    ]
+    for path, data in bad:
+        r = httpx.post(url + path, content=data, headers={"content-type": "application/json"}, timeout=30)
+        assert 400 <= r.status_code < 500, (path, data, r.status_code, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert greedy_ids(tiny_tp2, PROMPTS[0]) == before
+    assert httpx.get(url + "/health").json()["engine"] == "ready"
+
+
+def test_embedded_model_tp3_equals_tp1_and_knows_paris(job_factory) -> None:  # type: ignore[no-untyped-def]
+    name = "SmolLM2-135M-Instruct"
+    tp1 = job_factory.start(1, [], "smollm-tp1")
+    tp3 = job_factory.start(3, [], "smollm-tp3")
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    for job in (tp1, tp3):
+        r = client(job).chat.completions.create(model=name, messages=question, temperature=0, max_tokens=20)
+        assert "Paris" in (r.choices[0].message.content or "")
+    for prompt in PROMPTS[:3]:
+        assert greedy_ids(tp3, prompt, 16, name) == greedy_ids(tp1, prompt, 16, name), prompt
+    tp1.stop()
+    tp3.stop()
