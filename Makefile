@@ -5,8 +5,6 @@ BIN    := $(VENV)/bin
 NP     ?= 3
 PORT   ?= 8000
 ARGS   ?=
-ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
-MPIRUN := $(BIN)/mpirun $(ROOT_FLAG) --bind-to none --hostfile hostfiles/local.txt
 
 .PHONY: setup run run-1 test test-fast lint typecheck bench clean
 
@@ -21,7 +19,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup-blas.sh
 	@touch $@
 
 run: setup  ## serve the embedded SmolLM2 with tensor parallelism over 3 local ranks on 127.0.0.1:$(PORT)
-	$(MPIRUN) -np $(NP) $(BIN)/python -m rank --port $(PORT) $(ARGS)
+	$(BIN)/python -m rank --np $(NP) --hostfile hostfiles/local.txt --port $(PORT) $(ARGS)
 
 run-1: setup  ## the same with one process, no mpirun
 	$(BIN)/python -m rank --port $(PORT) $(ARGS)

@@ -130,6 +130,7 @@ def create_app(service: Service) -> FastAPI:
             "model": svc.config.model_name,
             "ranks": svc.config.world_size,
             "uptime_s": round(time.time() - svc.started, 1),
+            "engine_stats": svc.client.snapshot.to_json(),
         }
         if svc.client.failure:
             body["error"] = svc.client.failure

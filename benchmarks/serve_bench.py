@@ -17,7 +17,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -55,7 +55,9 @@ def make_prompts(args: argparse.Namespace) -> list[list[dict[str, str]]]:
     return prompts
 
 
-async def one(client: httpx.AsyncClient, args: argparse.Namespace, model: str, messages: list[dict[str, str]]) -> Result:
+async def one(
+    client: httpx.AsyncClient, args: argparse.Namespace, model: str, messages: list[dict[str, str]]
+) -> Result:
     body = {
         "model": model,
         "messages": messages,
@@ -123,7 +125,12 @@ def summarise(results: list[Result], wall: float) -> dict[str, object]:
         "output_tok_s": round(out_tokens / wall, 2) if wall else 0.0,
         "requests_s": round(len(ok) / wall, 3) if wall else 0.0,
     }
-    for name, vals in (("ttft", [r.ttft for r in ok]), ("tpot", tpot), ("itl", itl), ("e2e", [r.e2e for r in ok])):
+    for name, vals in (
+        ("ttft", [r.ttft for r in ok]),
+        ("tpot", tpot),
+        ("itl", itl),
+        ("e2e", [r.e2e for r in ok]),
+    ):
         for q in (0.5, 0.9, 0.99):
             summary[f"{name}_p{int(q * 100)}_ms"] = round(pct(vals, q) * 1000, 1)
         summary[f"{name}_mean_ms"] = round(statistics.fmean(vals) * 1000, 1) if vals else float("nan")
@@ -166,14 +173,18 @@ def main() -> int:
     p.add_argument("--workload", choices=("distinct", "shared-prefix"), default="distinct")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--rate", type=float, default=0.0, help="requests per second (0: all at once, bounded by concurrency)")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="requests per second (0: all at once, bounded by concurrency)"
+    )
     p.add_argument("--prompt-tokens", type=int, default=120, help="approximate words per distinct prompt")
     p.add_argument("--prefix-tokens", type=int, default=1500, help="approximate words of the shared document")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--max-duration", type=float, default=900.0, help="stop starting requests after this many seconds")
+    p.add_argument(
+        "--max-duration", type=float, default=900.0, help="stop starting requests after this many seconds"
+    )
     p.add_argument("--json", help="also write the summary here")
     args = p.parse_args()
     summary = asyncio.run(run(args))

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from cluster.requests import Admission, GenerationRequest
+from cluster.stats import EngineSnapshot
 
 
 class EngineState(str, enum.Enum):
@@ -41,6 +42,7 @@ class EngineClient:
         self._waiting = 0  # submitted, not yet started or dropped by the engine
         self.state = EngineState.STARTING
         self.failure: str | None = None
+        self.snapshot = EngineSnapshot()  # replaced whole by the engine thread: readers never see a torn one
 
     # -- HTTP side -------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Admission:

@@ -48,6 +48,14 @@ def _init_distributed() -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from rank.launch import launch, split_launch_args
+
+    launching = split_launch_args(argv)
+    if launching is not None and not under_mpi():
+        from rank.cli import build_parser
+
+        build_parser().parse_args(argv)  # reject bad flags here, not in N ranks
+        return launch(*launching)
     prepare_process(argv)
     from rank.cli import build_parser
 
@@ -91,8 +99,8 @@ def _run(args: Any, group: Any, transport: Any) -> int:
     bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
     executor = Executor(model, want_logits=rank == 0)
     if rank != 0:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains and tells us when to stop
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)  # rank 0 drains and tells us when to stop
         try:
             return follow(executor, bus)
         except BusError as exc:
@@ -178,8 +186,8 @@ def _lead(args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus:
             )
             leader.request_drain()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # mpirun forwards SIGUSR1 without killing
+        signal.signal(sig, on_signal)
     keys = "on" if serving.api_keys else "off"
     log.info(
         "serving %s on http://%s:%d/v1 with %d rank(s), context %d, max batch %d, API keys %s",

@@ -14,6 +14,7 @@ from cluster.errors import BusError
 from cluster.messages import Heartbeat, Shutdown, StepPlan
 from cluster.requests import FinishReason, GenerationRequest, RequestEvent, SamplingParams
 from cluster.scheduler import Emit, Scheduler
+from cluster.stats import EngineSnapshot
 from rank.executor import Executor
 from rank.sampler import Sampler
 
@@ -73,6 +74,7 @@ class Leader:
                 if self._should_exit(now):
                     break
                 if not self.scheduler.has_work():
+                    self._publish()
                     if now - last_sent >= self.heartbeat_interval:
                         self.bus.send(Heartbeat(self.steps, time.time()))
                         last_sent = now
@@ -84,6 +86,7 @@ class Leader:
                 self.bus.send(plan)
                 last_sent = self.clock()
                 self._deliver(self._step(plan))
+                self._publish(self.clock() - last_sent)
         except BusError as exc:
             return self._fail(f"control bus failure: {exc}")
         except Exception as exc:
@@ -92,6 +95,19 @@ class Leader:
         self.client.set_state(EngineState.STOPPED)
         self.bus.send(Shutdown(0, "rank 0 stopped"))
         return 0
+
+    def _publish(self, step_seconds: float | None = None) -> None:
+        last = self.client.snapshot.last_step_ms if step_seconds is None else step_seconds * 1000
+        self.client.snapshot = EngineSnapshot(
+            state=self.client.state.value,
+            running=self.scheduler.num_running,
+            waiting=self.scheduler.num_waiting,
+            max_batch=self.scheduler.config.max_batch,
+            sequences_on_ranks=self.executor.num_sequences,
+            steps=self.steps,
+            generated_tokens=self.generated_tokens,
+            last_step_ms=last,
+        )
 
     def _step(self, plan: StepPlan) -> list[Emit]:
         out = self.executor.execute(plan)

@@ -22,7 +22,9 @@ class LocalTransport:
     def broadcast(self, data: bytes) -> None:
         return None
 
-    def receive(self, max_bytes: int, expect_soon: bool = False) -> bytes:  # pragma: no cover - a single rank never receives
+    def receive(
+        self, max_bytes: int, expect_soon: bool = False
+    ) -> bytes:  # pragma: no cover - a single rank never receives
         raise RuntimeError("a single-rank job has no followers")
 
     def abort(self, code: int) -> None:

@@ -22,9 +22,12 @@ def plans(draw: st.DrawFn) -> StepPlan:
         step=draw(ids),
         release=tuple(draw(st.lists(ids, max_size=8))),
         admit=tuple(
-            Admit(draw(ids), tuple(draw(st.lists(small, max_size=64)))) for _ in range(draw(st.integers(0, 4)))
+            Admit(draw(ids), tuple(draw(st.lists(small, max_size=64))))
+            for _ in range(draw(st.integers(0, 4)))
         ),
-        prefill=tuple(PrefillChunk(draw(ids), draw(small), draw(small)) for _ in range(draw(st.integers(0, 4)))),
+        prefill=tuple(
+            PrefillChunk(draw(ids), draw(small), draw(small)) for _ in range(draw(st.integers(0, 4)))
+        ),
         decode_ids=tuple(decode_ids),
         decode_tokens=tuple(draw(st.lists(small, min_size=len(decode_ids), max_size=len(decode_ids)))),
     )

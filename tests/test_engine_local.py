@@ -74,7 +74,9 @@ def wait_all(streams: list[list[RequestEvent]], timeout: float = 60) -> None:
 
 
 def test_batched_greedy_equals_single_sequence(engine: LocalEngine) -> None:
-    prompts = [engine.tokenizer.encode(t) for t in ("Hello there", "a", "The quick brown fox jumps", "xyz " * 9)]
+    prompts = [
+        engine.tokenizer.encode(t) for t in ("Hello there", "a", "The quick brown fox jumps", "xyz " * 9)
+    ]
     lengths = [12, 5, 20, 9]
     streams = []
     for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):

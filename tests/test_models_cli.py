@@ -30,7 +30,9 @@ def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
 
 def test_sharding_message_names_the_valid_rank_counts() -> None:
     cfg = {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
-    with pytest.raises(ShardingError, match="this model has 9 attention heads and 3 KV heads: run 1 or 3 ranks"):
+    with pytest.raises(
+        ShardingError, match="this model has 9 attention heads and 3 KV heads: run 1 or 3 ranks"
+    ):
         check_tensor_parallel(cfg, 2)
     check_tensor_parallel(cfg, 3)
 

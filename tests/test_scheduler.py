@@ -22,7 +22,10 @@ def make(max_batch: int = 4, chunk: int = 16, context: int = 1000) -> Scheduler:
 
 def request(rid: str, prompt_len: int, max_tokens: int = 5, stop: tuple[str, ...] = ()) -> GenerationRequest:
     return GenerationRequest(
-        rid, tuple(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, stop=stop), sink=lambda e: None
+        rid,
+        tuple(range(1, prompt_len + 1)),
+        SamplingParams(max_tokens=max_tokens, stop=stop),
+        sink=lambda e: None,
     )
 
 
@@ -64,7 +67,11 @@ def test_chunked_prefill_then_decode_then_release() -> None:
 
 def test_continuous_batching_join_and_leave_without_stall() -> None:
     s = make(max_batch=2, chunk=100)
-    short, long_, late = request("s", 4, max_tokens=2), request("l", 4, max_tokens=6), request("x", 4, max_tokens=2)
+    short, long_, late = (
+        request("s", 4, max_tokens=2),
+        request("l", 4, max_tokens=6),
+        request("x", 4, max_tokens=2),
+    )
     s.add(short)
     s.add(long_)
     s.add(late)
