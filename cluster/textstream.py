@@ -13,6 +13,10 @@ Decode = Callable[[Sequence[int]], str]
 
 
 class IncrementalDetokenizer:
+    # A UTF-8 character is at most 4 bytes: past this many pending tokens the bytes are invalid, and
+    # holding them longer would only grow the window (and the cost of every decode) without end.
+    MAX_PENDING = 8
+
     def __init__(self, decode: Decode) -> None:
         self._decode = decode
         self._tokens: list[int] = []
@@ -24,7 +28,8 @@ class IncrementalDetokenizer:
         self._tokens.append(token)
         prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
         full = self._decode(self._tokens[self._prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        stuck = len(self._tokens) - self._read_offset > self.MAX_PENDING
+        if len(full) > len(prefix) and (stuck or not full.endswith("\ufffd")):
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._tokens)
             return full[len(prefix) :]
