@@ -31,8 +31,10 @@ def job_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[type]:
 
     class Factory:
         @staticmethod
-        def start(np: int, args: list[str], name: str, env: dict[str, str] | None = None) -> Job:
-            job = Job(np, args, logs / f"{name}-{len(started)}.log", env)
+        def start(
+            np: int, args: list[str], name: str, env: dict[str, str] | None = None, launcher: bool = False
+        ) -> Job:
+            job = Job(np, args, logs / f"{name}-{len(started)}.log", env, launcher)
             started.append(job)
             return job.wait_ready()
 

@@ -32,12 +32,18 @@ def mpirun_prefix(np: int) -> list[str]:
 class Job:
     """A running job; `stop()` sends SIGTERM (drain) and waits, then kills what is left."""
 
-    def __init__(self, np: int, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, np: int, args: list[str], log_path: Path, env: dict[str, str] | None = None, launcher: bool = False
+    ) -> None:
+        """`launcher`: start through `python -m rank --np N` instead of calling mpirun here."""
         self.np = np
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         rank_cmd = [sys.executable, "-m", "rank", "--port", str(self.port), *args]
-        cmd = mpirun_prefix(np) + rank_cmd if np > 1 else rank_cmd
+        if launcher:
+            cmd = rank_cmd + ["--np", str(np)]
+        else:
+            cmd = mpirun_prefix(np) + rank_cmd if np > 1 else rank_cmd
         self.log_path = log_path
         self._log = open(log_path, "wb")
         full_env = dict(os.environ)
@@ -84,5 +90,22 @@ class Job:
         """Pids of the rank processes (children of mpirun, or the process itself)."""
         if self.np == 1:
             return [self.proc.pid]
-        out = subprocess.run(["pgrep", "-f", f"-m rank --port {self.port}"], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split() if int(p) != self.proc.pid]
+        want = ["-m", "rank", "--port", str(self.port)]
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "python" in argv[0] and argv[1:5] == want and int(entry.name) != self.proc.pid:
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+    def rank_pid(self, rank: int) -> int:
+        for pid in self.pids():
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+                return pid
+        raise LookupError(f"no rank {rank} in {self.pids()}")

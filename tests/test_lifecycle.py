@@ -1,0 +1,115 @@
+"""Requests that end early and jobs that end gracefully, with real mpirun jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.jobs import Job
+
+pytestmark = pytest.mark.cluster
+NO_EOS = {"2": -100}
+
+
+def stats(job: Job) -> dict:
+    return httpx.get(job.url + "/health", timeout=10).json()["engine_stats"]
+
+
+def greedy_text(job: Job, prompt: str = "in step?") -> str:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0, "logit_bias": NO_EOS}
+    r = httpx.post(job.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["text"])
+
+
+def wait_idle(job: Job, timeout: float = 15) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(job)
+        if s["running"] == 0 and s["waiting"] == 0 and s["sequences_on_ranks"] == 0:
+            return s
+        assert time.monotonic() < deadline, f"engine did not return to idle: {s}"
+        time.sleep(0.1)
+
+
+async def stream_and_leave(url: str, i: int) -> int:
+    """Open a stream and drop the connection: odd clients while queued, even ones after 3 tokens."""
+    body = {"model": "tiny", "prompt": f"client {i} " * (1 + i % 7), "max_tokens": 300, "stream": True}
+    body["logit_bias"] = NO_EOS
+    seen = 0
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    seen += bool(json.loads(line[6:])["choices"][0]["text"])
+                if i % 2 or seen >= 3:
+                    break
+    return seen
+
+
+def test_fifty_disconnecting_streams_free_everything(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    job = job_factory.start(2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "disconnect")
+    before = greedy_text(job)
+    start = wait_idle(job)
+
+    async def all_clients() -> list[int]:
+        return await asyncio.gather(*(stream_and_leave(job.url, i) for i in range(50)))
+
+    asyncio.run(all_clients())
+    after = wait_idle(job)
+    assert after["free_slots"] == start["free_slots"] == after["max_batch"]
+    assert greedy_text(job) == before  # both ranks still in step: same tokens as before the storm
+    assert after["generated_tokens"] < 50 * 300  # cancelled, not run to completion
+
+
+def drain_scenario(job: Job, stop: callable) -> None:  # type: ignore[valid-type]
+    body = {"model": "tiny", "prompt": "drain", "max_tokens": 1200, "stream": True, "logit_bias": NO_EOS}
+    lines: list[str] = []
+    first_token = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream("POST", job.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                        first_token.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert first_token.wait(60)
+    stop()
+    deadline = time.monotonic() + 10
+    while True:  # new work is refused while the in-flight stream finishes
+        r = httpx.post(job.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}, timeout=10)
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "draining"
+            break
+        assert time.monotonic() < deadline, "no 503 while draining"
+        time.sleep(0.05)
+    reader.join(60)
+    assert lines[-1] == "data: [DONE]"
+    final = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {")][-1]
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert sum(len(json.loads(ln[6:])["choices"][0]["text"]) > 0 for ln in lines if ln.startswith("data: {")) > 1
+    assert job.wait(60) == 0, job.log()
+    assert "draining" in job.log()
+
+
+def test_sigterm_to_the_launcher_drains_then_every_rank_exits_zero(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    job = job_factory.start(2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "drain-launcher", launcher=True)
+    drain_scenario(job, lambda: job.signal(signal.SIGTERM))
+
+
+def test_sigterm_to_rank0_drains_then_every_rank_exits_zero(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    job = job_factory.start(2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "drain-rank0")
+    rank0 = job.rank_pid(0)
+    drain_scenario(job, lambda: __import__("os").kill(rank0, signal.SIGTERM))
