@@ -120,16 +120,6 @@ def _reject_unsupported(body: SamplingFields) -> None:
         raise APIError(
             400, "n > 1 is not supported: send several requests", param="n", code="unsupported_parameter"
         )
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0.0):
-            raise APIError(400, f"{name} is not supported yet", param=name, code="unsupported_parameter")
-    if body.repetition_penalty not in (None, 1.0):
-        raise APIError(
-            400,
-            "repetition_penalty is not supported yet",
-            param="repetition_penalty",
-            code="unsupported_parameter",
-        )
 
 
 def _include_usage(body: SamplingFields) -> bool:
@@ -232,6 +222,9 @@ def _sampling(
         stop=tuple(stops),
         logit_bias=tuple(bias),
         logprobs=logprobs,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
     )
 
 

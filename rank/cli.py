@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job = p.add_argument_group("launching (instead of calling mpirun yourself)")
     job.add_argument("--np", type=int, help="start this many ranks under the venv's mpirun (local machine)")
-    job.add_argument("--hostfile", help="start one rank per slot of this Open MPI hostfile (e.g. hostfiles/studio.txt)")
+    job.add_argument(
+        "--hostfile", help="start one rank per slot of this Open MPI hostfile (e.g. hostfiles/studio.txt)"
+    )
     p.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity"
     )

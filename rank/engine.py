@@ -12,7 +12,7 @@ from cluster.bus import ControlBus
 from cluster.engine_client import Cancel, EngineClient, EngineState
 from cluster.errors import BusError
 from cluster.messages import Heartbeat, Shutdown, StepPlan
-from cluster.requests import FinishReason, GenerationRequest, RequestEvent, SamplingParams
+from cluster.requests import FinishReason, GenerationRequest, RequestEvent
 from cluster.scheduler import Emit, Scheduler
 from cluster.stats import EngineSnapshot
 from rank.executor import Executor
@@ -42,7 +42,7 @@ class Leader:
         self.drain_timeout = drain_timeout
         self.request_timeout = request_timeout
         self.clock = clock
-        self._params: dict[int, SamplingParams] = {}
+        self._by_seq: dict[int, GenerationRequest] = {}
         self._requests: dict[str, GenerationRequest] = {}
         self._drain_since: float | None = None
         self._stop = False
@@ -114,7 +114,7 @@ class Leader:
         self.steps += 1
         if not out.row_ids or out.logits is None:
             return self.scheduler.update(plan, {})
-        sampled = self.sampler.sample(out.row_ids, out.logits, self._params)
+        sampled = self.sampler.sample(out.row_ids, out.logits, self._by_seq)
         self.generated_tokens += len(sampled)
         return self.scheduler.update(plan, sampled)
 
@@ -127,7 +127,7 @@ class Leader:
                 continue
             if cmd.arrival == 0.0:
                 cmd.arrival = now
-            self._params[cmd.seq_id] = cmd.sampling
+            self._by_seq[cmd.seq_id] = cmd
             self._requests[cmd.request_id] = cmd
             self.scheduler.add(cmd)
             added += 1
@@ -175,7 +175,7 @@ class Leader:
         for req, event in emits:
             if event.finished:
                 self._requests.pop(req.request_id, None)
-                self._params.pop(req.seq_id, None)
+                self._by_seq.pop(req.seq_id, None)
                 self.sampler.forget((req.seq_id,))
             _safe_send(req, event)
 

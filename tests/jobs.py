@@ -33,7 +33,12 @@ class Job:
     """A running job; `stop()` sends SIGTERM (drain) and waits, then kills what is left."""
 
     def __init__(
-        self, np: int, args: list[str], log_path: Path, env: dict[str, str] | None = None, launcher: bool = False
+        self,
+        np: int,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        launcher: bool = False,
     ) -> None:
         """`launcher`: start through `python -m rank --np N` instead of calling mpirun here."""
         self.np = np

@@ -28,8 +28,26 @@ def printable_bias(model_dir: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def job(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
-    args = ["--model", str(tiny_model), "--served-model-name", "tiny", "--api-key", KEYS[0], "--api-key", KEYS[1]]
-    args += ["--max-body-bytes", "20000", "--max-tokens", "300", "--max-prompt-tokens", "500", "--max-context", "600"]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        "tiny",
+        "--api-key",
+        KEYS[0],
+        "--api-key",
+        KEYS[1],
+    ]
+    args += [
+        "--max-body-bytes",
+        "20000",
+        "--max-tokens",
+        "300",
+        "--max-prompt-tokens",
+        "500",
+        "--max-context",
+        "600",
+    ]
     args += ["--max-batch", "2", "--max-queue", "2"]
     return job_factory.start(1, args, "api")
 
@@ -71,26 +89,45 @@ def test_auth(job: Job) -> None:
 
 
 def test_error_shapes_and_statuses(job: Job) -> None:
-    assert_error(post(job, "/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404, "model_not_found", "model")
+    assert_error(
+        post(job, "/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404, "model_not_found", "model"
+    )
     assert_error(httpx.get(job.url + "/nowhere"), 404)
-    r = httpx.post(job.url + "/v1/chat/completions", content=b"{", headers={"Authorization": f"Bearer {KEYS[0]}"})
+    r = httpx.post(
+        job.url + "/v1/chat/completions", content=b"{", headers={"Authorization": f"Bearer {KEYS[0]}"}
+    )
     assert_error(r, 400)
     assert_error(post(job, "/v1/chat/completions", {"model": "tiny"}), 400, param="messages")
-    assert_error(post(job, "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 9}), 400, param="temperature")
+    assert_error(
+        post(job, "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 9}),
+        400,
+        param="temperature",
+    )
     big = {"model": "tiny", "prompt": "x" * 30000}
     assert_error(post(job, "/v1/completions", big), 413, "request_too_large")
     long_prompt = {"model": "tiny", "prompt": "y" * 501, "max_tokens": 1}
     assert_error(post(job, "/v1/completions", long_prompt), 400, "context_length_exceeded")
     over = {"model": "tiny", "prompt": "y" * 400, "max_tokens": 250}
     assert_error(post(job, "/v1/completions", over), 400, "context_length_exceeded", "max_tokens")
-    assert_error(post(job, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 301}), 400, param="max_tokens")
+    assert_error(
+        post(job, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 301}),
+        400,
+        param="max_tokens",
+    )
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
     assert_error(post(job, "/v1/chat/completions", {**chat, "n": 2}), 400, "unsupported_parameter", "n")
-    assert_error(post(job, "/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}), 400, param="tools")
+    assert_error(
+        post(job, "/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}), 400, param="tools"
+    )
     rf = {**chat, "response_format": {"type": "json_object"}}
     assert_error(post(job, "/v1/chat/completions", rf), 400, param="response_format")
-    assert_error(post(job, "/v1/chat/completions", {**chat, "stop": ["a", "b", "c", "d", "e"]}), 400, param="stop")
-    img = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    assert_error(
+        post(job, "/v1/chat/completions", {**chat, "stop": ["a", "b", "c", "d", "e"]}), 400, param="stop"
+    )
+    img = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+    }
     assert_error(post(job, "/v1/chat/completions", img), 400, param="messages.0.content")
     with pytest.raises(openai.BadRequestError):
         client(job).chat.completions.create(model="tiny", messages=[], max_tokens=1)
@@ -98,7 +135,11 @@ def test_error_shapes_and_statuses(job: Job) -> None:
 
 def test_stop_strings_are_never_emitted_streamed_or_not(job: Job, tiny_model: Path) -> None:
     bias = printable_bias(tiny_model)
-    seeded = {"temperature": 0.8, "seed": 1, "logit_bias": bias}  # greedy text of a random model repeats itself
+    seeded = {
+        "temperature": 0.8,
+        "seed": 1,
+        "logit_bias": bias,
+    }  # greedy text of a random model repeats itself
     full = greedy(job, "stop test", 40, **seeded).choices[0].text
     assert len(full) == 40
     start = next(i for i in range(10, 30) if full[i : i + 3] not in full[: i + 2])
@@ -109,7 +150,12 @@ def test_stop_strings_are_never_emitted_streamed_or_not(job: Job, tiny_model: Pa
     assert r.usage is not None and r.usage.completion_tokens == start + len(stop)
     chunks = list(
         client(job).completions.create(
-            model="tiny", prompt="stop test", max_tokens=40, stop=stop, stream=True, **seeded  # type: ignore[arg-type]
+            model="tiny",
+            prompt="stop test",
+            max_tokens=40,
+            stop=stop,
+            stream=True,
+            **seeded,  # type: ignore[arg-type]
         )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
@@ -119,7 +165,10 @@ def test_stop_strings_are_never_emitted_streamed_or_not(job: Job, tiny_model: Pa
 def test_logprobs_echo_token_prompts_and_seed(job: Job) -> None:
     r = client(job).chat.completions.create(
         model="tiny",
-        messages=[{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        messages=[
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
         max_tokens=5,
         temperature=0,
         logprobs=True,
@@ -137,13 +186,18 @@ def test_logprobs_echo_token_prompts_and_seed(job: Job) -> None:
     tokens = ids.choices[0].logprobs.tokens  # type: ignore[union-attr]
     assert tokens is not None and len(tokens) == 4 and all(t.startswith("token_id:") for t in tokens)
     prompt_ids = [int(b) + 3 for b in b"abc"]  # byte-level ids sit after the 3 special tokens
-    same = client(job).completions.create(model="tiny", prompt=prompt_ids, max_tokens=4, temperature=0, logit_bias=NO_EOS)  # type: ignore[arg-type]
+    same = client(job).completions.create(
+        model="tiny", prompt=prompt_ids, max_tokens=4, temperature=0, logit_bias=NO_EOS
+    )  # type: ignore[arg-type]
     assert same.choices[0].text == greedy(job, "abc", 4).choices[0].text
 
     def sample(seed: int) -> str:
-        return client(job).completions.create(
-            model="tiny", prompt="seed", max_tokens=12, temperature=1.0, seed=seed
-        ).choices[0].text
+        return (
+            client(job)
+            .completions.create(model="tiny", prompt="seed", max_tokens=12, temperature=1.0, seed=seed)
+            .choices[0]
+            .text
+        )
 
     assert sample(5) == sample(5)
     assert len({sample(s) for s in range(4)}) > 1
@@ -165,7 +219,9 @@ def test_queue_full_gets_429_with_retry_after(job: Job) -> None:
 
 
 def test_request_timeout_is_504_and_a_stream_error_event(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    job = job_factory.start(1, ["--model", str(tiny_model), "--served-model-name", "tiny", "--request-timeout", "1"], "timeout")
+    job = job_factory.start(
+        1, ["--model", str(tiny_model), "--served-model-name", "tiny", "--request-timeout", "1"], "timeout"
+    )
     body = {"model": "tiny", "prompt": "slow", "max_tokens": 1800, "logit_bias": NO_EOS}
     assert_error(post(job, "/v1/completions", body, key=None), 504, "timeout")
     with httpx.stream("POST", job.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
@@ -174,8 +230,21 @@ def test_request_timeout_is_504_and_a_stream_error_event(job_factory, tiny_model
     with pytest.raises(openai.APIError):
         list(
             openai.OpenAI(base_url=job.url + "/v1", api_key="x", max_retries=0).completions.create(
-                model="tiny", prompt="slow", max_tokens=1800, logit_bias=NO_EOS, stream=True  # type: ignore[arg-type]
+                model="tiny",
+                prompt="slow",
+                max_tokens=1800,
+                logit_bias=NO_EOS,
+                stream=True,  # type: ignore[arg-type]
             )
         )
     stats = httpx.get(job.url + "/health").json()["engine_stats"]
     assert stats["running"] == 0 and stats["sequences_on_ranks"] == 0
+
+
+def test_penalties_change_repetitive_greedy_output(job: Job) -> None:
+    plain = greedy(job, "The", 24).choices[0].text
+    assert len(set(plain)) <= 3  # the random tiny model's greedy output repeats one or two bytes
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 5.0}}):
+        varied = greedy(job, "The", 24, **extra).choices[0].text
+        assert len(set(varied)) > len(set(plain)), extra
+        assert varied == greedy(job, "The", 24, **extra).choices[0].text  # still deterministic

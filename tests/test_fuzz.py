@@ -25,7 +25,10 @@ junk = st.one_of(
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
 )
 message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant", "tool", "bogus"]), "content": st.one_of(st.text(max_size=30), junk)}
+    {
+        "role": st.sampled_from(["system", "user", "assistant", "tool", "bogus"]),
+        "content": st.one_of(st.text(max_size=30), junk),
+    }
 )
 fields = {
     "model": st.sampled_from(["tiny", "tiny", "other", ""]),
@@ -44,7 +47,9 @@ fields = {
     "top_logprobs": st.one_of(st.integers(-1, 25), junk),
     "logit_bias": st.one_of(st.dictionaries(st.text(max_size=4), st.floats(-200, 200), max_size=3), junk),
     "echo": st.one_of(st.booleans(), junk),
-    "response_format": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])}), junk),
+    "response_format": st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])}), junk
+    ),
     "presence_penalty": st.one_of(st.floats(-3, 3), junk),
 }
 bodies = st.fixed_dictionaries(
@@ -60,12 +65,27 @@ bodies = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def job(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
-    args = ["--model", str(tiny_model), "--served-model-name", "tiny", "--max-tokens", "6", "--default-max-tokens", "4"]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        "tiny",
+        "--max-tokens",
+        "6",
+        "--default-max-tokens",
+        "4",
+    ]
     return job_factory.start(2, args, "fuzz")
 
 
 def greedy(job: Job) -> str:
-    body = {"model": "tiny", "prompt": "fuzz check", "max_tokens": 6, "temperature": 0, "logit_bias": {"2": -100}}
+    body = {
+        "model": "tiny",
+        "prompt": "fuzz check",
+        "max_tokens": 6,
+        "temperature": 0,
+        "logit_bias": {"2": -100},
+    }
     return str(httpx.post(job.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"])
 
 

@@ -89,7 +89,9 @@ def drain_scenario(job: Job, stop: callable) -> None:  # type: ignore[valid-type
     stop()
     deadline = time.monotonic() + 10
     while True:  # new work is refused while the in-flight stream finishes
-        r = httpx.post(job.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}, timeout=10)
+        r = httpx.post(
+            job.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}, timeout=10
+        )
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "draining"
             break
@@ -99,13 +101,17 @@ def drain_scenario(job: Job, stop: callable) -> None:  # type: ignore[valid-type
     assert lines[-1] == "data: [DONE]"
     final = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {")][-1]
     assert final["choices"][0]["finish_reason"] == "length"
-    assert sum(len(json.loads(ln[6:])["choices"][0]["text"]) > 0 for ln in lines if ln.startswith("data: {")) > 1
+    assert (
+        sum(len(json.loads(ln[6:])["choices"][0]["text"]) > 0 for ln in lines if ln.startswith("data: {")) > 1
+    )
     assert job.wait(60) == 0, job.log()
     assert "draining" in job.log()
 
 
 def test_sigterm_to_the_launcher_drains_then_every_rank_exits_zero(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    job = job_factory.start(2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "drain-launcher", launcher=True)
+    job = job_factory.start(
+        2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "drain-launcher", launcher=True
+    )
     drain_scenario(job, lambda: job.signal(signal.SIGTERM))
 
 
