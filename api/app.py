@@ -123,7 +123,7 @@ def create_app(service: Service) -> FastAPI:
     async def health(request: Request) -> JSONResponse:
         svc: Service = request.app.state.service
         state = svc.client.state
-        alive = state in (EngineState.READY, EngineState.DRAINING, EngineState.STARTING)
+        alive = state in (EngineState.READY, EngineState.DRAINING, EngineState.STARTING)  # liveness
         body: dict[str, Any] = {
             "status": "ok" if alive else "failed",
             "engine": state.value,
@@ -135,6 +135,15 @@ def create_app(service: Service) -> FastAPI:
         if svc.client.failure:
             body["error"] = svc.client.failure
         return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/health/ready")
+    async def ready(request: Request) -> JSONResponse:
+        svc: Service = request.app.state.service
+        ok = svc.client.state is EngineState.READY
+        body = {"ready": ok, "engine": svc.client.state.value}
+        if svc.client.failure:
+            body["error"] = svc.client.failure
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     app.add_middleware(ApiKeyAuth, keys=service.config.api_keys)
     app.add_middleware(BodyLimit, max_bytes=service.config.limits.max_body_bytes)

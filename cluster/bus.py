@@ -90,6 +90,14 @@ class Transport(Protocol):
 
     def abort(self, code: int) -> None: ...
 
+    def acknowledge(self, seq: int) -> None: ...
+
+    def await_acks(self, seq: int, timeout: float) -> list[int]: ...
+
+    def exchange_hello(self, identity: bytes) -> list[bytes]: ...
+
+    def close(self, last_seq: int) -> None: ...
+
 
 class ControlBus:
     """Rank 0 sends, every other rank receives, in one sequence; a gap in it is fatal."""
@@ -124,5 +132,16 @@ class ControlBus:
                 f"bus message {envelope.seq} arrived, expected {self._seq + 1}: ranks out of step"
             )
         self._seq = envelope.seq
+        self.transport.acknowledge(self._seq)
         self._busy = isinstance(envelope.message, StepPlan)
         return envelope.message
+
+    def close(self) -> None:
+        """After the last message (Shutdown): settle the acknowledgements so every rank can finalize MPI."""
+        self.transport.close(self._seq)
+
+    def await_acks(self, timeout: float) -> list[int]:
+        """Ranks that have not received the last message sent within `timeout` seconds (rank 0)."""
+        if self.transport.size == 1:
+            return []
+        return self.transport.await_acks(self._seq, timeout)

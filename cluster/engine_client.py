@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from cluster.requests import Admission, GenerationRequest
+from cluster.requests import Admission, FinishReason, GenerationRequest, RequestEvent
 from cluster.stats import EngineSnapshot
 
 
@@ -40,6 +40,9 @@ class EngineClient:
         self._inbox: deque[Command] = deque()
         self._wake = threading.Event()
         self._waiting = 0  # submitted, not yet started or dropped by the engine
+        self._live: dict[
+            str, GenerationRequest
+        ] = {}  # submitted and not finished: failed together on a fault
         self.state = EngineState.STARTING
         self.failure: str | None = None
         self.snapshot = EngineSnapshot()  # replaced whole by the engine thread: readers never see a torn one
@@ -55,6 +58,7 @@ class EngineClient:
                 return Admission.QUEUE_FULL
             self._waiting += 1
             self._inbox.append(request)
+            self._live[request.request_id] = request
         self._wake.set()
         return Admission.ACCEPTED
 
@@ -77,6 +81,33 @@ class EngineClient:
 
     def wait(self, timeout: float) -> None:
         self._wake.wait(timeout)
+
+    def finished(self, request_id: str) -> None:
+        with self._lock:
+            self._live.pop(request_id, None)
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    def fail_live(self, message: str) -> int:
+        """Answer every unfinished request with an error (any thread; used when the engine is stuck)."""
+        with self._lock:
+            victims = list(self._live.values())
+            self._live.clear()
+        for req in victims:
+            try:
+                req.sink(
+                    RequestEvent(
+                        req.request_id,
+                        finish_reason=FinishReason.ERROR,
+                        error=message,
+                        error_type="unavailable",
+                    )
+                )
+            except Exception:  # a closed event loop: nobody is listening any more
+                pass
+        return len(victims)
 
     def left_queue(self, n: int = 1) -> None:
         """The engine started (or dropped) n waiting requests."""

@@ -3,9 +3,11 @@ init, then mpi4py (it must not initialise MPI itself), model load + shard, then 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -97,6 +99,8 @@ def _run(args: Any, group: Any, transport: Any) -> int:
         blas_in_use(),
     )
     bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
+    identity = json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+    ranks = [json.loads(b) for b in transport.exchange_hello(identity)]
     executor = Executor(model, want_logits=rank == 0)
     if rank != 0:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
@@ -107,10 +111,13 @@ def _run(args: Any, group: Any, transport: Any) -> int:
             log.error("fatal control-bus error, aborting the job: %s", exc)
             transport.abort(3)
             return 3
-    return _lead(args, model_dir, config, executor, bus)
+    names = {r["rank"]: f"rank {r['rank']} (host {r['host']}, pid {r['pid']})" for r in ranks}
+    return _lead(args, model_dir, config, executor, bus, names)
 
 
-def _lead(args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus: Any) -> int:
+def _lead(
+    args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus: Any, names: dict[int, str]
+) -> int:
     from api.app import ApiServer, create_app
     from api.service import Service
     from cluster.config import ServingConfig, ServingLimits
@@ -120,6 +127,7 @@ def _lead(args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus:
     from rank.engine import Leader
     from rank.models import EMBEDDED_NAME
     from rank.tokenizer import ChatTokenizer
+    from rank.watchdog import StepWatchdog
 
     tokenizer = ChatTokenizer(model_dir)
     context = int(config.get("max_position_embeddings") or 2048)
@@ -161,7 +169,11 @@ def _lead(args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus:
         heartbeat_interval=args.heartbeat_interval,
         drain_timeout=args.drain_timeout,
         request_timeout=args.request_timeout,
+        step_timeout=args.step_timeout or 1e9,
+        rank_names=names,
     )
+    leader.watchdog = StepWatchdog(client, args.step_timeout, leader.describe_ranks)
+    leader.watchdog.start()
     vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
     server = ApiServer(
         create_app(Service(client, tokenizer, serving, vocab)), args.host, args.port, "warning"
@@ -200,9 +212,13 @@ def _lead(args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus:
         keys,
     )
     code = leader.run()
-    server.stop()
+    leader.watchdog.stop()
     if code:
-        bus.transport.abort(code) if bus.size > 1 else None
+        time.sleep(1.0)  # let error responses reach their clients
+    server.stop()
+    if code and bus.size > 1:
+        log.error("stopping every rank (exit %d)", code)
+        bus.transport.abort(code)
     log.info("rank 0 exiting with %d", code)
     return code
 

@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests"
     )
     lim.add_argument(
+        "--step-timeout",
+        type=float,
+        default=20.0,
+        help="seconds a step may take before the job is declared hung and stopped (0: never)",
+    )
+    lim.add_argument(
         "--bus-max-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest control-bus message"
     )
     lim.add_argument(

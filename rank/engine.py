@@ -10,13 +10,14 @@ from collections.abc import Callable
 
 from cluster.bus import ControlBus
 from cluster.engine_client import Cancel, EngineClient, EngineState
-from cluster.errors import BusError
+from cluster.errors import BusError, EngineError
 from cluster.messages import Heartbeat, Shutdown, StepPlan
 from cluster.requests import FinishReason, GenerationRequest, RequestEvent
 from cluster.scheduler import Emit, Scheduler
 from cluster.stats import EngineSnapshot
 from rank.executor import Executor
 from rank.sampler import Sampler
+from rank.watchdog import StepWatchdog
 
 log = logging.getLogger("orchard.engine")
 
@@ -31,6 +32,9 @@ class Leader:
         heartbeat_interval: float = 1.0,
         drain_timeout: float = 30.0,
         request_timeout: float = 600.0,
+        step_timeout: float = 20.0,
+        watchdog: StepWatchdog | None = None,
+        rank_names: dict[int, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.executor = executor
@@ -42,6 +46,9 @@ class Leader:
         self.drain_timeout = drain_timeout
         self.request_timeout = request_timeout
         self.clock = clock
+        self.step_timeout = step_timeout
+        self.watchdog = watchdog
+        self.rank_names = rank_names or {}
         self._by_seq: dict[int, GenerationRequest] = {}
         self._requests: dict[str, GenerationRequest] = {}
         self._drain_since: float | None = None
@@ -76,25 +83,55 @@ class Leader:
                 if not self.scheduler.has_work():
                     self._publish()
                     if now - last_sent >= self.heartbeat_interval:
-                        self.bus.send(Heartbeat(self.steps, time.time()))
+                        self._send(Heartbeat(self.steps, time.time()), "an idle heartbeat")
+                        self._leave()
                         last_sent = now
                     self.client.wait(min(self.heartbeat_interval, 0.25))
                     continue
                 waiting_before = self.scheduler.num_waiting
                 plan = self.scheduler.schedule()
                 self.client.left_queue(waiting_before - self.scheduler.num_waiting)
-                self.bus.send(plan)
+                self._send(plan, f"step {plan.step}")
                 last_sent = self.clock()
                 self._deliver(self._step(plan))
+                self._leave()
                 self._publish(self.clock() - last_sent)
         except BusError as exc:
             return self._fail(f"control bus failure: {exc}")
+        except EngineError as exc:
+            return self._fail(str(exc))
         except Exception as exc:
             log.exception("engine step failed")
             return self._fail(f"engine failure: {type(exc).__name__}: {exc}")
         self.client.set_state(EngineState.STOPPED)
         self.bus.send(Shutdown(0, "rank 0 stopped"))
+        self.bus.close()
         return 0
+
+    def _send(self, message: StepPlan | Heartbeat, label: str) -> None:
+        """Broadcast, then make sure every rank has it before entering collectives with them."""
+        if self.watchdog is not None:
+            self.watchdog.enter(label)
+        self.bus.send(message)
+        missing = self.bus.await_acks(self.step_timeout)
+        if missing:
+            names = ", ".join(self.rank_names.get(r, f"rank {r}") for r in missing)
+            raise EngineError(
+                f"{names} did not receive {label} within {self.step_timeout:g} s (hung or dead)"
+            )
+
+    def _leave(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.leave()
+
+    def describe_ranks(self) -> str:
+        """For the watchdog's message: what each follower last acknowledged."""
+        acks = getattr(self.bus.transport, "last_ack", {})
+        parts = [
+            f"{self.rank_names.get(r, f'rank {r}')} last received message {seq}"
+            for r, seq in sorted(acks.items())
+        ]
+        return "; ".join(parts) or "single rank"
 
     def _publish(self, step_seconds: float | None = None) -> None:
         last = self.client.snapshot.last_step_ms if step_seconds is None else step_seconds * 1000
@@ -174,6 +211,7 @@ class Leader:
     def _deliver(self, emits: list[Emit]) -> None:
         for req, event in emits:
             if event.finished:
+                self.client.finished(req.request_id)
                 self._requests.pop(req.request_id, None)
                 self._by_seq.pop(req.seq_id, None)
                 self.sampler.forget((req.seq_id,))
@@ -185,9 +223,8 @@ class Leader:
         waiting = self.scheduler.num_waiting
         self._deliver(self.scheduler.fail_all(message))
         self.client.left_queue(waiting)
-        for cmd in self.client.take():
-            if isinstance(cmd, GenerationRequest):
-                _safe_send(cmd, RequestEvent(cmd.request_id, finish_reason=FinishReason.ERROR, error=message))
+        self.client.take()
+        self.client.fail_live(message)
         return 1
 
 
@@ -203,6 +240,7 @@ def follow(executor: Executor, bus: ControlBus) -> int:
     while True:
         message = bus.receive()
         if isinstance(message, Shutdown):
+            bus.close()
             if message.exit_code:
                 log.error("rank 0 stopped the job: %s", message.reason)
             return message.exit_code

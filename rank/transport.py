@@ -12,12 +12,27 @@ from typing import Any
 
 import numpy as np
 
+ACK_TAG = 77
+HELLO_TAG = 78
+
 
 class LocalTransport:
     """World size 1: there is nobody to tell."""
 
     rank = 0
     size = 1
+
+    def acknowledge(self, seq: int) -> None:  # pragma: no cover - a single rank never receives
+        return None
+
+    def await_acks(self, seq: int, timeout: float) -> list[int]:
+        return []
+
+    def exchange_hello(self, identity: bytes) -> list[bytes]:
+        return [identity]
+
+    def close(self, last_seq: int) -> None:
+        return None
 
     def broadcast(self, data: bytes) -> None:
         return None
@@ -39,6 +54,10 @@ class MpiTransport:
         self.spin_seconds = spin_seconds
         self.max_sleep = max_sleep
         self._header = np.zeros(1, dtype=np.int64)
+        self._pending_acks: list[tuple[Any, np.ndarray]] = []  # follower: in-flight Isends and their buffers
+        self._ack_bufs = {r: np.full(1, -1, dtype=np.int64) for r in range(1, self.size)}
+        self._ack_reqs: dict[int, Any] = {}
+        self.last_ack = dict.fromkeys(range(1, self.size), 0)  # leader: newest seq each follower received
 
     def broadcast(self, data: bytes) -> None:
         self._header[0] = len(data)
@@ -68,3 +87,62 @@ class MpiTransport:
 
     def abort(self, code: int) -> None:
         self.comm.Abort(code)
+
+    # -- liveness: every follower acknowledges each bus message as soon as it has it ----------------
+    def acknowledge(self, seq: int) -> None:
+        self._pending_acks = [(r, b) for r, b in self._pending_acks if not r.Test()]
+        buf = np.array([seq], dtype=np.int64)
+        self._pending_acks.append((self.comm.Isend(buf, dest=0, tag=ACK_TAG), buf))
+
+    def _poll_acks(self) -> None:
+        for r, buf in self._ack_bufs.items():
+            req = self._ack_reqs.get(r)
+            while True:
+                if req is None:
+                    req = self._ack_reqs[r] = self.comm.Irecv(buf, source=r, tag=ACK_TAG)
+                if not req.Test():
+                    break
+                self.last_ack[r] = int(buf[0])
+                req = self._ack_reqs[r] = None
+
+    def await_acks(self, seq: int, timeout: float) -> list[int]:
+        """Wait until every follower has received message `seq`; the ranks still missing at the timeout."""
+        deadline = time.monotonic() + timeout
+        spin_until = time.monotonic() + 0.005
+        while True:
+            self._poll_acks()
+            missing = [r for r, got in self.last_ack.items() if got < seq]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            if time.monotonic() > spin_until:
+                time.sleep(0.0005)
+
+    def close(self, last_seq: int, timeout: float = 5.0) -> None:
+        """Leave no point-to-point request pending: MPI_Finalize (at exit) refuses to end cleanly otherwise."""
+        deadline = time.monotonic() + timeout
+        if self.rank == 0:
+            self.await_acks(last_seq, timeout)
+            for req in self._ack_reqs.values():
+                if req is not None:
+                    req.Cancel()
+                    req.Wait()
+            self._ack_reqs.clear()
+        else:
+            while self._pending_acks and time.monotonic() < deadline:
+                self._pending_acks = [(r, b) for r, b in self._pending_acks if not r.Test()]
+                time.sleep(0.001)
+
+    def exchange_hello(self, identity: bytes) -> list[bytes]:
+        """Rank 0 learns every rank's identity (host, pid) once at start-up; point to point, no pickle."""
+        if self.rank != 0:
+            self.comm.Send(np.array([len(identity)], dtype=np.int64), dest=0, tag=HELLO_TAG)
+            self.comm.Send(np.frombuffer(identity, dtype=np.uint8), dest=0, tag=HELLO_TAG)
+            return []
+        out = [identity]
+        for r in range(1, self.size):
+            n = np.zeros(1, dtype=np.int64)
+            self.comm.Recv(n, source=r, tag=HELLO_TAG)
+            buf = np.empty(int(min(n[0], 4096)), dtype=np.uint8)
+            self.comm.Recv(buf, source=r, tag=HELLO_TAG)
+            out.append(buf.tobytes())
+        return out

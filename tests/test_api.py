@@ -244,7 +244,11 @@ def test_request_timeout_is_504_and_a_stream_error_event(job_factory, tiny_model
 def test_penalties_change_repetitive_greedy_output(job: Job) -> None:
     plain = greedy(job, "The", 24).choices[0].text
     assert len(set(plain)) <= 3  # the random tiny model's greedy output repeats one or two bytes
-    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 5.0}}):
+    for extra in (
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"extra_body": {"repetition_penalty": 5.0}},
+    ):
         varied = greedy(job, "The", 24, **extra).choices[0].text
         assert len(set(varied)) > len(set(plain)), extra
         assert varied == greedy(job, "The", 24, **extra).choices[0].text  # still deterministic

@@ -109,6 +109,18 @@ class Loopback:
     def abort(self, code: int) -> None:
         raise SystemExit(code)
 
+    def acknowledge(self, seq: int) -> None:
+        self.acked = seq
+
+    def await_acks(self, seq: int, timeout: float) -> list[int]:
+        return []
+
+    def exchange_hello(self, identity: bytes) -> list[bytes]:
+        return [identity]
+
+    def close(self, last_seq: int) -> None:
+        pass
+
 
 def test_control_bus_in_order_and_gap_detection() -> None:
     wire: list[bytes] = []

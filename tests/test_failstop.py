@@ -1,0 +1,111 @@
+"""Fail-stop with real processes: a rank that hangs or dies must never leave clients hanging or the job
+half alive. Uses real mpirun jobs of the tiny model and real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.jobs import Job
+
+pytestmark = pytest.mark.cluster
+BODY = {"model": "tiny", "prompt": "fault", "max_tokens": 1500, "stream": True, "logit_bias": {"2": -100}}
+
+
+def start(job_factory, tiny_model: Path, name: str, *extra: str) -> Job:  # type: ignore[no-untyped-def]
+    args = ["--model", str(tiny_model), "--served-model-name", "tiny", "--step-timeout", "3", *extra]
+    return job_factory.start(2, args, name)
+
+
+class Stream:
+    """A streaming request in a thread that records how it ended."""
+
+    def __init__(self, job: Job) -> None:
+        self.lines: list[str] = []
+        self.error: Exception | None = None
+        self.started = threading.Event()
+        self.ended = threading.Event()
+        threading.Thread(target=self._run, args=(job,), daemon=True).start()
+        assert self.started.wait(60), "the stream never produced a token"
+
+    def _run(self, job: Job) -> None:
+        try:
+            with httpx.stream("POST", job.url + "/v1/completions", json=BODY, timeout=httpx.Timeout(60, read=30)) as r:
+                for line in r.iter_lines():
+                    if line:
+                        self.lines.append(line)
+                        if '"text":"' in line and '"text":""' not in line:
+                            self.started.set()
+        except httpx.HTTPError as exc:
+            self.error = exc
+        finally:
+            self.started.set()
+            self.ended.set()
+
+    def failed(self) -> bool:
+        got_error_event = any(ln.startswith("data: {") and "error" in json.loads(ln[6:]) for ln in self.lines)
+        return got_error_event or self.error is not None
+
+
+def test_hung_follower_mid_request(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    job = start(job_factory, tiny_model, "sigstop-busy")
+    stream = Stream(job)
+    follower = job.rank_pid(1)
+    os.kill(follower, signal.SIGSTOP)
+    try:
+        assert stream.ended.wait(15), "client left hanging"
+        assert stream.failed()
+        try:
+            ready = httpx.get(job.url + "/health/ready", timeout=2)
+            assert ready.status_code == 503
+            r = httpx.post(job.url + "/v1/completions", json={**BODY, "stream": False, "max_tokens": 1}, timeout=5)
+            assert r.status_code == 503
+        except httpx.TransportError:
+            pass  # already gone: the job may stop before we ask
+        assert job.wait(15) != 0
+        assert "step watchdog" in job.log() or "did not receive" in job.log()
+    finally:
+        os.kill(follower, signal.SIGCONT) if Path(f"/proc/{follower}").exists() else None
+
+
+def test_hung_follower_while_idle_is_named(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    job = start(job_factory, tiny_model, "sigstop-idle", "--heartbeat-interval", "0.5")
+    follower = job.rank_pid(1)
+    os.kill(follower, signal.SIGSTOP)
+    try:
+        assert job.wait(20) != 0
+        assert f"rank 1 (host {os.uname().nodename}, pid {follower}) did not receive" in job.log()
+    finally:
+        os.kill(follower, signal.SIGCONT) if Path(f"/proc/{follower}").exists() else None
+
+
+def test_killed_follower_mid_request(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    job = start(job_factory, tiny_model, "kill-follower")
+    stream = Stream(job)
+    t0 = time.monotonic()
+    os.kill(job.rank_pid(1), signal.SIGKILL)
+    assert stream.ended.wait(10), "client left hanging"
+    assert stream.failed()
+    assert job.wait(10) != 0
+    assert time.monotonic() - t0 < 10
+
+
+def test_killed_rank0_takes_followers_down(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    job = start(job_factory, tiny_model, "kill-rank0")
+    follower = job.rank_pid(1)
+    os.kill(job.rank_pid(0), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{follower}").exists() and time.monotonic() < deadline:
+        status = Path(f"/proc/{follower}/status").read_text() if Path(f"/proc/{follower}").exists() else ""
+        if "State:\tZ" in status:
+            break
+        time.sleep(0.1)
+    assert time.monotonic() < deadline, "follower still running 10 s after rank 0 died"
+    assert job.wait(10) != 0
