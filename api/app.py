@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.admin import metrics_registry
+from api.admin import router as admin_router
 from api.errors import error_body, install_error_handlers
 from api.openai_routes import router as openai_router
 from api.service import Service
@@ -118,6 +120,8 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(admin_router)
+    app.state.metrics_registry = metrics_registry(service)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -139,8 +143,15 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health/ready")
     async def ready(request: Request) -> JSONResponse:
         svc: Service = request.app.state.service
-        ok = svc.client.state is EngineState.READY
-        body = {"ready": ok, "engine": svc.client.state.value}
+        ranks_ok = svc.health.all_ok() if svc.health else True
+        admitting = svc.client.state is EngineState.READY and not svc.client.admission_paused
+        ok = admitting and ranks_ok
+        body: dict[str, Any] = {
+            "ready": ok,
+            "engine": svc.client.state.value,
+            "admitting": admitting,
+            "ranks_ok": ranks_ok,
+        }
         if svc.client.failure:
             body["error"] = svc.client.failure
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -10,6 +10,8 @@ from typing import Any, Protocol
 from api.errors import APIError
 from cluster.config import ServingConfig
 from cluster.engine_client import EngineClient
+from cluster.health import HealthTable
+from cluster.stats import ServingStats
 
 
 class TextCodec(Protocol):
@@ -31,6 +33,8 @@ class Service:
     tokenizer: TextCodec
     config: ServingConfig
     vocab_size: int
+    stats: ServingStats | None = None
+    health: HealthTable | None = None
     started: float = field(default_factory=time.time)
 
     def model_card(self) -> dict[str, Any]:

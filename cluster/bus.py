@@ -98,6 +98,10 @@ class Transport(Protocol):
 
     def close(self, last_seq: int) -> None: ...
 
+    def send_report(self, data: bytes) -> None: ...
+
+    def poll_reports(self) -> list[bytes]: ...
+
 
 class ControlBus:
     """Rank 0 sends, every other rank receives, in one sequence; a gap in it is fatal."""

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from cluster.requests import Admission, FinishReason, GenerationRequest, RequestEvent
-from cluster.stats import EngineSnapshot
+from cluster.stats import EngineSnapshot, RequestRow
 
 
 class EngineState(str, enum.Enum):
@@ -46,11 +46,15 @@ class EngineClient:
         self.state = EngineState.STARTING
         self.failure: str | None = None
         self.snapshot = EngineSnapshot()  # replaced whole by the engine thread: readers never see a torn one
+        self.queue_rows: tuple[RequestRow, ...] = ()  # likewise, refreshed a few times a second
+        self.admission_paused = False  # an operator's drain: 503 for new requests, the job keeps running
 
     # -- HTTP side -------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Admission:
         with self._lock:
-            if self.state is EngineState.DRAINING:
+            if self.state is EngineState.DRAINING or (
+                self.admission_paused and self.state is EngineState.READY
+            ):
                 return Admission.DRAINING
             if self.state is not EngineState.READY:
                 return Admission.UNAVAILABLE
@@ -61,6 +65,9 @@ class EngineClient:
             self._live[request.request_id] = request
         self._wake.set()
         return Admission.ACCEPTED
+
+    def is_live(self, request_id: str) -> bool:
+        return request_id in self._live
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> None:
         with self._lock:

@@ -17,12 +17,31 @@ from rank.env import prepare_process, under_mpi
 log = logging.getLogger("orchard")
 
 
-def _setup_logging(level: str, rank: int) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _JsonFormatter(logging.Formatter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "rank": self.rank,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, rank: int, as_json: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(_JsonFormatter(rank))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _init_distributed() -> tuple[Any, Any]:
@@ -63,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     rank_env = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
-    _setup_logging(args.log_level, rank_env)
+    _setup_logging(args.log_level, rank_env, args.log_json)
     from cluster.errors import OrchardError
 
     try:
@@ -105,18 +124,35 @@ def _run(args: Any, group: Any, transport: Any) -> int:
     if rank != 0:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)  # rank 0 drains and tells us when to stop
+        from rank.report import Reporter
+
         try:
-            return follow(executor, bus)
+            return follow(executor, bus, Reporter(rank, socket.gethostname(), interval=1.0))
         except BusError as exc:
             log.error("fatal control-bus error, aborting the job: %s", exc)
             transport.abort(3)
             return 3
-    names = {r["rank"]: f"rank {r['rank']} (host {r['host']}, pid {r['pid']})" for r in ranks}
-    return _lead(args, model_dir, config, executor, bus, names)
+    return _lead(args, model_dir, config, executor, bus, ranks)
+
+
+def _generated_admin_token(args: Any) -> str:
+    """No --admin-token: make one and leave it, readable by this user only, where `python -m tui` looks."""
+    import secrets
+
+    from rank.models import default_cache_dir
+
+    path = (args.cache_dir or default_cache_dir()) / "admin-token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.info("admin token written to %s (pass --admin-token to choose one)", path)
+    return token
 
 
 def _lead(
-    args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus: Any, names: dict[int, str]
+    args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus: Any, ranks: list[dict]
 ) -> int:
     from api.app import ApiServer, create_app
     from api.service import Service
@@ -126,8 +162,11 @@ def _lead(
     from rank.cli import api_keys
     from rank.engine import Leader
     from rank.models import EMBEDDED_NAME
+    from rank.report import Reporter
     from rank.tokenizer import ChatTokenizer
     from rank.watchdog import StepWatchdog
+
+    names = {r["rank"]: f"rank {r['rank']} (host {r['host']}, pid {r['pid']})" for r in ranks}
 
     tokenizer = ChatTokenizer(model_dir)
     context = int(config.get("max_position_embeddings") or 2048)
@@ -151,7 +190,7 @@ def _lead(
         context_length=context,
         limits=limits,
         api_keys=api_keys(args),
-        admin_token=args.admin_token,
+        admin_token=args.admin_token or _generated_admin_token(args),
         world_size=bus.size,
     )
     client = EngineClient(max_waiting=args.max_queue)
@@ -172,11 +211,17 @@ def _lead(
         step_timeout=args.step_timeout or 1e9,
         rank_names=names,
     )
+    for r in ranks:
+        leader.health.register(r["rank"], r["host"], r["pid"])
+    leader.reporter = Reporter(0, socket.gethostname(), interval=1.0)
     leader.watchdog = StepWatchdog(client, args.step_timeout, leader.describe_ranks)
     leader.watchdog.start()
     vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
     server = ApiServer(
-        create_app(Service(client, tokenizer, serving, vocab)), args.host, args.port, "warning"
+        create_app(Service(client, tokenizer, serving, vocab, stats=leader.stats, health=leader.health)),
+        args.host,
+        args.port,
+        "warning",
     )
     try:
         server.start()

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument(
         "--heartbeat-interval", type=float, default=1.0, help="seconds between idle heartbeats on the bus"
     )
+    p.add_argument(
+        "--log-json", action="store_true", help="one JSON object per log line (prompt text is never logged)"
+    )
     job = p.add_argument_group("launching (instead of calling mpirun yourself)")
     job.add_argument("--np", type=int, help="start this many ranks under the venv's mpirun (local machine)")
     job.add_argument(

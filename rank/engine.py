@@ -11,11 +11,14 @@ from collections.abc import Callable
 from cluster.bus import ControlBus
 from cluster.engine_client import Cancel, EngineClient, EngineState
 from cluster.errors import BusError, EngineError
+from cluster.health import HealthTable, RankReport
+from cluster.ledger import RequestLedger
 from cluster.messages import Heartbeat, Shutdown, StepPlan
 from cluster.requests import FinishReason, GenerationRequest, RequestEvent
 from cluster.scheduler import Emit, Scheduler
-from cluster.stats import EngineSnapshot
+from cluster.stats import EngineSnapshot, ServingStats
 from rank.executor import Executor
+from rank.report import Reporter
 from rank.sampler import Sampler
 from rank.watchdog import StepWatchdog
 
@@ -54,7 +57,12 @@ class Leader:
         self._drain_since: float | None = None
         self._stop = False
         self.steps = 0
-        self.generated_tokens = 0
+        self.stats = ServingStats()
+        self.ledger = RequestLedger(self.stats)
+        self.health = HealthTable(clock, timeout=max(5.0, 3 * heartbeat_interval))
+        self.reporter = Reporter(0, "", interval=min(1.0, heartbeat_interval))
+        self._last_step_ms = 0.0
+        self._rows_at = 0.0
 
     @property
     def draining(self) -> bool:
@@ -80,6 +88,7 @@ class Leader:
                 self._expire(now)
                 if self._should_exit(now):
                     break
+                self._collect_reports(now)
                 if not self.scheduler.has_work():
                     self._publish()
                     if now - last_sent >= self.heartbeat_interval:
@@ -133,8 +142,21 @@ class Leader:
         ]
         return "; ".join(parts) or "single rank"
 
+    def _collect_reports(self, now: float) -> None:
+        for data in self.bus.transport.poll_reports():
+            self.health.update(RankReport.decode(data))
+        if self.reporter.due(now):
+            self.reporter.last_sent = now
+            self.health.update(self.reporter.build(self.steps, self._last_step_ms, 0, 0))
+        if now - self._rows_at >= 0.25:
+            self._rows_at = now
+            queue = ((seq.request, seq.state.value) for seq in self.scheduler.sequences())
+            self.client.queue_rows = self.ledger.rows(queue, now)
+
     def _publish(self, step_seconds: float | None = None) -> None:
-        last = self.client.snapshot.last_step_ms if step_seconds is None else step_seconds * 1000
+        if step_seconds is not None:
+            self._last_step_ms = step_seconds * 1000
+        last = self._last_step_ms
         self.client.snapshot = EngineSnapshot(
             state=self.client.state.value,
             running=self.scheduler.num_running,
@@ -142,7 +164,7 @@ class Leader:
             max_batch=self.scheduler.config.max_batch,
             sequences_on_ranks=self.executor.num_sequences,
             steps=self.steps,
-            generated_tokens=self.generated_tokens,
+            generated_tokens=self.stats.generated_tokens,
             last_step_ms=last,
         )
 
@@ -152,7 +174,6 @@ class Leader:
         if not out.row_ids or out.logits is None:
             return self.scheduler.update(plan, {})
         sampled = self.sampler.sample(out.row_ids, out.logits, self._by_seq)
-        self.generated_tokens += len(sampled)
         return self.scheduler.update(plan, sampled)
 
     def _take_inbox(self, now: float) -> None:
@@ -165,6 +186,7 @@ class Leader:
             if cmd.arrival == 0.0:
                 cmd.arrival = now
             self._by_seq[cmd.seq_id] = cmd
+            self.ledger.arrived(cmd)
             self._requests[cmd.request_id] = cmd
             self.scheduler.add(cmd)
             added += 1
@@ -209,7 +231,9 @@ class Leader:
         return False
 
     def _deliver(self, emits: list[Emit]) -> None:
+        now, now_unix = self.clock(), time.time()
         for req, event in emits:
+            self.ledger.on_event(req, event, now, now_unix)
             if event.finished:
                 self.client.finished(req.request_id)
                 self._requests.pop(req.request_id, None)
@@ -235,8 +259,9 @@ def _safe_send(req: GenerationRequest, event: RequestEvent) -> None:
         log.debug("dropping event for %s: sink failed", req.request_id, exc_info=True)
 
 
-def follow(executor: Executor, bus: ControlBus) -> int:
-    """A follower's whole life: execute what rank 0 broadcasts until it says stop."""
+def follow(executor: Executor, bus: ControlBus, reporter: Reporter) -> int:
+    """A follower's whole life: execute what rank 0 broadcasts until it says stop, and report health."""
+    step, step_ms = 0, 0.0
     while True:
         message = bus.receive()
         if isinstance(message, Shutdown):
@@ -245,4 +270,10 @@ def follow(executor: Executor, bus: ControlBus) -> int:
                 log.error("rank 0 stopped the job: %s", message.reason)
             return message.exit_code
         if isinstance(message, StepPlan):
+            start = time.monotonic()
             executor.execute(message)
+            step, step_ms = message.step, (time.monotonic() - start) * 1000
+        now = time.monotonic()
+        if reporter.due(now):
+            reporter.last_sent = now
+            bus.transport.send_report(reporter.build(step, step_ms).encode())

@@ -14,6 +14,8 @@ import numpy as np
 
 ACK_TAG = 77
 HELLO_TAG = 78
+REPORT_TAG = 79
+MAX_REPORT_BYTES = 64 * 1024
 
 
 class LocalTransport:
@@ -33,6 +35,12 @@ class LocalTransport:
 
     def close(self, last_seq: int) -> None:
         return None
+
+    def send_report(self, data: bytes) -> None:  # pragma: no cover - rank 0 reports to itself
+        return None
+
+    def poll_reports(self) -> list[bytes]:
+        return []
 
     def broadcast(self, data: bytes) -> None:
         return None
@@ -55,6 +63,7 @@ class MpiTransport:
         self.max_sleep = max_sleep
         self._header = np.zeros(1, dtype=np.int64)
         self._pending_acks: list[tuple[Any, np.ndarray]] = []  # follower: in-flight Isends and their buffers
+        self._pending_reports: list[tuple[Any, np.ndarray]] = []
         self._ack_bufs = {r: np.full(1, -1, dtype=np.int64) for r in range(1, self.size)}
         self._ack_reqs: dict[int, Any] = {}
         self.last_ack = dict.fromkeys(range(1, self.size), 0)  # leader: newest seq each follower received
@@ -117,19 +126,39 @@ class MpiTransport:
             if time.monotonic() > spin_until:
                 time.sleep(0.0005)
 
+    def send_report(self, data: bytes) -> None:
+        self._pending_reports = [(r, b) for r, b in self._pending_reports if not r.Test()]
+        buf = np.frombuffer(data, dtype=np.uint8).copy()
+        self._pending_reports.append((self.comm.Isend(buf, dest=0, tag=REPORT_TAG), buf))
+
+    def poll_reports(self) -> list[bytes]:
+        from mpi4py import MPI
+
+        out = []
+        status = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=REPORT_TAG, status=status):
+            n, source = status.Get_count(MPI.BYTE), status.Get_source()
+            buf = np.empty(max(n, 0), dtype=np.uint8)
+            self.comm.Recv(buf, source=source, tag=REPORT_TAG)
+            if 0 < n <= MAX_REPORT_BYTES:
+                out.append(buf.tobytes())
+        return out
+
     def close(self, last_seq: int, timeout: float = 5.0) -> None:
         """Leave no point-to-point request pending: MPI_Finalize (at exit) refuses to end cleanly otherwise."""
         deadline = time.monotonic() + timeout
         if self.rank == 0:
             self.await_acks(last_seq, timeout)
+            self.poll_reports()
             for req in self._ack_reqs.values():
                 if req is not None:
                     req.Cancel()
                     req.Wait()
             self._ack_reqs.clear()
         else:
-            while self._pending_acks and time.monotonic() < deadline:
+            while (self._pending_acks or self._pending_reports) and time.monotonic() < deadline:
                 self._pending_acks = [(r, b) for r, b in self._pending_acks if not r.Test()]
+                self._pending_reports = [(r, b) for r, b in self._pending_reports if not r.Test()]
                 time.sleep(0.001)
 
     def exchange_hello(self, identity: bytes) -> list[bytes]:

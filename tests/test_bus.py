@@ -121,6 +121,12 @@ class Loopback:
     def close(self, last_seq: int) -> None:
         pass
 
+    def send_report(self, data: bytes) -> None:
+        pass
+
+    def poll_reports(self) -> list[bytes]:
+        return []
+
 
 def test_control_bus_in_order_and_gap_detection() -> None:
     wire: list[bytes] = []

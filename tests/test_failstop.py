@@ -37,7 +37,9 @@ class Stream:
 
     def _run(self, job: Job) -> None:
         try:
-            with httpx.stream("POST", job.url + "/v1/completions", json=BODY, timeout=httpx.Timeout(60, read=30)) as r:
+            with httpx.stream(
+                "POST", job.url + "/v1/completions", json=BODY, timeout=httpx.Timeout(60, read=30)
+            ) as r:
                 for line in r.iter_lines():
                     if line:
                         self.lines.append(line)
@@ -65,7 +67,9 @@ def test_hung_follower_mid_request(job_factory, tiny_model: Path) -> None:  # ty
         try:
             ready = httpx.get(job.url + "/health/ready", timeout=2)
             assert ready.status_code == 503
-            r = httpx.post(job.url + "/v1/completions", json={**BODY, "stream": False, "max_tokens": 1}, timeout=5)
+            r = httpx.post(
+                job.url + "/v1/completions", json={**BODY, "stream": False, "max_tokens": 1}, timeout=5
+            )
             assert r.status_code == 503
         except httpx.TransportError:
             pass  # already gone: the job may stop before we ask

@@ -1,0 +1,178 @@
+"""Per-rank health: what each rank reports about itself, and rank 0's judgement of it.
+
+Followers send a `RankReport` to rank 0 at most once per report interval (point to point, msgpack);
+rank 0 builds its own. `HealthTable` (rank 0) turns reports into one `RankHealth` per rank with a state:
+ok, slow (step time far above the rank's own median), unresponsive (no report within the timeout) or
+dead (a fault was detected on it). Pure logic with an injected clock.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from cluster.errors import BusDecodeError
+
+OK, SLOW, UNRESPONSIVE, DEAD = "ok", "slow", "unresponsive", "dead"
+
+
+@dataclass(slots=True, frozen=True)
+class RankReport:
+    rank: int
+    host: str
+    pid: int
+    step: int = 0  # the last step this rank executed
+    step_ms: float = 0.0  # how long that step took on this rank
+    active_bytes: int = 0  # MLX active memory
+    peak_bytes: int = 0  # MLX peak memory
+    rss_bytes: int = 0
+    kv_blocks: int = 0
+    kv_bytes: int = 0
+    last_error: str = ""
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            [
+                self.rank,
+                self.host,
+                self.pid,
+                self.step,
+                self.step_ms,
+                self.active_bytes,
+                self.peak_bytes,
+                self.rss_bytes,
+                self.kv_blocks,
+                self.kv_bytes,
+                self.last_error,
+            ],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> RankReport:
+        try:
+            w = msgpack.unpackb(data, raw=False)
+            rank, host, pid, step, step_ms, active, peak, rss, blocks, kvb, err = w
+            return cls(
+                int(rank),
+                str(host),
+                int(pid),
+                int(step),
+                float(step_ms),
+                int(active),
+                int(peak),
+                int(rss),
+                int(blocks),
+                int(kvb),
+                str(err),
+            )
+        except Exception as exc:
+            raise BusDecodeError(f"malformed rank report: {exc}") from exc
+
+
+@dataclass(slots=True, frozen=True)
+class RankHealth:
+    rank: int
+    host: str
+    pid: int
+    state: str
+    report_age_s: float
+    step: int
+    step_ms: float
+    median_step_ms: float
+    active_bytes: int
+    peak_bytes: int
+    rss_bytes: int
+    kv_blocks: int
+    kv_bytes: int
+    last_error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class _RankRecord:
+    report: RankReport
+    received: float
+    steps: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    dead_reason: str = ""
+
+
+class HealthTable:
+    """Written by the engine thread, read by HTTP handlers: guarded by a lock."""
+
+    def __init__(self, clock: Callable[[], float], timeout: float = 5.0, slow_factor: float = 4.0) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self.slow_factor = slow_factor
+        self._ranks: dict[int, _RankRecord] = {}
+        self._lock = threading.Lock()
+
+    def register(self, rank: int, host: str, pid: int) -> None:
+        with self._lock:
+            self._ranks[rank] = _RankRecord(RankReport(rank, host, pid), self.clock())
+
+    def update(self, report: RankReport) -> None:
+        with self._lock:
+            rec = self._ranks.get(report.rank)
+            if rec is None:
+                rec = self._ranks[report.rank] = _RankRecord(report, self.clock())
+            rec.report, rec.received = report, self.clock()
+            if report.step_ms > 0:
+                rec.steps.append(report.step_ms)
+
+    def mark_dead(self, rank: int, reason: str) -> None:
+        with self._lock:
+            if rank in self._ranks:
+                self._ranks[rank].dead_reason = reason
+
+    def snapshot(self) -> list[RankHealth]:
+        now = self.clock()
+        with self._lock:
+            records = sorted(self._ranks.items())
+            out = []
+            for rank, rec in records:
+                r, age = rec.report, now - rec.received
+                median = statistics.median(rec.steps) if rec.steps else 0.0
+                if rec.dead_reason:
+                    state = DEAD
+                elif age > self.timeout:
+                    state = UNRESPONSIVE
+                elif (
+                    len(rec.steps) >= 8
+                    and median > 0
+                    and r.step_ms > self.slow_factor * median
+                    and r.step_ms > 50
+                ):
+                    state = SLOW
+                else:
+                    state = OK
+                out.append(
+                    RankHealth(
+                        rank,
+                        r.host,
+                        r.pid,
+                        state,
+                        round(age, 2),
+                        r.step,
+                        round(r.step_ms, 2),
+                        round(median, 2),
+                        r.active_bytes,
+                        r.peak_bytes,
+                        r.rss_bytes,
+                        r.kv_blocks,
+                        r.kv_bytes,
+                        rec.dead_reason or r.last_error,
+                    )
+                )
+            return out
+
+    def all_ok(self) -> bool:
+        return all(h.state in (OK, SLOW) for h in self.snapshot())

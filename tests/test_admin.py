@@ -1,0 +1,143 @@
+"""Admin API, per-rank health and Prometheus metrics on a real TP=2 job."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.jobs import Job
+
+pytestmark = pytest.mark.cluster
+TOKEN = "admin-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def job(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        "tiny",
+        "--admin-token",
+        TOKEN,
+        "--api-key",
+        "user-key",
+    ]
+    return job_factory.start(2, args, "admin")
+
+
+def admin(job: Job, method: str, path: str) -> httpx.Response:
+    return httpx.request(method, job.url + path, headers=AUTH, timeout=30)
+
+
+def test_admin_routes_need_the_admin_token(job: Job) -> None:
+    for method, path in (
+        ("GET", "/admin/state"),
+        ("POST", "/admin/drain"),
+        ("GET", "/metrics"),
+        ("DELETE", "/admin/requests/x"),
+    ):
+        assert httpx.request(method, job.url + path).status_code == 401
+        wrong = httpx.request(method, job.url + path, headers={"Authorization": "Bearer user-key"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_admin_token"
+    assert httpx.get(job.url + "/health").status_code == 200
+    assert httpx.get(job.url + "/health/ready").status_code == 200
+
+
+def test_state_shows_every_rank_with_its_own_report(job: Job) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        state = admin(job, "GET", "/admin/state").json()
+        ranks = state["ranks"]
+        if len(ranks) == 2 and all(r["rss_bytes"] > 0 for r in ranks):
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    assert state["model"] == "tiny" and state["tensor_parallel"] == 2 and state["admission"] == "open"
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["state"] == "ok" and r["report_age_s"] < 5 and r["host"] and r["pid"] > 0 for r in ranks)
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+
+
+def test_cancel_from_admin_ends_the_stream_with_an_error(job: Job) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": "cancel me",
+        "max_tokens": 1500,
+        "stream": True,
+        "logit_bias": {"2": -100},
+    }
+    lines: list[str] = []
+    got_id = threading.Event()
+    rid: list[str] = []
+
+    def consume() -> None:
+        with httpx.stream(
+            "POST",
+            job.url + "/v1/completions",
+            json=body,
+            timeout=60,
+            headers={"Authorization": "Bearer user-key"},
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    lines.append(line)
+                    if not rid and "id" in json.loads(line[6:]):
+                        rid.append(json.loads(line[6:])["id"])
+                        got_id.set()
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert got_id.wait(30)
+    deadline = time.monotonic() + 5
+    while not any(row["request_id"] == rid[0] for row in admin(job, "GET", "/admin/state").json()["queue"]):
+        assert time.monotonic() < deadline, "request not in the queue view"
+        time.sleep(0.1)
+    row = next(r for r in admin(job, "GET", "/admin/state").json()["queue"] if r["request_id"] == rid[0])
+    assert row["state"] in ("prefill", "running") and row["prompt_tokens"] > 0
+    assert admin(job, "DELETE", f"/admin/requests/{rid[0]}").json() == {"cancelled": rid[0]}
+    t.join(30)
+    assert "cancelled by an operator" in json.loads(lines[-1][6:])["error"]["message"]
+    assert admin(job, "DELETE", f"/admin/requests/{rid[0]}").status_code == 404
+
+
+def test_drain_and_resume_admission(job: Job) -> None:
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    user = {"Authorization": "Bearer user-key"}
+    assert admin(job, "POST", "/admin/drain").json() == {"admission": "paused"}
+    r = httpx.post(job.url + "/v1/completions", json=body, headers=user)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+    assert httpx.get(job.url + "/health/ready").status_code == 503
+    assert httpx.get(job.url + "/health").status_code == 200  # alive, just not admitting
+    assert admin(job, "POST", "/admin/resume").json() == {"admission": "open"}
+    assert httpx.post(job.url + "/v1/completions", json=body, headers=user).status_code == 200
+
+
+def test_prometheus_metrics(job: Job) -> None:
+    body = {"model": "tiny", "prompt": "metrics", "max_tokens": 5, "logit_bias": {"2": -100}}
+    assert (
+        httpx.post(
+            job.url + "/v1/completions", json=body, headers={"Authorization": "Bearer user-key"}
+        ).status_code
+        == 200
+    )
+    text = admin(job, "GET", "/metrics").text
+    for needle in (
+        "orchard_time_to_first_token_seconds_bucket",
+        "orchard_inter_token_latency_seconds_count",
+        "orchard_request_duration_seconds_sum",
+        'orchard_requests_total{outcome="length"}',
+        "orchard_generation_tokens_total",
+        "orchard_queue_depth",
+        "orchard_rank_up{host=",
+        'rank="1"',
+        "orchard_rank_memory_bytes",
+    ):
+        assert needle in text, needle
+    assert admin(job, "DELETE", "/admin/cache/ram").status_code == 404

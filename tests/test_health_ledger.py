@@ -1,0 +1,66 @@
+"""Pure health and accounting logic with a fake clock."""
+
+from __future__ import annotations
+
+from cluster.health import DEAD, OK, SLOW, UNRESPONSIVE, HealthTable, RankReport
+from cluster.ledger import RequestLedger
+from cluster.requests import FinishReason, GenerationRequest, RequestEvent, SamplingParams
+from cluster.stats import Histogram, ServingStats
+
+
+class Clock:
+    t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rank_states() -> None:
+    clock = Clock()
+    table = HealthTable(clock, timeout=5.0)
+    for r in range(3):
+        table.register(r, f"h{r}", 100 + r)
+    for step in range(10):
+        for r in range(3):
+            table.update(RankReport(r, f"h{r}", 100 + r, step=step, step_ms=20.0))
+    table.update(RankReport(1, "h1", 101, step=11, step_ms=400.0))  # far above its median
+    table.mark_dead(2, "rank 2 did not receive step 12")
+    states = {h.rank: h.state for h in table.snapshot()}
+    assert states == {0: OK, 1: SLOW, 2: DEAD}
+    clock.t += 6
+    assert table.snapshot()[0].state == UNRESPONSIVE
+    assert not table.all_ok()
+
+
+def test_report_round_trip() -> None:
+    r = RankReport(1, "host", 7, 3, 1.5, 10, 20, 30, 4, 5, "boom")
+    assert RankReport.decode(r.encode()) == r
+
+
+def test_ledger_latencies_and_rows() -> None:
+    stats = ServingStats()
+    ledger = RequestLedger(stats)
+    req = GenerationRequest(
+        "r1", (1, 2, 3), SamplingParams(), sink=lambda e: None, client="10.0.0.1", arrival=1.0
+    )
+    ledger.arrived(req)
+    ledger.on_event(req, RequestEvent("r1", token_ids=(5,)), now=1.5, now_unix=1000.0)
+    ledger.on_event(req, RequestEvent("r1", token_ids=(6,)), now=1.6, now_unix=1000.1)
+    rows = ledger.rows([(req, "running")], now=2.0)
+    assert rows[0].prompt_tokens == 3 and rows[0].generated_tokens == 2 and rows[0].client == "10.0.0.1"
+    done = RequestEvent(
+        "r1", token_ids=(7,), finish_reason=FinishReason.LENGTH, prompt_tokens=3, completion_tokens=3
+    )
+    ledger.on_event(req, done, now=1.7, now_unix=1000.2)
+    assert stats.ttft.count == 1 and abs(stats.ttft.sum - 0.5) < 1e-9
+    assert stats.itl.count == 2 and stats.e2e.count == 1
+    assert stats.outcomes == {"length": 1} and stats.generated_tokens == 3
+    assert ledger.rows([(req, "running")], now=2.0) == ()
+
+
+def test_histogram_is_cumulative() -> None:
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.5, 0.5, 5.0):
+        h.observe(v)
+    buckets, total, count = h.snapshot()
+    assert buckets == [(0.1, 1), (1.0, 3), (float("inf"), 4)] and count == 4 and total == 6.05
