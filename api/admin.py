@@ -17,8 +17,6 @@ from api.service import Service
 from cluster.engine_client import EngineState
 from cluster.stats import Histogram
 
-KV_TIERS: tuple[str, ...] = ()  # filled in when the KV tiers land
-
 
 def _svc(request: Request) -> Service:
     svc: Service = request.app.state.service
@@ -71,7 +69,7 @@ def cluster_state(svc: Service) -> dict[str, Any]:
             "requests": dict(stats.outcomes) if stats else {},
         },
         "queue": [row.to_json() for row in svc.client.queue_rows],
-        "kv": {"tiers": []},
+        "kv": {"tiers": [t.to_json() for t in svc.kv_tiers]},
         "ranks": [h.to_json() for h in svc.health.snapshot()] if svc.health else [],
     }
 
@@ -106,11 +104,21 @@ async def resume(request: Request) -> dict[str, Any]:
     return {"admission": admission(svc)}
 
 
+@router.get("/admin/cache")
+async def cache(request: Request) -> dict[str, Any]:
+    return {"tiers": [t.to_json() for t in _svc(request).kv_tiers]}
+
+
 @router.delete("/admin/cache/{tier}")
 async def clear_tier(tier: str, request: Request) -> dict[str, Any]:
-    raise APIError(
-        404, f"no KV cache tier {tier!r} (tiers: {', '.join(KV_TIERS) or 'none yet'})", code="tier_not_found"
-    )
+    svc = _svc(request)
+    names = [t.name for t in svc.kv_tiers]
+    if tier not in names:
+        raise APIError(
+            404, f"no KV cache tier {tier!r} (tiers: {', '.join(names) or 'none'})", code="tier_not_found"
+        )
+    svc.client.clear_cache(tier)
+    return {"clearing": tier}
 
 
 @router.get("/metrics")
@@ -165,6 +173,30 @@ class OrchardCollector(Collector):
             "orchard_ready", "1 when the engine admits requests.", value=float(admission(svc) == "open")
         )
         yield ready
+        if svc.kv_tiers:
+            used = GaugeMetricFamily(
+                "orchard_kv_used_bytes", "KV cache bytes in use per rank.", labels=["tier"]
+            )
+            cap = GaugeMetricFamily(
+                "orchard_kv_capacity_bytes", "KV cache capacity per rank.", labels=["tier"]
+            )
+            blocks = GaugeMetricFamily("orchard_kv_blocks", "KV cache blocks held.", labels=["tier"])
+            hit = GaugeMetricFamily(
+                "orchard_kv_hit_rate", "Share of prompt tokens found in the tier.", labels=["tier"]
+            )
+            q = CounterMetricFamily("orchard_kv_query_tokens", "Prompt tokens looked up.", labels=["tier"])
+            h = CounterMetricFamily("orchard_kv_hit_tokens", "Prompt tokens found.", labels=["tier"])
+            ev = CounterMetricFamily("orchard_kv_evictions", "Blocks evicted.", labels=["tier"])
+            for t in svc.kv_tiers:
+                j = t.to_json()
+                used.add_metric([t.name], j["bytes_used"])
+                cap.add_metric([t.name], j["capacity_bytes"])
+                blocks.add_metric([t.name], t.blocks)
+                hit.add_metric([t.name], t.hit_rate)
+                q.add_metric([t.name], t.query_tokens)
+                h.add_metric([t.name], t.hit_tokens)
+                ev.add_metric([t.name], t.evictions)
+            yield from (used, cap, blocks, hit, q, h, ev)
         if svc.health is None:
             return
         up = GaugeMetricFamily("orchard_rank_up", "1 when the rank is ok or slow.", labels=["rank", "host"])

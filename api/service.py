@@ -11,6 +11,7 @@ from api.errors import APIError
 from cluster.config import ServingConfig
 from cluster.engine_client import EngineClient
 from cluster.health import HealthTable
+from cluster.kvindex import TierStats
 from cluster.stats import ServingStats
 
 
@@ -35,6 +36,7 @@ class Service:
     vocab_size: int
     stats: ServingStats | None = None
     health: HealthTable | None = None
+    kv_tiers: list[TierStats] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
     def model_card(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import msgpack
 from cluster.errors import BusDecodeError, BusMessageTooLarge, BusVersionMismatch
 from cluster.messages import MESSAGE_TYPES, BusMessage, StepPlan
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 

@@ -30,7 +30,12 @@ class Cancel:
     reason: str = "cancelled"
 
 
-Command = GenerationRequest | Cancel
+@dataclass(slots=True, frozen=True)
+class ClearCache:
+    tier: str
+
+
+Command = GenerationRequest | Cancel | ClearCache
 
 
 class EngineClient:
@@ -65,6 +70,11 @@ class EngineClient:
             self._live[request.request_id] = request
         self._wake.set()
         return Admission.ACCEPTED
+
+    def clear_cache(self, tier: str) -> None:
+        with self._lock:
+            self._inbox.append(ClearCache(tier))
+        self._wake.set()
 
     def is_live(self, request_id: str) -> bool:
         return request_id in self._live

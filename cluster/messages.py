@@ -14,10 +14,21 @@ from cluster.errors import BusDecodeError
 
 @dataclass(slots=True, frozen=True)
 class Admit:
-    """A new sequence: every rank remembers its prompt tokens and opens an empty KV cache for it."""
+    """A new sequence: every rank remembers its prompt tokens and opens its KV cache, filled from the
+    cached blocks `cached` (prompt blocks 0..len(cached)-1) when there are any."""
 
     seq_id: int
     tokens: tuple[int, ...]
+    cached: tuple[int, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class StoreBlocks:
+    """Copy prompt blocks `first`, `first + 1`, ... of a sequence's KV cache into blocks `block_ids`."""
+
+    seq_id: int
+    first: int
+    block_ids: tuple[int, ...]
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,7 +42,7 @@ class PrefillChunk:
 
 @dataclass(slots=True, frozen=True)
 class StepPlan:
-    """One engine step. Order of execution on every rank: release, admit, prefill, decode.
+    """One engine step. Order of execution on every rank: release, evict, admit, prefill, store, decode.
 
     `decode_ids[i]` is row i of the decode batch and `decode_tokens[i]` its input token: the batch rows
     on every rank are put in exactly this order before the forward pass.
@@ -44,33 +55,39 @@ class StepPlan:
     prefill: tuple[PrefillChunk, ...] = ()
     decode_ids: tuple[int, ...] = ()
     decode_tokens: tuple[int, ...] = ()
+    store: tuple[StoreBlocks, ...] = ()
+    evict: tuple[int, ...] = ()
 
     def is_empty(self) -> bool:
-        return not (self.release or self.admit or self.prefill or self.decode_ids)
+        return not (self.release or self.admit or self.prefill or self.decode_ids or self.store or self.evict)
 
     def to_wire(self) -> list[Any]:
         return [
             self.KIND,
             self.step,
             list(self.release),
-            [[a.seq_id, list(a.tokens)] for a in self.admit],
+            [[a.seq_id, list(a.tokens), list(a.cached)] for a in self.admit],
             [[p.seq_id, p.start, p.end] for p in self.prefill],
             list(self.decode_ids),
             list(self.decode_tokens),
+            [[s.seq_id, s.first, list(s.block_ids)] for s in self.store],
+            list(self.evict),
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> StepPlan:
-        _, step, release, admit, prefill, decode_ids, decode_tokens = w
+        _, step, release, admit, prefill, decode_ids, decode_tokens, store, evict = w
         if len(decode_ids) != len(decode_tokens):
             raise BusDecodeError("step plan: decode ids and tokens differ in length")
         return cls(
             step=_int(step),
-            release=tuple(_int(x) for x in release),
-            admit=tuple(Admit(_int(s), tuple(_int(t) for t in toks)) for s, toks in admit),
+            release=_ints(release),
+            admit=tuple(Admit(_int(s), _ints(toks), _ints(cached)) for s, toks, cached in admit),
             prefill=tuple(PrefillChunk(_int(s), _int(a), _int(b)) for s, a, b in prefill),
-            decode_ids=tuple(_int(x) for x in decode_ids),
-            decode_tokens=tuple(_int(x) for x in decode_tokens),
+            decode_ids=_ints(decode_ids),
+            decode_tokens=_ints(decode_tokens),
+            store=tuple(StoreBlocks(_int(s), _int(first), _ints(ids)) for s, first, ids in store),
+            evict=_ints(evict),
         )
 
 
@@ -116,6 +133,12 @@ BusMessage = StepPlan | Heartbeat | Shutdown
 MESSAGE_TYPES: dict[int, type[StepPlan] | type[Heartbeat] | type[Shutdown]] = {
     t.KIND: t for t in (StepPlan, Heartbeat, Shutdown)
 }
+
+
+def _ints(xs: Any) -> tuple[int, ...]:
+    if not isinstance(xs, list):
+        raise BusDecodeError("expected an array of integers on the bus")
+    return tuple(_int(x) for x in xs)
 
 
 def _int(x: Any) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cluster.messages import Admit, PrefillChunk, StepPlan
+from cluster.prefix import PrefixCache, PrefixState
 from cluster.requests import FinishReason, GenerationRequest, RequestEvent, TokenLogprob
 from cluster.textstream import Decode, IncrementalDetokenizer, StopMatcher
 
@@ -48,6 +49,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     admitted: bool = False  # the ranks know this sequence (it must be released)
     first_token_at: float | None = None
+    prefix: PrefixState | None = None  # with a prefix cache: block hashes and referenced blocks
 
     @property
     def seq_id(self) -> int:
@@ -68,8 +70,10 @@ class Scheduler:
         decode: Decode,
         eos_token_ids: Iterable[int],
         clock: Callable[[], float],
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.config = config
+        self.prefix_cache = prefix_cache
         self._decode = decode
         self._eos = frozenset(eos_token_ids)
         self._clock = clock
@@ -89,7 +93,8 @@ class Scheduler:
         return len(self._active)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._active or self._release)
+        pending_evictions = self.prefix_cache is not None and self.prefix_cache.has_evictions
+        return bool(self._waiting or self._active or self._release or pending_evictions)
 
     def sequences(self) -> list[Sequence]:
         return list(self._waiting) + list(self._active)
@@ -101,6 +106,8 @@ class Scheduler:
             detok=IncrementalDetokenizer(self._decode),
             stop=StopMatcher(request.sampling.stop),
         )
+        if self.prefix_cache is not None:
+            seq.prefix = self.prefix_cache.state_for(request.prompt_tokens)
         self._waiting.append(seq)
         self._by_request[request.request_id] = seq
 
@@ -123,40 +130,68 @@ class Scheduler:
 
     # -- the step function -----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        """The next plan: admit waiting requests into free slots, prefill within budget, decode."""
-        cfg = self.config
-        admits = []
+        """The next plan: fill free slots, start and prefill sequences within the token budget (loading
+        cached prefixes, storing new full blocks), decode every running sequence."""
+        cfg, cache = self.config, self.prefix_cache
         while self._waiting and len(self._active) < cfg.max_batch:
             seq = self._waiting.popleft()
-            seq.state, seq.admitted = SeqState.PREFILL, True
+            seq.state = SeqState.PREFILL
             self._active.append(seq)
-            admits.append(Admit(seq.seq_id, seq.request.prompt_tokens))
+        producing: set[bytes] = set()
+        if cache is not None:
+            producing = cache.producing(
+                s.prefix for s in self._active if s.admitted and s.state is SeqState.PREFILL and s.prefix
+            )
         budget = cfg.prefill_chunk
-        prefill = []
+        admits, prefill, stores = [], [], []
         decode_ids, decode_tokens = [], []
         for seq in self._active:
             if seq.state is SeqState.RUNNING:
                 decode_ids.append(seq.seq_id)
                 decode_tokens.append(seq.output[-1])
-            elif budget > 0:
-                end = min(seq.prompt_len, seq.computed + budget)
-                prefill.append(PrefillChunk(seq.seq_id, seq.computed, end))
-                budget -= end - seq.computed
+                continue
+            if budget <= 0:
+                continue
+            tokens = seq.request.prompt_tokens
+            if not seq.admitted:
+                cached: tuple[int, ...] = ()
+                if cache is not None and seq.prefix is not None:
+                    if cache.should_wait(tokens, seq.prefix, producing):
+                        continue  # another sequence is computing this prefix right now
+                    cached = cache.start(tokens, seq.prefix)
+                    seq.computed = len(cached) * cache.block_tokens
+                    producing.update(seq.prefix.hashes[seq.prefix.covered :])
+                seq.admitted = True
+                admits.append(Admit(seq.seq_id, tokens, cached))
+            end = min(seq.prompt_len, seq.computed + budget)
+            prefill.append(PrefillChunk(seq.seq_id, seq.computed, end))
+            budget -= end - seq.computed
+            if cache is not None and seq.prefix is not None:
+                store = cache.store(seq.seq_id, tokens, seq.prefix, end)
+                if store is not None:
+                    stores.append(store)
         release, self._release = tuple(self._release), []
         self._step += 1
-        plan = StepPlan(
+        return StepPlan(
             step=self._step,
             release=release,
             admit=tuple(admits),
             prefill=tuple(prefill),
             decode_ids=tuple(decode_ids),
             decode_tokens=tuple(decode_tokens),
+            store=tuple(stores),
+            evict=cache.take_evictions() if cache is not None else (),
         )
-        return plan
+
+    def clear_prefix_cache(self) -> int:
+        """Drop every cached block no running sequence uses; the next plan tells the ranks."""
+        return self.prefix_cache.clear() if self.prefix_cache is not None else 0
 
     def update(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> list[Emit]:
         """Apply the outputs of `plan`; returns the events to deliver."""
         now = self._clock()
+        if self.prefix_cache is not None:
+            self.prefix_cache.commit()
         by_id = {s.seq_id: s for s in self._active}
         for chunk in plan.prefill:
             seq = by_id.get(chunk.seq_id)
@@ -212,6 +247,8 @@ class Scheduler:
             self._active.remove(seq)
         if seq.admitted:
             self._release.append(seq.seq_id)
+        if seq.prefix is not None and self.prefix_cache is not None:
+            self.prefix_cache.release(seq.prefix)
         seq.state = SeqState.FINISHED
         self._by_request.pop(seq.request.request_id, None)
         event = RequestEvent(

@@ -120,7 +120,7 @@ def _run(args: Any, group: Any, transport: Any) -> int:
     bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
     identity = json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}).encode()
     ranks = [json.loads(b) for b in transport.exchange_hello(identity)]
-    executor = Executor(model, want_logits=rank == 0)
+    executor = Executor(model, want_logits=rank == 0, block_tokens=args.kv_block_tokens)
     if rank != 0:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)  # rank 0 drains and tells us when to stop
@@ -133,6 +133,34 @@ def _run(args: Any, group: Any, transport: Any) -> int:
             transport.abort(3)
             return 3
     return _lead(args, model_dir, config, executor, bus, ranks)
+
+
+def _prefix_cache(args: Any, model_dir: Any, executor: Any, world_size: int) -> Any:
+    """The RAM tier's index, sized in blocks of this model on one rank."""
+    from cluster.kvindex import BlockIndex, root_hash
+    from cluster.prefix import PrefixCache
+    from rank.env import local_ranks
+    from rank.models import fingerprint
+
+    if args.kv_ram_gb is None:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ram_bytes = int(min(8 * 2**30, 0.10 * physical / local_ranks()))
+    else:
+        ram_bytes = int(args.kv_ram_gb * 2**30)
+    block_bytes = executor.block_bytes
+    capacity = ram_bytes // block_bytes
+    if capacity < 1:
+        log.info("prefix cache off (--kv-ram-gb %s)", args.kv_ram_gb)
+        return None
+    index = BlockIndex(args.kv_block_tokens, capacity, block_bytes)
+    log.info(
+        "RAM prefix cache: %d blocks of %d tokens (%.2f GiB per rank, %.2f MiB per block)",
+        capacity,
+        args.kv_block_tokens,
+        capacity * block_bytes / 2**30,
+        block_bytes / 2**20,
+    )
+    return PrefixCache(index, root_hash(fingerprint(model_dir), f"tp{world_size}"))
 
 
 def _generated_admin_token(args: Any) -> str:
@@ -194,11 +222,13 @@ def _lead(
         world_size=bus.size,
     )
     client = EngineClient(max_waiting=args.max_queue)
+    prefix_cache = _prefix_cache(args, model_dir, executor, bus.size)
     scheduler = Scheduler(
         SchedulerConfig(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, context_length=context),
         decode=tokenizer.decode,
         eos_token_ids=tokenizer.eos_token_ids,
         clock=time.monotonic,
+        prefix_cache=prefix_cache,
     )
     leader = Leader(
         executor,
@@ -218,7 +248,17 @@ def _lead(
     leader.watchdog.start()
     vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
     server = ApiServer(
-        create_app(Service(client, tokenizer, serving, vocab, stats=leader.stats, health=leader.health)),
+        create_app(
+            Service(
+                client,
+                tokenizer,
+                serving,
+                vocab,
+                stats=leader.stats,
+                health=leader.health,
+                kv_tiers=[prefix_cache.index.stats] if prefix_cache else [],
+            )
+        ),
         args.host,
         args.port,
         "warning",

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ORCHARD_BLAS", "auto"),
         help="Linux: preload OpenBLAS for MLX's CPU matmuls (auto: when one is installed; env ORCHARD_BLAS)",
     )
+    kv = p.add_argument_group("KV cache")
+    kv.add_argument("--kv-block-tokens", type=int, default=32, help="tokens per prefix-cache block")
+    kv.add_argument(
+        "--kv-ram-gb",
+        type=float,
+        default=None,
+        help="RAM prefix cache per rank in GiB (default: 10%% of RAM shared by this host's ranks, at most 8; 0: off)",
+    )
     h = p.add_argument_group("HTTP (rank 0)")
     h.add_argument(
         "--host", default="127.0.0.1", help="address to bind; use 0.0.0.0 only on a trusted network"

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from cluster.bus import ControlBus
-from cluster.engine_client import Cancel, EngineClient, EngineState
+from cluster.engine_client import Cancel, ClearCache, EngineClient, EngineState
 from cluster.errors import BusError, EngineError
 from cluster.health import HealthTable, RankReport
 from cluster.ledger import RequestLedger
@@ -182,6 +182,13 @@ class Leader:
         for cmd in self.client.take():
             if isinstance(cmd, Cancel):
                 emits += self.scheduler.cancel(cmd.request_id)
+                continue
+            if isinstance(cmd, ClearCache):
+                log.info(
+                    "operator cleared the %s tier: %d blocks dropped",
+                    cmd.tier,
+                    self.scheduler.clear_prefix_cache(),
+                )
                 continue
             if cmd.arrival == 0.0:
                 cmd.arrival = now

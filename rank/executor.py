@@ -3,6 +3,9 @@ asks for logits (followers skip the vocabulary projection, which needs no collec
 
 KV layout: a sequence being prefilled owns a per-layer `KVCache`; once it decodes it is a row of the
 shared `BatchKVCache` (left-padded, mlx-lm's), whose rows are kept in the plan's `decode_ids` order.
+Prefix-cache blocks (RAM tier) are copies of `block_tokens` positions of a sequence's cache, one keys and
+one values array of shape (layers, kv_heads_on_this_rank, block_tokens, head_dim) each; a sequence that
+hits them starts with them concatenated into its cache and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ class StepOutput:
 
 
 class Executor:
-    def __init__(self, model: Any, want_logits: bool) -> None:
+    def __init__(self, model: Any, want_logits: bool, block_tokens: int = 32) -> None:
         self.model = model
+        self.block_tokens = block_tokens
+        self.blocks: dict[int, tuple[mx.array, mx.array]] = {}
+        self.prefill_tokens = 0  # prompt positions computed (not loaded from cache), for tests and stats
         self.want_logits = want_logits
         self.num_layers = len(model.layers)
         self.prompts: dict[int, tuple[int, ...]] = {}
@@ -43,11 +49,13 @@ class Executor:
 
     def execute(self, plan: StepPlan) -> StepOutput:
         self._release(plan.release)
+        for block_id in plan.evict:
+            self.blocks.pop(block_id, None)
         for admit in plan.admit:
             if admit.seq_id in self.prompts:
                 raise EngineError(f"sequence {admit.seq_id} admitted twice")
             self.prompts[admit.seq_id] = admit.tokens
-            self.prefilling[admit.seq_id] = [KVCache() for _ in range(self.num_layers)]
+            self.prefilling[admit.seq_id] = self._cache_from_blocks(admit.cached)
         row_ids: list[int] = []
         hidden: list[mx.array] = []
         for chunk in plan.prefill:
@@ -58,10 +66,13 @@ class Executor:
                     f"sequence {chunk.seq_id}: prefill at {chunk.start}, cache at {cache[0].offset}"
                 )
             h = self.model.model(mx.array(tokens, dtype=mx.int32)[None], cache=cache)
+            self.prefill_tokens += len(tokens)
             if chunk.end == len(self.prompts[chunk.seq_id]):
                 row_ids.append(chunk.seq_id)
                 hidden.append(h[:, -1, :])
             mx.eval(h)  # bounds the graph; on followers this runs the chunk's collectives
+        for store in plan.store:
+            self._store(store.seq_id, store.first, store.block_ids)
         if plan.decode_ids:
             self._arrange_batch(plan.decode_ids)
             inputs = mx.array(plan.decode_tokens, dtype=mx.int32)[:, None]
@@ -76,6 +87,46 @@ class Executor:
             return StepOutput(row_ids, None)
         logits = self._lm_head(last).astype(mx.float32)
         return StepOutput(row_ids, logits)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block on this rank (keys and values)."""
+        attn, args = self.model.layers[0].self_attn, self.model.args
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        dtype = self.model.model.embed_tokens(mx.array([[0]])).dtype
+        return 2 * self.num_layers * attn.n_kv_heads * self.block_tokens * head_dim * dtype.size
+
+    def _cache_from_blocks(self, block_ids: tuple[int, ...]) -> list[KVCache]:
+        caches = [KVCache() for _ in range(self.num_layers)]
+        if not block_ids:
+            return caches
+        try:
+            keys = [self.blocks[b][0] for b in block_ids]
+            values = [self.blocks[b][1] for b in block_ids]
+        except KeyError as exc:
+            raise EngineError(f"cached block {exc} is not on this rank (ranks out of step)") from None
+        k_all = mx.concatenate(keys, axis=2) if len(keys) > 1 else keys[0]
+        v_all = mx.concatenate(values, axis=2) if len(values) > 1 else values[0]
+        for layer, cache in enumerate(caches):
+            cache.keys, cache.values = k_all[layer][None], v_all[layer][None]
+            cache.offset = k_all.shape[2]
+        return caches
+
+    def _store(self, seq_id: int, first: int, block_ids: tuple[int, ...]) -> None:
+        cache = self.prefilling.get(seq_id)
+        if cache is None:
+            raise EngineError(f"store from sequence {seq_id}, which is not prefilling")
+        b = self.block_tokens
+        new = []
+        for i, block_id in enumerate(block_ids):
+            lo, hi = (first + i) * b, (first + i + 1) * b
+            if hi > cache[0].offset:
+                raise EngineError(f"block {first + i} of sequence {seq_id} is not computed yet")
+            k = mx.stack([c.keys[0, :, lo:hi, :] for c in cache])
+            v = mx.stack([c.values[0, :, lo:hi, :] for c in cache])
+            self.blocks[block_id] = (k, v)
+            new += [k, v]
+        mx.eval(new)
 
     def _lm_head(self, h: mx.array) -> mx.array:
         if self._tied:

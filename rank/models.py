@@ -303,6 +303,17 @@ def make_tiny_model(
     return out
 
 
+def fingerprint(model_dir: Path) -> str:
+    """Identifies the weights for KV cache keys: config.json, plus each weight file's name, size and first
+    MiB (hashing every byte of a large model at each start would cost seconds)."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:32]
+
+
 def divisors_note(heads: int, kv_heads: int) -> str:
     ok = [n for n in range(1, heads + 1) if heads % n == 0 and kv_heads % n == 0]
     return " or ".join(str(n) for n in ok)

@@ -140,4 +140,26 @@ def test_prometheus_metrics(job: Job) -> None:
         "orchard_rank_memory_bytes",
     ):
         assert needle in text, needle
-    assert admin(job, "DELETE", "/admin/cache/ram").status_code == 404
+    assert admin(job, "DELETE", "/admin/cache/ssd-nope").status_code == 404
+
+
+def test_prefix_cache_over_http_hit_equals_miss_and_clears(job: Job) -> None:
+    user = {"Authorization": "Bearer user-key"}
+    prompt = "A long shared context that the cache should keep. " * 6
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logit_bias": {"2": -100}}
+    before = admin(job, "GET", "/admin/cache").json()["tiers"][0]
+    first = httpx.post(job.url + "/v1/completions", json=body, headers=user, timeout=60).json()
+    second = httpx.post(job.url + "/v1/completions", json=body, headers=user, timeout=60).json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    tier = admin(job, "GET", "/admin/cache").json()["tiers"][0]
+    assert tier["tier"] == "ram" and tier["blocks"] > 0
+    assert tier["hit_tokens"] - before["hit_tokens"] >= (len(prompt) // 32 - 1) * 32  # byte-level: 1 token per char
+    assert tier["bytes_used"] == tier["blocks"] * tier["block_bytes"] <= tier["capacity_bytes"]
+    assert "orchard_kv_hit_tokens_total" in admin(job, "GET", "/metrics").text
+    assert admin(job, "DELETE", "/admin/cache/ram").json() == {"clearing": "ram"}
+    deadline = time.monotonic() + 10
+    while admin(job, "GET", "/admin/cache").json()["tiers"][0]["blocks"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    third = httpx.post(job.url + "/v1/completions", json=body, headers=user, timeout=60).json()
+    assert third["choices"][0]["text"] == first["choices"][0]["text"]  # recomputed after the clear: same

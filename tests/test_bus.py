@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cluster.bus import PROTOCOL_VERSION, BusCodec, ControlBus
 from cluster.errors import BusDecodeError, BusError, BusMessageTooLarge, BusVersionMismatch
-from cluster.messages import Admit, Heartbeat, PrefillChunk, Shutdown, StepPlan
+from cluster.messages import Admit, Heartbeat, PrefillChunk, Shutdown, StepPlan, StoreBlocks
 
 ids = st.integers(min_value=0, max_value=2**62)
 small = st.integers(min_value=0, max_value=2**20)
@@ -30,6 +30,11 @@ def plans(draw: st.DrawFn) -> StepPlan:
         ),
         decode_ids=tuple(decode_ids),
         decode_tokens=tuple(draw(st.lists(small, min_size=len(decode_ids), max_size=len(decode_ids)))),
+        store=tuple(
+            StoreBlocks(draw(ids), draw(small), tuple(draw(st.lists(ids, max_size=4))))
+            for _ in range(draw(st.integers(0, 3)))
+        ),
+        evict=tuple(draw(st.lists(ids, max_size=8))),
     )
 
 
@@ -83,8 +88,9 @@ def test_version_mismatch_names_both_versions() -> None:
         [PROTOCOL_VERSION, 1, [99]],  # unknown kind
         [PROTOCOL_VERSION, 1, []],  # no kind
         [PROTOCOL_VERSION, "x", Heartbeat(1).to_wire()],  # bad seq
-        [PROTOCOL_VERSION, 1, [1, 1, [], [], [], [1, 2], [3]]],  # decode ids/tokens differ
-        [PROTOCOL_VERSION, 1, [1, 1, ["a"], [], [], [], []]],  # non-int id
+        [PROTOCOL_VERSION, 1, [1, 1, [], [], [], [1, 2], [3], [], []]],  # decode ids/tokens differ
+        [PROTOCOL_VERSION, 1, [1, 1, ["a"], [], [], [], [], [], []]],  # non-int id
+        [PROTOCOL_VERSION, 1, [1, 1, [], [[1, [2], 3]], [], [], [], [], []]],  # cached is not an array
         [PROTOCOL_VERSION, 1, [1, 1]],  # truncated plan
         {"v": 1},
     ],

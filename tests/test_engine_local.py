@@ -13,6 +13,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from cluster.bus import ControlBus
 from cluster.engine_client import EngineClient
+from cluster.kvindex import BlockIndex, root_hash
+from cluster.prefix import PrefixCache
 from cluster.requests import Admission, FinishReason, GenerationRequest, RequestEvent, SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig
 from rank.engine import Leader
@@ -35,14 +37,25 @@ def reference_greedy(model: object, prompt: list[int], n: int) -> list[int]:
 
 
 class LocalEngine:
-    def __init__(self, model_dir: Path, max_batch: int, chunk: int) -> None:
+    def __init__(
+        self, model_dir: Path, max_batch: int, chunk: int, cache_blocks: int = 0, block: int = 8
+    ) -> None:
         self.model, config = load_model(model_dir, None)
         self.tokenizer = ChatTokenizer(model_dir)
         self.client = EngineClient(max_waiting=100)
+        self.executor = Executor(self.model, True, block_tokens=block)
+        self.prefix = None
+        if cache_blocks:
+            index = BlockIndex(block, cache_blocks, self.executor.block_bytes)
+            self.prefix = PrefixCache(index, root_hash("tiny", "tp1"))
         sched = Scheduler(
-            SchedulerConfig(max_batch, chunk, 2048), self.tokenizer.decode, [], clock=time.monotonic
+            SchedulerConfig(max_batch, chunk, 2048),
+            self.tokenizer.decode,
+            [],
+            clock=time.monotonic,
+            prefix_cache=self.prefix,
         )
-        self.leader = Leader(Executor(self.model, True), sched, ControlBus(LocalTransport()), self.client)
+        self.leader = Leader(self.executor, sched, ControlBus(LocalTransport()), self.client)
         self.thread = threading.Thread(target=self.leader.run, daemon=True)
         self.thread.start()
         while self.client.state.value != "ready":
@@ -115,3 +128,63 @@ def test_cancel_frees_the_slot(engine: LocalEngine) -> None:
         time.sleep(0.01)
     assert engine.leader.executor.num_sequences == 0
     assert engine.leader.executor.batch is None
+
+
+def greedy_tokens(events: list[RequestEvent]) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+def test_prefix_cache_hit_equals_miss_and_saves_prefill(tiny_model: Path) -> None:
+    eng = LocalEngine(tiny_model, max_batch=4, chunk=16, cache_blocks=64, block=8)
+    try:
+        doc = eng.tokenizer.encode("A shared system prompt, long enough to span several cache blocks. " * 2)
+        params = SamplingParams(temperature=0.0, max_tokens=12)
+        first = eng.submit("m1", doc, params)
+        wait_all([first])
+        computed = eng.executor.prefill_tokens
+        again = eng.submit("m2", doc, params)
+        wait_all([again])
+        assert greedy_tokens(again) == greedy_tokens(first) == reference_greedy(eng.model, doc, 12)
+        recomputed = eng.executor.prefill_tokens - computed
+        assert recomputed <= len(doc) % 8 + 8  # only the last, partial block (and at least one token) recomputed
+        other = doc + eng.tokenizer.encode(" and a different question?")
+        third = eng.submit("m3", other, params)
+        wait_all([third])
+        assert greedy_tokens(third) == reference_greedy(eng.model, other, 12)
+        stats = eng.prefix.index.stats  # type: ignore[union-attr]
+        assert stats.hit_tokens >= 2 * (len(doc) // 8 - 1) * 8 and stats.blocks <= 64
+    finally:
+        eng.stop()
+
+
+def test_burst_sharing_a_document_prefills_it_once(tiny_model: Path) -> None:
+    eng = LocalEngine(tiny_model, max_batch=8, chunk=32, cache_blocks=256, block=8)
+    try:
+        doc = eng.tokenizer.encode("Document: " + "the orchard has apple trees and pear trees. " * 4)
+        prompts = [doc + eng.tokenizer.encode(f" Question {i}?") for i in range(6)]
+        streams = [
+            eng.submit(f"b{i}", p, SamplingParams(temperature=0.0, max_tokens=4))
+            for i, p in enumerate(prompts)
+        ]
+        wait_all(streams)
+        for p, events in zip(prompts, streams, strict=True):
+            assert greedy_tokens(events) == reference_greedy(eng.model, p, 4)
+        # The document is computed once; each request adds its own tail (< 2 blocks past the shared part).
+        assert eng.executor.prefill_tokens < len(doc) + 6 * 24
+    finally:
+        eng.stop()
+
+
+def test_tiny_capacity_evicts_and_stays_correct(tiny_model: Path) -> None:
+    eng = LocalEngine(tiny_model, max_batch=2, chunk=64, cache_blocks=3, block=8)
+    try:
+        for i in range(5):
+            prompt = eng.tokenizer.encode(f"Prompt number {i}: " + "words " * 12)
+            events = eng.submit(f"e{i}", prompt, SamplingParams(temperature=0.0, max_tokens=6))
+            wait_all([events])
+            assert greedy_tokens(events) == reference_greedy(eng.model, prompt, 6)
+            index = eng.prefix.index  # type: ignore[union-attr]
+            assert len(index) <= 3 and len(eng.executor.blocks) <= 3
+        assert index.stats.evictions > 0
+    finally:
+        eng.stop()

@@ -1,0 +1,106 @@
+"""Prefix caching as the scheduler uses it: what a new sequence can load, when it should wait for a
+sequence already computing the same prefix, and which of its prompt blocks to store.
+
+Requests that arrive together with the same long document must not each prefill it: the first one
+computes it, the others wait until its blocks are stored and then load them (vLLM avoids the duplicate
+work the same way, by scheduling prefix hits after the blocks exist)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cluster.kvindex import Block, BlockHash, BlockIndex, block_hashes
+from cluster.messages import StoreBlocks
+
+
+@dataclass(slots=True)
+class PrefixState:
+    """A sequence's view of the cache: its prompt's block hashes and the blocks it holds references to."""
+
+    hashes: list[BlockHash]
+    blocks: list[Block] = field(default_factory=list)  # prompt blocks 0..len-1, referenced
+
+    @property
+    def covered(self) -> int:
+        return len(self.blocks)
+
+
+class PrefixCache:
+    def __init__(self, index: BlockIndex, root: BlockHash) -> None:
+        self.index = index
+        self.root = root
+        self.block_tokens = index.block_tokens
+        self._pending: list[Block] = []
+        self._evict: list[int] = []
+
+    def state_for(self, tokens: tuple[int, ...]) -> PrefixState:
+        return PrefixState(block_hashes(self.root, tokens, self.block_tokens))
+
+    def producing(self, states: Iterable[PrefixState]) -> set[BlockHash]:
+        """Hashes that sequences already prefilling will store."""
+        out: set[BlockHash] = set()
+        for st in states:
+            out.update(st.hashes[st.covered :])
+        return out
+
+    def should_wait(self, tokens: tuple[int, ...], st: PrefixState, producing: set[BlockHash]) -> bool:
+        """True when the first block this sequence lacks is being computed by another sequence."""
+        usable = (len(tokens) - 1) // self.block_tokens
+        for i, h in enumerate(st.hashes[:usable]):
+            if self.index.lookup(h, tokens[i * self.block_tokens : (i + 1) * self.block_tokens]) is None:
+                return h in producing
+        return False
+
+    def start(self, tokens: tuple[int, ...], st: PrefixState) -> tuple[int, ...]:
+        """Reference the longest cached prefix; the block ids every rank loads before prefilling."""
+        found = self.index.match(tokens, st.hashes)
+        self.index.ref(found)
+        st.blocks = list(found)
+        return tuple(b.block_id for b in found)
+
+    def store(
+        self, seq_id: int, tokens: tuple[int, ...], st: PrefixState, computed: int
+    ) -> StoreBlocks | None:
+        """Blocks the sequence's KV now covers (after a chunk ending at `computed`) and the cache lacks."""
+        first = st.covered
+        ids: list[int] = []
+        for i in range(first, computed // self.block_tokens):
+            chunk = tokens[i * self.block_tokens : (i + 1) * self.block_tokens]
+            existing = self.index.lookup(st.hashes[i], chunk)
+            if existing is not None:
+                if ids:
+                    break  # keep each StoreBlocks contiguous; the rest is stored next step
+                self.index.ref([existing])
+                st.blocks.append(existing)
+                first += 1
+                continue
+            block = self.index.insert(st.hashes[i], chunk, self._evict)
+            if block is None:
+                break  # full of blocks in use: a return value, not an error; this prefix is not cached
+            st.blocks.append(block)
+            self._pending.append(block)
+            ids.append(block.block_id)
+        return StoreBlocks(seq_id, first, tuple(ids)) if ids else None
+
+    def release(self, st: PrefixState) -> None:
+        self.index.unref(st.blocks)
+        st.blocks = []
+
+    def clear(self) -> int:
+        ids = self.index.clear()
+        self._evict.extend(ids)
+        return len(ids)
+
+    @property
+    def has_evictions(self) -> bool:
+        return bool(self._evict)
+
+    def take_evictions(self) -> tuple[int, ...]:
+        out, self._evict = tuple(self._evict), []
+        return out
+
+    def commit(self) -> None:
+        """The plan that stored the pending blocks has run on every rank: they may be loaded now."""
+        self.index.ready(self._pending)
+        self._pending = []
