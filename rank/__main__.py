@@ -301,6 +301,10 @@ def _lead(
     if code:
         time.sleep(1.0)  # let error responses reach their clients
     server.stop()
+    status_file = os.environ.get("ORCHARD_STATUS_FILE")
+    if status_file and code:
+        with open(status_file, "w") as f:
+            f.write(str(code))
     if code and bus.size > 1:
         log.error("stopping every rank (exit %d)", code)
         bus.transport.abort(code)

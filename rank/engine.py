@@ -110,6 +110,12 @@ class Leader:
         except EngineError as exc:
             return self._fail(str(exc))
         except Exception as exc:
+            dead = self.bus.transport.failed_ranks() if self.bus.size > 1 else []
+            if dead:
+                names = ", ".join(self.rank_names.get(r, f"rank {r}") for r in dead)
+                for r in dead:
+                    self.health.mark_dead(r, f"process died ({exc})")
+                return self._fail(f"{names} died: {exc}")
             log.exception("engine step failed")
             return self._fail(f"engine failure: {type(exc).__name__}: {exc}")
         self.client.set_state(EngineState.STOPPED)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -23,22 +24,43 @@ def mpirun_command(np: int | None, hostfile: str | None, rank_args: list[str]) -
     cmd = [str(mpirun) if mpirun.exists() else (shutil.which("mpirun") or "mpirun")]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    cmd += ["--bind-to", "none"]
+    # ULFM: a dead rank becomes an error on the survivors instead of mpirun killing them at once, so
+    # rank 0 can answer its clients and name the rank before the job ends.
+    cmd += ["--bind-to", "none", "--with-ft", "ulfm"]
     if hostfile:
         cmd += ["--hostfile", hostfile]
     else:
         cmd.append("--oversubscribe")  # --np on this machine may exceed its cores (TP=3 on 2 cores)
     if np:
         cmd += ["-np", str(np)]
-    for name in ("ORCHARD_CACHE", "ORCHARD_API_KEYS", "ORCHARD_ADMIN_TOKEN", "ORCHARD_BLAS"):
+    for name in (
+        "ORCHARD_CACHE",
+        "ORCHARD_API_KEYS",
+        "ORCHARD_ADMIN_TOKEN",
+        "ORCHARD_BLAS",
+        "ORCHARD_STATUS_FILE",
+    ):
         if name in os.environ:
             cmd += ["-x", name]
     return cmd + [sys.executable, "-m", "rank", *rank_args]
 
 
 def launch(np: int | None, hostfile: str | None, rank_args: list[str]) -> int:
+    # Under ULFM mpirun exits 0 even after MPI_Abort; rank 0 leaves its exit code in this file instead.
+    fd, status_file = tempfile.mkstemp(prefix="orchard-status-")
+    os.close(fd)
+    os.environ["ORCHARD_STATUS_FILE"] = status_file
     cmd = mpirun_command(np, hostfile, rank_args)
     print("orchard: " + " ".join(cmd), file=sys.stderr, flush=True)
+    try:
+        code = _run(cmd)
+        text = Path(status_file).read_text().strip()
+        return code or (int(text) if text.isdigit() else 0)
+    finally:
+        os.unlink(status_file)
+
+
+def _run(cmd: list[str]) -> int:
     proc = subprocess.Popen(cmd, start_new_session=True)
     signals_seen = 0
 

@@ -36,6 +36,9 @@ class LocalTransport:
     def close(self, last_seq: int) -> None:
         return None
 
+    def failed_ranks(self) -> list[int]:
+        return []
+
     def send_report(self, data: bytes) -> None:  # pragma: no cover - rank 0 reports to itself
         return None
 
@@ -143,6 +146,19 @@ class MpiTransport:
             if 0 < n <= MAX_REPORT_BYTES:
                 out.append(buf.tobytes())
         return out
+
+    def failed_ranks(self) -> list[int]:
+        """Ranks MPI knows to have died (needs mpirun --with-ft ulfm, which the launcher passes)."""
+        from mpi4py import MPI
+
+        try:
+            group = self.comm.Get_failed()
+            world = self.comm.Get_group()
+            return sorted(
+                r for r in MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world) if r >= 0
+            )
+        except Exception:  # no ULFM support in this MPI, or nothing failed
+            return []
 
     def close(self, last_seq: int, timeout: float = 5.0) -> None:
         """Leave no point-to-point request pending: MPI_Finalize (at exit) refuses to end cleanly otherwise."""

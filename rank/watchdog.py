@@ -70,6 +70,10 @@ class StepWatchdog:
             self.client.set_state(EngineState.FAILED, message)
             n = self.client.fail_live(message)
             log.error("answered %d in-flight request(s) with an error", n)
+            status_file = os.environ.get("ORCHARD_STATUS_FILE")  # the launcher's record of rank 0's exit code
+            if status_file:
+                with open(status_file, "w") as f:
+                    f.write("1")
             time.sleep(self.grace)
             logging.shutdown()
             self.exit_process(1)

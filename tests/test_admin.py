@@ -153,7 +153,9 @@ def test_prefix_cache_over_http_hit_equals_miss_and_clears(job: Job) -> None:
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
     tier = admin(job, "GET", "/admin/cache").json()["tiers"][0]
     assert tier["tier"] == "ram" and tier["blocks"] > 0
-    assert tier["hit_tokens"] - before["hit_tokens"] >= (len(prompt) // 32 - 1) * 32  # byte-level: 1 token per char
+    assert (
+        tier["hit_tokens"] - before["hit_tokens"] >= (len(prompt) // 32 - 1) * 32
+    )  # byte-level: 1 token per char
     assert tier["bytes_used"] == tier["blocks"] * tier["block_bytes"] <= tier["capacity_bytes"]
     assert "orchard_kv_hit_tokens_total" in admin(job, "GET", "/metrics").text
     assert admin(job, "DELETE", "/admin/cache/ram").json() == {"clearing": "ram"}

@@ -133,6 +133,9 @@ class Loopback:
     def poll_reports(self) -> list[bytes]:
         return []
 
+    def failed_ranks(self) -> list[int]:
+        return []
+
 
 def test_control_bus_in_order_and_gap_detection() -> None:
     wire: list[bytes] = []

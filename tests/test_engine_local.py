@@ -146,7 +146,9 @@ def test_prefix_cache_hit_equals_miss_and_saves_prefill(tiny_model: Path) -> Non
         wait_all([again])
         assert greedy_tokens(again) == greedy_tokens(first) == reference_greedy(eng.model, doc, 12)
         recomputed = eng.executor.prefill_tokens - computed
-        assert recomputed <= len(doc) % 8 + 8  # only the last, partial block (and at least one token) recomputed
+        assert (
+            recomputed <= len(doc) % 8 + 8
+        )  # only the last, partial block (and at least one token) recomputed
         other = doc + eng.tokenizer.encode(" and a different question?")
         third = eng.submit("m3", other, params)
         wait_all([third])

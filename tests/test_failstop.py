@@ -19,9 +19,9 @@ pytestmark = pytest.mark.cluster
 BODY = {"model": "tiny", "prompt": "fault", "max_tokens": 1500, "stream": True, "logit_bias": {"2": -100}}
 
 
-def start(job_factory, tiny_model: Path, name: str, *extra: str) -> Job:  # type: ignore[no-untyped-def]
+def start(job_factory, tiny_model: Path, name: str, *extra: str, launcher: bool = False) -> Job:  # type: ignore[no-untyped-def]
     args = ["--model", str(tiny_model), "--served-model-name", "tiny", "--step-timeout", "3", *extra]
-    return job_factory.start(2, args, name)
+    return job_factory.start(2, args, name, launcher=launcher)
 
 
 class Stream:
@@ -56,8 +56,9 @@ class Stream:
         return got_error_event or self.error is not None
 
 
-def test_hung_follower_mid_request(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    job = start(job_factory, tiny_model, "sigstop-busy")
+@pytest.mark.parametrize("launcher", [False, True], ids=["mpirun", "launcher"])
+def test_hung_follower_mid_request(job_factory, tiny_model: Path, launcher: bool) -> None:  # type: ignore[no-untyped-def]
+    job = start(job_factory, tiny_model, "sigstop-busy", launcher=launcher)
     stream = Stream(job)
     follower = job.rank_pid(1)
     os.kill(follower, signal.SIGSTOP)
@@ -79,8 +80,9 @@ def test_hung_follower_mid_request(job_factory, tiny_model: Path) -> None:  # ty
         os.kill(follower, signal.SIGCONT) if Path(f"/proc/{follower}").exists() else None
 
 
-def test_hung_follower_while_idle_is_named(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    job = start(job_factory, tiny_model, "sigstop-idle", "--heartbeat-interval", "0.5")
+@pytest.mark.parametrize("launcher", [False, True], ids=["mpirun", "launcher"])
+def test_hung_follower_while_idle_is_named(job_factory, tiny_model: Path, launcher: bool) -> None:  # type: ignore[no-untyped-def]
+    job = start(job_factory, tiny_model, "sigstop-idle", "--heartbeat-interval", "0.5", launcher=launcher)
     follower = job.rank_pid(1)
     os.kill(follower, signal.SIGSTOP)
     try:
@@ -91,6 +93,7 @@ def test_hung_follower_while_idle_is_named(job_factory, tiny_model: Path) -> Non
 
 
 def test_killed_follower_mid_request(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """Raw mpirun (no ULFM): Open MPI ends every rank at once; clients see an error, nobody hangs."""
     job = start(job_factory, tiny_model, "kill-follower")
     stream = Stream(job)
     t0 = time.monotonic()
@@ -99,6 +102,28 @@ def test_killed_follower_mid_request(job_factory, tiny_model: Path) -> None:  # 
     assert stream.failed()
     assert job.wait(10) != 0
     assert time.monotonic() - t0 < 10
+
+
+def test_killed_follower_is_named_with_the_launcher(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """Through `python -m rank --np 2` (ULFM on): rank 0 survives the death long enough to answer the
+    client with an error event and to name the dead rank and its host in the log and in /health."""
+    job = start(job_factory, tiny_model, "kill-follower-ulfm", launcher=True)
+    stream = Stream(job)
+    t0 = time.monotonic()
+    victim = job.rank_pid(1)
+    os.kill(victim, signal.SIGKILL)
+    assert stream.ended.wait(10), "client left hanging"
+    assert stream.failed()
+    health = None
+    try:
+        health = httpx.get(job.url + "/health", timeout=2)
+    except httpx.TransportError:
+        pass
+    if health is not None:
+        assert health.status_code == 503 and f"pid {victim}" in health.json()["error"]
+    assert job.wait(10) != 0
+    assert time.monotonic() - t0 < 10
+    assert f"rank 1 (host {os.uname().nodename}, pid {victim}) died" in job.log()
 
 
 def test_killed_rank0_takes_followers_down(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
