@@ -112,7 +112,7 @@ async def cache(request: Request) -> dict[str, Any]:
 @router.delete("/admin/cache/{tier}")
 async def clear_tier(tier: str, request: Request) -> dict[str, Any]:
     svc = _svc(request)
-    names = [t.name for t in svc.kv_tiers]
+    names = [t.to_json()["tier"] for t in svc.kv_tiers]
     if tier not in names:
         raise APIError(
             404, f"no KV cache tier {tier!r} (tiers: {', '.join(names) or 'none'})", code="tier_not_found"
@@ -189,13 +189,14 @@ class OrchardCollector(Collector):
             ev = CounterMetricFamily("orchard_kv_evictions", "Blocks evicted.", labels=["tier"])
             for t in svc.kv_tiers:
                 j = t.to_json()
-                used.add_metric([t.name], j["bytes_used"])
-                cap.add_metric([t.name], j["capacity_bytes"])
-                blocks.add_metric([t.name], t.blocks)
-                hit.add_metric([t.name], t.hit_rate)
-                q.add_metric([t.name], t.query_tokens)
-                h.add_metric([t.name], t.hit_tokens)
-                ev.add_metric([t.name], t.evictions)
+                name = [str(j["tier"])]
+                used.add_metric(name, j["bytes_used"])
+                cap.add_metric(name, j["capacity_bytes"])
+                blocks.add_metric(name, j["blocks"])
+                hit.add_metric(name, j["hit_rate"])
+                q.add_metric(name, j["query_tokens"])
+                h.add_metric(name, j["hit_tokens"])
+                ev.add_metric(name, j["evictions"])
             yield from (used, cap, blocks, hit, q, h, ev)
         if svc.health is None:
             return

@@ -11,8 +11,13 @@ from api.errors import APIError
 from cluster.config import ServingConfig
 from cluster.engine_client import EngineClient
 from cluster.health import HealthTable
-from cluster.kvindex import TierStats
 from cluster.stats import ServingStats
+
+
+class KvTier(Protocol):
+    """A KV cache tier as operators see it (`cluster.kvindex.TierStats`, `cluster.ssdtier.SsdTier`)."""
+
+    def to_json(self) -> dict[str, object]: ...
 
 
 class TextCodec(Protocol):
@@ -36,7 +41,7 @@ class Service:
     vocab_size: int
     stats: ServingStats | None = None
     health: HealthTable | None = None
-    kv_tiers: list[TierStats] = field(default_factory=list)
+    kv_tiers: list[KvTier] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
     def model_card(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import msgpack
 from cluster.errors import BusDecodeError, BusMessageTooLarge, BusVersionMismatch
 from cluster.messages import MESSAGE_TYPES, BusMessage, StepPlan
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -94,7 +94,9 @@ class Transport(Protocol):
 
     def await_acks(self, seq: int, timeout: float) -> list[int]: ...
 
-    def exchange_hello(self, identity: bytes) -> list[bytes]: ...
+    def send_to_leader(self, data: bytes, tag: int) -> None: ...
+
+    def recv_from_followers(self, tag: int, max_bytes: int) -> list[bytes]: ...
 
     def close(self, last_seq: int) -> None: ...
 

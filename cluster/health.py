@@ -35,6 +35,7 @@ class RankReport:
     kv_blocks: int = 0
     kv_bytes: int = 0
     last_error: str = ""
+    ssd_written: tuple[tuple[bytes, bool], ...] = ()  # SSD writes finished since the last report
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -50,6 +51,7 @@ class RankReport:
                 self.kv_blocks,
                 self.kv_bytes,
                 self.last_error,
+                [[h, ok] for h, ok in self.ssd_written],
             ],
             use_bin_type=True,
         )
@@ -58,7 +60,7 @@ class RankReport:
     def decode(cls, data: bytes) -> RankReport:
         try:
             w = msgpack.unpackb(data, raw=False)
-            rank, host, pid, step, step_ms, active, peak, rss, blocks, kvb, err = w
+            rank, host, pid, step, step_ms, active, peak, rss, blocks, kvb, err, written = w
             return cls(
                 int(rank),
                 str(host),
@@ -71,6 +73,7 @@ class RankReport:
                 int(blocks),
                 int(kvb),
                 str(err),
+                tuple((bytes(h), bool(ok)) for h, ok in written),
             )
         except Exception as exc:
             raise BusDecodeError(f"malformed rank report: {exc}") from exc

@@ -150,6 +150,14 @@ class BlockIndex:
         self.stats.blocks = len(self._by_hash)
         return block
 
+    def remove(self, block: Block) -> None:
+        """Forget a block that turned out unusable (a failed SSD read), whatever its references."""
+        if self._by_hash.get(block.hash) is block:
+            del self._by_hash[block.hash]
+        self._lru.pop(block.block_id, None)
+        block.refs = 0
+        self.stats.blocks = len(self._by_hash)
+
     def ready(self, blocks: Sequence[Block]) -> None:
         for b in blocks:
             b.pending = False

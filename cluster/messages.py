@@ -57,9 +57,22 @@ class StepPlan:
     decode_tokens: tuple[int, ...] = ()
     store: tuple[StoreBlocks, ...] = ()
     evict: tuple[int, ...] = ()
+    ssd_load: tuple[tuple[int, bytes], ...] = ()  # (RAM block id to fill, block hash): read from disk
+    ssd_save: tuple[tuple[int, bytes], ...] = ()  # (RAM block id, block hash): write to disk
+    ssd_delete: tuple[bytes, ...] = ()
 
     def is_empty(self) -> bool:
-        return not (self.release or self.admit or self.prefill or self.decode_ids or self.store or self.evict)
+        return not (
+            self.release
+            or self.admit
+            or self.prefill
+            or self.decode_ids
+            or self.store
+            or self.evict
+            or self.ssd_load
+            or self.ssd_save
+            or self.ssd_delete
+        )
 
     def to_wire(self) -> list[Any]:
         return [
@@ -72,11 +85,14 @@ class StepPlan:
             list(self.decode_tokens),
             [[s.seq_id, s.first, list(s.block_ids)] for s in self.store],
             list(self.evict),
+            [[b, h] for b, h in self.ssd_load],
+            [[b, h] for b, h in self.ssd_save],
+            list(self.ssd_delete),
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> StepPlan:
-        _, step, release, admit, prefill, decode_ids, decode_tokens, store, evict = w
+        _, step, release, admit, prefill, decode_ids, decode_tokens, store, evict, load, save, delete = w
         if len(decode_ids) != len(decode_tokens):
             raise BusDecodeError("step plan: decode ids and tokens differ in length")
         return cls(
@@ -88,6 +104,9 @@ class StepPlan:
             decode_tokens=_ints(decode_tokens),
             store=tuple(StoreBlocks(_int(s), _int(first), _ints(ids)) for s, first, ids in store),
             evict=_ints(evict),
+            ssd_load=tuple((_int(b), _hash(h)) for b, h in load),
+            ssd_save=tuple((_int(b), _hash(h)) for b, h in save),
+            ssd_delete=tuple(_hash(h) for h in delete),
         )
 
 
@@ -129,10 +148,34 @@ class Shutdown:
         return cls(exit_code=_int(code), reason=reason)
 
 
-BusMessage = StepPlan | Heartbeat | Shutdown
-MESSAGE_TYPES: dict[int, type[StepPlan] | type[Heartbeat] | type[Shutdown]] = {
-    t.KIND: t for t in (StepPlan, Heartbeat, Shutdown)
+@dataclass(slots=True, frozen=True)
+class SsdSync:
+    """Start-up: the blocks rank 0's manifest lists as persisted; each rank checks its files against it."""
+
+    KIND: ClassVar[int] = 4
+    hashes: tuple[bytes, ...] = ()
+
+    def to_wire(self) -> list[Any]:
+        return [self.KIND, list(self.hashes)]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> SsdSync:
+        _, hashes = w
+        if not isinstance(hashes, list):
+            raise BusDecodeError("ssd sync: hashes is not an array")
+        return cls(tuple(_hash(h) for h in hashes))
+
+
+BusMessage = StepPlan | Heartbeat | Shutdown | SsdSync
+MESSAGE_TYPES: dict[int, type[StepPlan] | type[Heartbeat] | type[Shutdown] | type[SsdSync]] = {
+    t.KIND: t for t in (StepPlan, Heartbeat, Shutdown, SsdSync)
 }
+
+
+def _hash(x: Any) -> bytes:
+    if type(x) is not bytes or len(x) != 16:
+        raise BusDecodeError("expected a 16-byte block hash on the bus")
+    return x
 
 
 def _ints(xs: Any) -> tuple[int, ...]:

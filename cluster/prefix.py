@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from cluster.kvindex import Block, BlockHash, BlockIndex, block_hashes
 from cluster.messages import StoreBlocks
+from cluster.ssdtier import SsdTier
 
 
 @dataclass(slots=True)
@@ -27,8 +28,9 @@ class PrefixState:
 
 
 class PrefixCache:
-    def __init__(self, index: BlockIndex, root: BlockHash) -> None:
+    def __init__(self, index: BlockIndex, root: BlockHash, ssd: SsdTier | None = None) -> None:
         self.index = index
+        self.ssd = ssd
         self.root = root
         self.block_tokens = index.block_tokens
         self._pending: list[Block] = []
@@ -45,11 +47,16 @@ class PrefixCache:
         return out
 
     def should_wait(self, tokens: tuple[int, ...], st: PrefixState, producing: set[BlockHash]) -> bool:
-        """True when the first block this sequence lacks is being computed by another sequence."""
+        """True when the first block this sequence lacks in RAM is being computed by another sequence or
+        read from disk; starts that read when the prefix continues on disk."""
         usable = (len(tokens) - 1) // self.block_tokens
         for i, h in enumerate(st.hashes[:usable]):
             if self.index.lookup(h, tokens[i * self.block_tokens : (i + 1) * self.block_tokens]) is None:
-                return h in producing
+                if h in producing:
+                    return True
+                if self.ssd is None:
+                    return False
+                return self.ssd.loading(h) or self.ssd.fetch(tokens, st.hashes, i, self._evict)
         return False
 
     def start(self, tokens: tuple[int, ...], st: PrefixState) -> tuple[int, ...]:
@@ -81,20 +88,28 @@ class PrefixCache:
             st.blocks.append(block)
             self._pending.append(block)
             ids.append(block.block_id)
+            if self.ssd is not None:
+                self.ssd.saved_in_ram(block)
         return StoreBlocks(seq_id, first, tuple(ids)) if ids else None
 
     def release(self, st: PrefixState) -> None:
         self.index.unref(st.blocks)
         st.blocks = []
 
-    def clear(self) -> int:
+    def clear(self, tier: str = "ram") -> int:
+        if tier == "ssd":
+            return self.ssd.clear() if self.ssd is not None else 0
         ids = self.index.clear()
         self._evict.extend(ids)
         return len(ids)
 
+    def ssd_results(self, failed: set[int]) -> None:
+        if self.ssd is not None:
+            self.ssd.load_results(failed, self._evict)
+
     @property
     def has_evictions(self) -> bool:
-        return bool(self._evict)
+        return bool(self._evict) or (self.ssd is not None and self.ssd.has_work())
 
     def take_evictions(self) -> tuple[int, ...]:
         out, self._evict = tuple(self._evict), []

@@ -172,6 +172,11 @@ class Scheduler:
                     stores.append(store)
         release, self._release = tuple(self._release), []
         self._step += 1
+        ssd_load: tuple[tuple[int, bytes], ...] = ()
+        ssd_save: tuple[tuple[int, bytes], ...] = ()
+        ssd_delete: tuple[bytes, ...] = ()
+        if cache is not None and cache.ssd is not None:
+            ssd_load, ssd_save, ssd_delete = cache.ssd.take()
         return StepPlan(
             step=self._step,
             release=release,
@@ -181,11 +186,14 @@ class Scheduler:
             decode_tokens=tuple(decode_tokens),
             store=tuple(stores),
             evict=cache.take_evictions() if cache is not None else (),
+            ssd_load=ssd_load,
+            ssd_save=ssd_save,
+            ssd_delete=ssd_delete,
         )
 
-    def clear_prefix_cache(self) -> int:
-        """Drop every cached block no running sequence uses; the next plan tells the ranks."""
-        return self.prefix_cache.clear() if self.prefix_cache is not None else 0
+    def clear_prefix_cache(self, tier: str = "ram") -> int:
+        """Drop every cached block of a tier that no running sequence uses; the next plan tells the ranks."""
+        return self.prefix_cache.clear(tier) if self.prefix_cache is not None else 0
 
     def update(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> list[Emit]:
         """Apply the outputs of `plan`; returns the events to deliver."""

@@ -98,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: Any, group: Any, transport: Any) -> int:
     from cluster.bus import BusCodec, ControlBus
-    from cluster.errors import BusError
-    from rank.engine import follow
     from rank.env import blas_in_use
     from rank.executor import Executor
     from rank.models import default_cache_dir, load_model, resolve_model
@@ -118,27 +116,81 @@ def _run(args: Any, group: Any, transport: Any) -> int:
         blas_in_use(),
     )
     bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
+    from rank.transport import HELLO_TAG
+
     identity = json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}).encode()
-    ranks = [json.loads(b) for b in transport.exchange_hello(identity)]
-    executor = Executor(model, want_logits=rank == 0, block_tokens=args.kv_block_tokens)
+    if rank == 0:
+        ranks = [json.loads(b) for b in [identity, *transport.recv_from_followers(HELLO_TAG, 4096)]]
+    else:
+        transport.send_to_leader(identity, HELLO_TAG)
+        ranks = []
+    ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
+    executor = Executor(model, want_logits=rank == 0, block_tokens=args.kv_block_tokens, ssd=ssd_store)
+    try:
+        return _serve(args, rank, bus, transport, executor, model_dir, config, ranks, ssd_dir)
+    finally:
+        if ssd_store is not None:
+            ssd_store.close()  # a live writer thread at exit keeps MPI from finalizing cleanly
+
+
+def _ssd_store(args: Any, model_dir: Any, rank: int, size: int) -> tuple[Any, Any]:
+    """This rank's SSD folder: <dir>/<model fingerprint>-tp<N>/rank<r>, or (None, None) when off."""
+    from pathlib import Path
+
+    from rank.models import default_cache_dir, fingerprint
+    from rank.ssd import SsdBlockStore
+
+    if (args.kv_ssd_dir or "").lower() == "none" or args.kv_ram_gb == 0:
+        return None, None
+    base = (
+        Path(args.kv_ssd_dir).expanduser()
+        if args.kv_ssd_dir
+        else (args.cache_dir or default_cache_dir()) / "kv"
+    )
+    ssd_dir = base / f"{fingerprint(model_dir)[:16]}-tp{size}"
+    return ssd_dir, SsdBlockStore(ssd_dir / f"rank{rank}")
+
+
+def _serve(
+    args: Any,
+    rank: int,
+    bus: Any,
+    transport: Any,
+    executor: Any,
+    model_dir: Any,
+    config: Any,
+    ranks: Any,
+    ssd_dir: Any,
+) -> int:
+    from cluster.errors import BusError
+    from rank.engine import follow
+    from rank.ssdsync import sync_followers
+
     if rank != 0:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)  # rank 0 drains and tells us when to stop
         from rank.report import Reporter
 
         try:
+            if executor.ssd is not None:
+                sync_followers(bus, executor.ssd)
             return follow(executor, bus, Reporter(rank, socket.gethostname(), interval=1.0))
         except BusError as exc:
             log.error("fatal control-bus error, aborting the job: %s", exc)
             transport.abort(3)
             return 3
-    return _lead(args, model_dir, config, executor, bus, ranks)
+    return _lead(args, model_dir, config, executor, bus, ranks, ssd_dir)
 
 
-def _prefix_cache(args: Any, model_dir: Any, executor: Any, world_size: int) -> Any:
-    """The RAM tier's index, sized in blocks of this model on one rank."""
+def _prefix_cache(args: Any, model_dir: Any, executor: Any, bus: Any, ssd_dir: Any) -> Any:
+    """The RAM tier's index, sized in blocks of this model on one rank, and the SSD tier behind it."""
     from cluster.kvindex import BlockIndex, root_hash
+    from cluster.manifest import Manifest
     from cluster.prefix import PrefixCache
+    from cluster.ssdtier import SsdTier
+    from rank.ssdsync import sync_leader
+
+    world_size = bus.size
     from rank.env import local_ranks
     from rank.models import fingerprint
 
@@ -160,7 +212,24 @@ def _prefix_cache(args: Any, model_dir: Any, executor: Any, world_size: int) -> 
         capacity * block_bytes / 2**30,
         block_bytes / 2**20,
     )
-    return PrefixCache(index, root_hash(fingerprint(model_dir), f"tp{world_size}"))
+    ssd = None
+    if executor.ssd is not None:
+        manifest = Manifest(ssd_dir / "manifest.sqlite", world_size)
+        ssd = SsdTier(manifest, index, int(args.kv_ssd_gb * 2**30), args.kv_ssd_ttl or None)
+        sync_leader(bus, executor.ssd, manifest, ssd)
+        log.info(
+            "SSD tier: %s, %d blocks on disk, bound %.1f GiB per rank",
+            ssd_dir,
+            ssd.stats.blocks,
+            args.kv_ssd_gb,
+        )
+    return PrefixCache(index, root_hash(fingerprint(model_dir), f"tp{world_size}"), ssd)
+
+
+def _tiers(prefix_cache: Any) -> list[Any]:
+    if prefix_cache is None:
+        return []
+    return [prefix_cache.index.stats] + ([prefix_cache.ssd] if prefix_cache.ssd is not None else [])
 
 
 def _generated_admin_token(args: Any) -> str:
@@ -180,7 +249,13 @@ def _generated_admin_token(args: Any) -> str:
 
 
 def _lead(
-    args: Any, model_dir: Any, config: dict[str, Any], executor: Any, bus: Any, ranks: list[dict]
+    args: Any,
+    model_dir: Any,
+    config: dict[str, Any],
+    executor: Any,
+    bus: Any,
+    ranks: list[dict],
+    ssd_dir: Any,
 ) -> int:
     from api.app import ApiServer, create_app
     from api.service import Service
@@ -222,7 +297,7 @@ def _lead(
         world_size=bus.size,
     )
     client = EngineClient(max_waiting=args.max_queue)
-    prefix_cache = _prefix_cache(args, model_dir, executor, bus.size)
+    prefix_cache = _prefix_cache(args, model_dir, executor, bus, ssd_dir)
     scheduler = Scheduler(
         SchedulerConfig(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, context_length=context),
         decode=tokenizer.decode,
@@ -256,7 +331,7 @@ def _lead(
                 vocab,
                 stats=leader.stats,
                 health=leader.health,
-                kv_tiers=[prefix_cache.index.stats] if prefix_cache else [],
+                kv_tiers=_tiers(prefix_cache),
             )
         ),
         args.host,

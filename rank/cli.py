@@ -51,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="RAM prefix cache per rank in GiB (default: 10%% of RAM shared by this host's ranks, at most 8; 0: off)",
     )
+    kv.add_argument(
+        "--kv-ssd-dir",
+        default=os.environ.get("ORCHARD_KV_SSD_DIR"),
+        help="persistent SSD tier: each rank writes its block slices under this folder on its own disk "
+        "(default: <cache>/kv; 'none' turns the tier off; env ORCHARD_KV_SSD_DIR)",
+    )
+    kv.add_argument(
+        "--kv-ssd-gb", type=float, default=10.0, help="SSD tier size bound per rank in GiB (LRU pruning)"
+    )
+    kv.add_argument(
+        "--kv-ssd-ttl",
+        type=float,
+        default=0.0,
+        help="drop SSD blocks unused for this many seconds (0: never)",
+    )
     h = p.add_argument_group("HTTP (rank 0)")
     h.add_argument(
         "--host", default="127.0.0.1", help="address to bind; use 0.0.0.0 only on a trusted network"

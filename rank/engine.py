@@ -8,6 +8,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgpack
+
 from cluster.bus import ControlBus
 from cluster.engine_client import Cancel, ClearCache, EngineClient, EngineState
 from cluster.errors import BusError, EngineError
@@ -20,6 +22,7 @@ from cluster.stats import EngineSnapshot, ServingStats
 from rank.executor import Executor
 from rank.report import Reporter
 from rank.sampler import Sampler
+from rank.transport import SSD_LOAD_TAG
 from rank.watchdog import StepWatchdog
 
 log = logging.getLogger("orchard.engine")
@@ -149,11 +152,23 @@ class Leader:
         return "; ".join(parts) or "single rank"
 
     def _collect_reports(self, now: float) -> None:
+        ssd = self.scheduler.prefix_cache.ssd if self.scheduler.prefix_cache is not None else None
         for data in self.bus.transport.poll_reports():
-            self.health.update(RankReport.decode(data))
+            report = RankReport.decode(data)
+            self.health.update(report)
+            if ssd is not None and report.ssd_written:
+                ssd.write_results(report.rank, report.ssd_written)
+        if ssd is not None and self.executor.ssd is not None:
+            written = self.executor.ssd.take_results()
+            if written:
+                ssd.write_results(0, written)
         if self.reporter.due(now):
             self.reporter.last_sent = now
-            self.health.update(self.reporter.build(self.steps, self._last_step_ms, 0, 0))
+            kv_blocks = len(self.executor.blocks)
+            report = self.reporter.build(
+                self.steps, self._last_step_ms, kv_blocks, kv_blocks * self.executor.block_bytes
+            )
+            self.health.update(report)
         if now - self._rows_at >= 0.25:
             self._rows_at = now
             queue = ((seq.request, seq.state.value) for seq in self.scheduler.sequences())
@@ -176,6 +191,11 @@ class Leader:
 
     def _step(self, plan: StepPlan) -> list[Emit]:
         out = self.executor.execute(plan)
+        if plan.ssd_load and self.scheduler.prefix_cache is not None:
+            failed = set(out.ssd_failed)
+            for reply in self.bus.transport.recv_from_followers(SSD_LOAD_TAG, 1 << 20):
+                failed.update(int(b) for b in msgpack.unpackb(reply))
+            self.scheduler.prefix_cache.ssd_results(failed)
         self.steps += 1
         if not out.row_ids or out.logits is None:
             return self.scheduler.update(plan, {})
@@ -284,9 +304,14 @@ def follow(executor: Executor, bus: ControlBus, reporter: Reporter) -> int:
             return message.exit_code
         if isinstance(message, StepPlan):
             start = time.monotonic()
-            executor.execute(message)
+            out = executor.execute(message)
             step, step_ms = message.step, (time.monotonic() - start) * 1000
+            if message.ssd_load:  # rank 0 waits for every rank's read result before using the blocks
+                bus.transport.send_to_leader(msgpack.packb(list(out.ssd_failed)), SSD_LOAD_TAG)
         now = time.monotonic()
-        if reporter.due(now):
+        written = tuple(executor.ssd.take_results()) if executor.ssd is not None else ()
+        if written or reporter.due(now):
             reporter.last_sent = now
-            bus.transport.send_report(reporter.build(step, step_ms).encode())
+            kv_blocks = len(executor.blocks)
+            report = reporter.build(step, step_ms, kv_blocks, kv_blocks * executor.block_bytes, written)
+            bus.transport.send_report(report.encode())

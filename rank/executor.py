@@ -10,6 +10,7 @@ hits them starts with them concatenated into its cache and prefills only the res
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,13 @@ class StepOutput:
 
     row_ids: list[int]
     logits: mx.array | None
+    ssd_failed: tuple[int, ...] = ()  # blocks of this plan's `ssd_load` this rank could not read
 
 
 class Executor:
-    def __init__(self, model: Any, want_logits: bool, block_tokens: int = 32) -> None:
+    def __init__(self, model: Any, want_logits: bool, block_tokens: int = 32, ssd: Any = None) -> None:
         self.model = model
+        self.ssd = ssd  # rank.ssd.SsdBlockStore or None
         self.block_tokens = block_tokens
         self.blocks: dict[int, tuple[mx.array, mx.array]] = {}
         self.prefill_tokens = 0  # prompt positions computed (not loaded from cache), for tests and stats
@@ -51,6 +54,7 @@ class Executor:
         self._release(plan.release)
         for block_id in plan.evict:
             self.blocks.pop(block_id, None)
+        failed = self._ssd_load(plan.ssd_load)
         for admit in plan.admit:
             if admit.seq_id in self.prompts:
                 raise EngineError(f"sequence {admit.seq_id} admitted twice")
@@ -73,6 +77,11 @@ class Executor:
             mx.eval(h)  # bounds the graph; on followers this runs the chunk's collectives
         for store in plan.store:
             self._store(store.seq_id, store.first, store.block_ids)
+        if self.ssd is not None:
+            for block_id, h in plan.ssd_save:
+                if block_id in self.blocks:
+                    self.ssd.save(h, *self.blocks[block_id])
+            self.ssd.delete(list(plan.ssd_delete))
         if plan.decode_ids:
             self._arrange_batch(plan.decode_ids)
             inputs = mx.array(plan.decode_tokens, dtype=mx.int32)[:, None]
@@ -80,15 +89,25 @@ class Executor:
             row_ids.extend(plan.decode_ids)
             hidden.append(h[:, -1, :])
         if not hidden:
-            return StepOutput([], None)
+            return StepOutput([], None, failed)
         last = mx.concatenate(hidden, axis=0) if len(hidden) > 1 else hidden[0]
         if not self.want_logits:
             mx.eval(last)
-            return StepOutput(row_ids, None)
+            return StepOutput(row_ids, None, failed)
         logits = self._lm_head(last).astype(mx.float32)
-        return StepOutput(row_ids, logits)
+        return StepOutput(row_ids, logits, failed)
 
-    @property
+    def _ssd_load(self, loads: tuple[tuple[int, bytes], ...]) -> tuple[int, ...]:
+        failed = []
+        for block_id, h in loads:
+            arrays = self.ssd.load(h) if self.ssd is not None else None
+            if arrays is None:
+                failed.append(block_id)
+            else:
+                self.blocks[block_id] = arrays
+        return tuple(failed)
+
+    @functools.cached_property
     def block_bytes(self) -> int:
         """Bytes of one block on this rank (keys and values)."""
         attn, args = self.model.layers[0].self_attn, self.model.args

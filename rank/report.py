@@ -28,7 +28,14 @@ class Reporter:
     def due(self, now: float) -> bool:
         return now - self.last_sent >= self.interval
 
-    def build(self, step: int, step_ms: float, kv_blocks: int = 0, kv_bytes: int = 0) -> RankReport:
+    def build(
+        self,
+        step: int,
+        step_ms: float,
+        kv_blocks: int = 0,
+        kv_bytes: int = 0,
+        ssd_written: tuple[tuple[bytes, bool], ...] = (),
+    ) -> RankReport:
         return RankReport(
             rank=self.rank,
             host=self.host,
@@ -41,4 +48,5 @@ class Reporter:
             kv_blocks=kv_blocks,
             kv_bytes=kv_bytes,
             last_error=self.last_error,
+            ssd_written=ssd_written,
         )

@@ -15,6 +15,8 @@ import numpy as np
 ACK_TAG = 77
 HELLO_TAG = 78
 REPORT_TAG = 79
+SSD_LOAD_TAG = 80
+SSD_SYNC_TAG = 81
 MAX_REPORT_BYTES = 64 * 1024
 
 
@@ -30,8 +32,11 @@ class LocalTransport:
     def await_acks(self, seq: int, timeout: float) -> list[int]:
         return []
 
-    def exchange_hello(self, identity: bytes) -> list[bytes]:
-        return [identity]
+    def send_to_leader(self, data: bytes, tag: int) -> None:  # pragma: no cover - rank 0 has no leader
+        return None
+
+    def recv_from_followers(self, tag: int, max_bytes: int) -> list[bytes]:
+        return []
 
     def close(self, last_seq: int) -> None:
         return None
@@ -177,17 +182,22 @@ class MpiTransport:
                 self._pending_reports = [(r, b) for r, b in self._pending_reports if not r.Test()]
                 time.sleep(0.001)
 
-    def exchange_hello(self, identity: bytes) -> list[bytes]:
-        """Rank 0 learns every rank's identity (host, pid) once at start-up; point to point, no pickle."""
-        if self.rank != 0:
-            self.comm.Send(np.array([len(identity)], dtype=np.int64), dest=0, tag=HELLO_TAG)
-            self.comm.Send(np.frombuffer(identity, dtype=np.uint8), dest=0, tag=HELLO_TAG)
-            return []
-        out = [identity]
+    def send_to_leader(self, data: bytes, tag: int) -> None:
+        """A follower's blocking reply to rank 0 (length, then bytes)."""
+        self.comm.Send(np.array([len(data)], dtype=np.int64), dest=0, tag=tag)
+        self.comm.Send(np.frombuffer(data, dtype=np.uint8), dest=0, tag=tag)
+
+    def recv_from_followers(self, tag: int, max_bytes: int) -> list[bytes]:
+        """Rank 0: one reply from every follower, in rank order; oversize replies are a bus error."""
+        out = []
         for r in range(1, self.size):
             n = np.zeros(1, dtype=np.int64)
-            self.comm.Recv(n, source=r, tag=HELLO_TAG)
-            buf = np.empty(int(min(n[0], 4096)), dtype=np.uint8)
-            self.comm.Recv(buf, source=r, tag=HELLO_TAG)
+            self.comm.Recv(n, source=r, tag=tag)
+            if not 0 <= n[0] <= max_bytes:
+                from cluster.errors import BusMessageTooLarge
+
+                raise BusMessageTooLarge(f"rank {r} announced a {int(n[0])}-byte reply (limit {max_bytes})")
+            buf = np.empty(int(n[0]), dtype=np.uint8)
+            self.comm.Recv(buf, source=r, tag=tag)
             out.append(buf.tobytes())
         return out

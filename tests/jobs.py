@@ -44,6 +44,8 @@ class Job:
         self.np = np
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if "--kv-ssd-dir" not in args:  # each job its own SSD tier, so jobs running side by side stay apart
+            args = [*args, "--kv-ssd-dir", str(log_path.parent / f"kv-{log_path.stem}")]
         rank_cmd = [sys.executable, "-m", "rank", "--port", str(self.port), *args]
         if launcher:
             cmd = rank_cmd + ["--np", str(np)]

@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from cluster.bus import PROTOCOL_VERSION, BusCodec, ControlBus
 from cluster.errors import BusDecodeError, BusError, BusMessageTooLarge, BusVersionMismatch
-from cluster.messages import Admit, Heartbeat, PrefillChunk, Shutdown, StepPlan, StoreBlocks
+from cluster.messages import Admit, Heartbeat, PrefillChunk, Shutdown, SsdSync, StepPlan, StoreBlocks
 
 ids = st.integers(min_value=0, max_value=2**62)
+hashes = st.binary(min_size=16, max_size=16)
 small = st.integers(min_value=0, max_value=2**20)
 
 
@@ -35,6 +36,9 @@ def plans(draw: st.DrawFn) -> StepPlan:
             for _ in range(draw(st.integers(0, 3)))
         ),
         evict=tuple(draw(st.lists(ids, max_size=8))),
+        ssd_load=tuple((draw(ids), draw(hashes)) for _ in range(draw(st.integers(0, 3)))),
+        ssd_save=tuple((draw(ids), draw(hashes)) for _ in range(draw(st.integers(0, 3)))),
+        ssd_delete=tuple(draw(st.lists(hashes, max_size=3))),
     )
 
 
@@ -42,6 +46,7 @@ messages = st.one_of(
     plans(),
     st.builds(Heartbeat, step=ids, sent_at=st.floats(allow_nan=False, allow_infinity=False)),
     st.builds(Shutdown, exit_code=st.integers(0, 255), reason=st.text(max_size=200)),
+    st.builds(SsdSync, hashes=st.lists(hashes, max_size=5).map(tuple)),
 )
 
 
@@ -88,9 +93,19 @@ def test_version_mismatch_names_both_versions() -> None:
         [PROTOCOL_VERSION, 1, [99]],  # unknown kind
         [PROTOCOL_VERSION, 1, []],  # no kind
         [PROTOCOL_VERSION, "x", Heartbeat(1).to_wire()],  # bad seq
-        [PROTOCOL_VERSION, 1, [1, 1, [], [], [], [1, 2], [3], [], []]],  # decode ids/tokens differ
-        [PROTOCOL_VERSION, 1, [1, 1, ["a"], [], [], [], [], [], []]],  # non-int id
-        [PROTOCOL_VERSION, 1, [1, 1, [], [[1, [2], 3]], [], [], [], [], []]],  # cached is not an array
+        [
+            PROTOCOL_VERSION,
+            1,
+            [1, 1, [], [], [], [1, 2], [3], [], [], [], [], []],
+        ],  # decode ids/tokens differ
+        [PROTOCOL_VERSION, 1, [1, 1, ["a"], [], [], [], [], [], [], [], [], []]],  # non-int id
+        [
+            PROTOCOL_VERSION,
+            1,
+            [1, 1, [], [[1, [2], 3]], [], [], [], [], [], [], [], []],
+        ],  # cached not an array
+        [PROTOCOL_VERSION, 1, [1, 1, [], [], [], [], [], [], [], [[1, b"short"]], [], []]],  # bad hash
+        [PROTOCOL_VERSION, 1, [4, [b"x" * 15]]],  # bad hash in a sync
         [PROTOCOL_VERSION, 1, [1, 1]],  # truncated plan
         {"v": 1},
     ],
@@ -121,8 +136,11 @@ class Loopback:
     def await_acks(self, seq: int, timeout: float) -> list[int]:
         return []
 
-    def exchange_hello(self, identity: bytes) -> list[bytes]:
-        return [identity]
+    def send_to_leader(self, data: bytes, tag: int) -> None:
+        pass
+
+    def recv_from_followers(self, tag: int, max_bytes: int) -> list[bytes]:
+        return []
 
     def close(self, last_seq: int) -> None:
         pass

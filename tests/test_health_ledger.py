@@ -33,7 +33,7 @@ def test_rank_states() -> None:
 
 
 def test_report_round_trip() -> None:
-    r = RankReport(1, "host", 7, 3, 1.5, 10, 20, 30, 4, 5, "boom")
+    r = RankReport(1, "host", 7, 3, 1.5, 10, 20, 30, 4, 5, "boom", ((b"h" * 16, True), (b"g" * 16, False)))
     assert RankReport.decode(r.encode()) == r
 
 

@@ -1,0 +1,139 @@
+"""Rank 0's coordination of the SSD tier: what to write, what to read back, what to prune.
+
+Write-through: every block the RAM tier stores is also written by every rank (its own slice), off the
+step loop. A block counts as on disk only when every rank acknowledged its write (`Manifest`). On a RAM
+miss whose prefix continues on disk, fresh RAM blocks are allocated and every rank reads its slice into
+them in one plan; only if all ranks succeeded do the blocks become usable (a rank's damaged or missing
+file drops the block everywhere). A write error on any rank (disk full, I/O error) disables the tier
+with a warning; serving goes on from RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from cluster.kvindex import Block, BlockHash, BlockIndex, TierStats
+from cluster.manifest import Manifest
+
+log = logging.getLogger("orchard.kv")
+
+
+class SsdTier:
+    def __init__(
+        self, manifest: Manifest, index: BlockIndex, max_bytes: int, ttl: float | None = None
+    ) -> None:
+        self.manifest = manifest
+        self.index = index
+        self.block_bytes = index.block_bytes
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.enabled = True
+        self.disabled_reason = ""
+        self.stats = TierStats("ssd", max(1, max_bytes // self.block_bytes), self.block_bytes)
+        self.stats.blocks = manifest.persisted_count()
+        self.corrupt = 0
+        self._save: list[tuple[int, BlockHash]] = []
+        self._load: list[tuple[int, BlockHash]] = []
+        self._delete: list[BlockHash] = []
+        self._loading: dict[int, Block] = {}
+
+    # -- writing ---------------------------------------------------------------------------------
+    def saved_in_ram(self, block: Block) -> None:
+        """A new RAM block: write it to every rank's disk unless it is there already."""
+        if not self.enabled or self.manifest.known(block.hash):
+            return
+        victims = self.manifest.victims(self.max_bytes, self.ttl, incoming=self.block_bytes)
+        if victims:
+            self.stats.evictions += self.manifest.delete(victims)
+            self._delete.extend(victims)
+        self.manifest.add_pending(block.hash, block.tokens, self.block_bytes)
+        self._save.append((block.block_id, block.hash))
+        self.stats.stored += 1
+
+    def write_results(self, rank: int, results: Sequence[tuple[BlockHash, bool]]) -> None:
+        for h, ok in results:
+            if ok:
+                self.manifest.ack(h, rank)
+            elif self.enabled:
+                self.disable(f"rank {rank} could not write a block (disk full or I/O error)")
+        self.stats.blocks = self.manifest.persisted_count()
+
+    def disable(self, reason: str) -> None:
+        self.enabled = False
+        self.disabled_reason = reason
+        log.warning("SSD tier disabled: %s; serving continues from RAM", reason)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def loading(self, h: BlockHash) -> bool:
+        return any(b.hash == h for b in self._loading.values())
+
+    def fetch(
+        self, tokens: Sequence[int], hashes: Sequence[BlockHash], first: int, evicted: list[int]
+    ) -> bool:
+        """Queue reads of the persisted blocks that continue a prefix at block `first`; True if any."""
+        if not self.enabled:
+            return False
+        bt = self.index.block_tokens
+        usable = (len(tokens) - 1) // bt
+        found: list[Block] = []
+        for i in range(first, usable):
+            chunk = tuple(tokens[i * bt : (i + 1) * bt])
+            if self.manifest.tokens(hashes[i]) != chunk:
+                break
+            block = self.index.insert(hashes[i], chunk, evicted)
+            if block is None:
+                break  # RAM full of blocks in use
+            found.append(block)
+        self.stats.query_tokens += (usable - first) * bt
+        for block in found:
+            self._loading[block.block_id] = block
+            self._load.append((block.block_id, block.hash))
+        if found:
+            self.manifest.touch(b.hash for b in found)
+        return bool(found)
+
+    def load_results(self, failed: set[int], evicted: list[int]) -> None:
+        """Every rank ran the reads: usable blocks become ready; a block any rank failed goes everywhere."""
+        for block_id, block in list(self._loading.items()):
+            del self._loading[block_id]
+            if block_id in failed:
+                self.corrupt += 1
+                self.index.remove(block)
+                evicted.append(block_id)
+                self.manifest.delete([block.hash])
+                self._delete.append(block.hash)
+                continue
+            self.index.ready([block])
+            self.index.unref([block])
+            self.stats.hit_tokens += self.index.block_tokens
+        self.stats.blocks = self.manifest.persisted_count()
+
+    def forget_on_ranks(self, hashes: set[BlockHash]) -> None:
+        """Blocks some rank lacks: every rank deletes its copy with the next plan."""
+        self._delete.extend(hashes)
+
+    # -- the plan --------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._save or self._load or self._delete)
+
+    def take(
+        self,
+    ) -> tuple[tuple[tuple[int, BlockHash], ...], tuple[tuple[int, BlockHash], ...], tuple[BlockHash, ...]]:
+        out = (tuple(self._load), tuple(self._save), tuple(self._delete))
+        self._load, self._save, self._delete = [], [], []
+        return out
+
+    def clear(self) -> int:
+        hashes = self.manifest.persisted_hashes()
+        self.stats.evictions += self.manifest.delete(hashes)
+        self._delete.extend(hashes)
+        self.stats.blocks = 0
+        return len(hashes)
+
+    def to_json(self) -> dict[str, object]:
+        out = self.stats.to_json()
+        out["enabled"] = self.enabled
+        out["disabled_reason"] = self.disabled_reason
+        out["corrupt_dropped"] = self.corrupt
+        return out
