@@ -47,6 +47,8 @@ class SsdTier:
         if victims:
             self.stats.evictions += self.manifest.delete(victims)
             self._delete.extend(victims)
+        if self.manifest.usage()[1] + self.block_bytes > self.max_bytes:
+            return  # the rest is still being written: this block is not kept on disk
         self.manifest.add_pending(block.hash, block.tokens, self.block_bytes)
         self._save.append((block.block_id, block.hash))
         self.stats.stored += 1

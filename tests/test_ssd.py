@@ -1,0 +1,175 @@
+"""The SSD tier with real files: damaged files are refused, the manifest counts only what every rank
+wrote, and a restarted job finds its blocks again with answers identical to uncached ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import pytest
+
+from cluster.manifest import Manifest
+from rank.ssd import SsdBlockStore
+from tests.jobs import Job
+
+H1, H2, H3 = (bytes([i]) * 16 for i in (1, 2, 3))
+
+
+def test_damaged_files_are_refused_and_deleted(tmp_path: Path) -> None:
+    store = SsdBlockStore(tmp_path)
+    k, v = mx.random.normal((2, 2, 4, 8)), mx.random.normal((2, 2, 4, 8))
+    for h in (H1, H2, H3):
+        store.save(h, k, v)
+    store.close()
+    assert sorted(ok for _, ok in store.take_results()) == [True, True, True]
+    f1, f2 = store.path(H1.hex()), store.path(H2.hex())
+    data = bytearray(f1.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the payload
+    f1.write_bytes(bytes(data))
+    f2.write_bytes(f2.read_bytes()[:-100])  # truncated
+    store = SsdBlockStore(tmp_path)
+    assert store.load(H1) is None and store.load(H2) is None
+    assert store.counters.corrupt == 2 and not f1.exists() and not f2.exists()
+    k3, v3 = store.load(H3)  # type: ignore[misc]
+    assert mx.array_equal(k3, k).item() and mx.array_equal(v3, v).item()
+    (tmp_path / "stranger.tmp123").write_bytes(b"x")
+    assert store.keep_only({H3, H1}) == [H1]  # H1's file is gone: reported missing
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{H3.hex()}.kv"]
+    store.close()
+
+
+def test_manifest_persists_only_on_every_ack(tmp_path: Path) -> None:
+    now = [1000.0]
+    m = Manifest(tmp_path / "m.sqlite", world_size=2, clock=lambda: now[0])
+    for h in (H1, H2, H3):
+        m.add_pending(h, (1, 2, 3), 100)
+    assert not m.ack(H1, 0) and m.tokens(H1) is None  # one rank is not enough
+    assert m.ack(H1, 1) and m.tokens(H1) == (1, 2, 3)
+    m.ack(H2, 0)
+    m.ack(H2, 1)
+    m.close()
+    m = Manifest(tmp_path / "m.sqlite", world_size=2, clock=lambda: now[0])  # a restart
+    assert m.drop_unpersisted() == 1 and sorted(m.persisted_hashes()) == [H1, H2]
+    now[0] += 10
+    m.touch([H2])
+    assert m.victims(max_bytes=150, ttl=None) == [H1]  # least recently used first
+    assert m.victims(max_bytes=10_000, ttl=5.0) == [H1]  # unused for longer than the TTL
+
+
+pytestmark_cluster = pytest.mark.cluster
+NO_EOS = {"2": -100}
+PROMPT = "The orchard keeps its memories on disk so a restart does not forget them. " * 5
+
+
+def start(job_factory, tiny_model: Path, kv: Path, name: str, *extra: str) -> Job:  # type: ignore[no-untyped-def]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        "tiny",
+        "--admin-token",
+        "t",
+        "--kv-ssd-dir",
+        str(kv),
+    ]
+    return job_factory.start(2, [*args, *extra], name, launcher=True)
+
+
+def ask(job: Job, prompt: str = PROMPT) -> str:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0, "logit_bias": NO_EOS}
+    r = httpx.post(job.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["text"])
+
+
+def ssd(job: Job) -> dict:
+    tiers = httpx.get(job.url + "/admin/cache", headers={"Authorization": "Bearer t"}, timeout=10).json()[
+        "tiers"
+    ]
+    return next(t for t in tiers if t["tier"] == "ssd")
+
+
+def wait_persisted(job: Job, n: int) -> dict:
+    deadline = time.monotonic() + 20
+    while (tier := ssd(job))["blocks"] < n:
+        assert time.monotonic() < deadline, tier
+        time.sleep(0.2)
+    return tier
+
+
+def rank_files(kv: Path) -> dict[str, list[Path]]:
+    return {d.name: sorted(d.glob("*.kv")) for d in kv.glob("*/rank*")}
+
+
+@pytest.mark.cluster
+def test_restart_finds_blocks_and_refuses_damaged_ones(job_factory, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    kv = tmp_path / "kv"
+    blocks = (len(PROMPT) - 1) // 32  # byte-level tokenizer: one token per character
+    job = start(job_factory, tiny_model, kv, "ssd-a")
+    cold = ask(job)
+    wait_persisted(job, blocks)
+    assert job.stop() == 0
+    files = rank_files(kv)
+    assert sorted(files) == ["rank0", "rank1"] and all(len(f) == blocks for f in files.values())
+
+    job = start(job_factory, tiny_model, kv, "ssd-b")
+    assert ssd(job)["blocks"] == blocks  # found again after the restart
+    assert ask(job) == cold
+    assert ssd(job)["hit_tokens"] >= blocks * 32
+    assert job.stop() == 0
+
+    damaged = rank_files(kv)["rank1"][2]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    damaged.write_bytes(bytes(data))
+    truncated = rank_files(kv)["rank0"][5]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    job = start(job_factory, tiny_model, kv, "ssd-c")
+    assert ask(job) == cold  # damaged blocks are dropped and recomputed, never used
+    tier = ssd(job)
+    assert tier["corrupt_dropped"] >= 1
+    assert job.stop() == 0
+
+
+@pytest.mark.cluster
+def test_kill_during_writes_leaves_a_consistent_manifest(
+    job_factory, tiny_model: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    kv = tmp_path / "kv"
+    prompts = [f"Document {i}: " + "apples and pears and plums " * 12 for i in range(6)]
+    ref = start(job_factory, tiny_model, tmp_path / "ref-kv", "ssd-ref", "--kv-ssd-dir", "none")
+    expected = [ask(ref, p) for p in prompts]
+    ref.stop()
+    job = start(job_factory, tiny_model, kv, "ssd-kill")
+    for p in prompts[:3]:
+        ask(job, p)
+    os.killpg(job.proc.pid, signal.SIGKILL)  # every process of the job, writes in flight or not
+    job.proc.wait(10)
+    for pid in job.pids():
+        os.kill(pid, signal.SIGKILL)
+    job = start(job_factory, tiny_model, kv, "ssd-restart")
+    assert [ask(job, p) for p in prompts] == expected
+    job.stop()
+    manifest = Manifest(next(kv.glob("*/manifest.sqlite")), world_size=2)
+    listed = set(manifest.persisted_hashes())
+    for files in rank_files(kv).values():
+        assert {bytes.fromhex(f.stem) for f in files} >= listed  # every listed block is on every rank
+
+
+@pytest.mark.cluster
+def test_tiny_bound_keeps_usage_under_it(job_factory, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    kv = tmp_path / "kv"
+    bound_gib = 4 * 65536 / 2**30  # room for 4 blocks of the tiny model at TP=2
+    job = start(job_factory, tiny_model, kv, "ssd-bound", "--kv-ssd-gb", str(bound_gib))
+    for i in range(5):
+        ask(job, f"Bound test {i}: " + "cherries " * 20)
+    time.sleep(1.5)  # the last writes' acknowledgements
+    tier = ssd(job)
+    assert tier["bytes_used"] <= tier["capacity_bytes"] and tier["evictions"] > 0
+    for files in rank_files(kv).values():
+        assert len(files) <= 5  # the bound plus at most one write in flight
+    job.stop()
