@@ -30,7 +30,18 @@ def free_port() -> int:
 
 
 def start(args: argparse.Namespace, port: int, kv: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "rank", "--np", str(args.np), "--port", str(port), "--kv-ssd-dir", kv, *args.extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rank",
+        "--np",
+        str(args.np),
+        "--port",
+        str(port),
+        "--kv-ssd-dir",
+        kv,
+        *args.extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -48,8 +59,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def ttft(port: int, model: str, prompt: str) -> tuple[float, int]:
-    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start_t = time.perf_counter()
     first, prompt_tokens = None, 0
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600) as r:
@@ -84,9 +101,14 @@ def main() -> None:
     ssd, _ = ttft(port, model, doc + "\nQuestion: what grows in the soil?")
     stop(proc)
     figures = {
-        "np": args.np, "prompt_tokens": n, "ttft_cold_s": round(cold, 3), "ttft_warm_ram_s": round(warm, 3),
-        "ttft_after_restart_ssd_s": round(ssd, 3), "ram_speedup": round(cold / warm, 1),
-        "ssd_speedup": round(cold / ssd, 1), "machine": f"{os.cpu_count()} cores, {os.uname().sysname}",
+        "np": args.np,
+        "prompt_tokens": n,
+        "ttft_cold_s": round(cold, 3),
+        "ttft_warm_ram_s": round(warm, 3),
+        "ttft_after_restart_ssd_s": round(ssd, 3),
+        "ram_speedup": round(cold / warm, 1),
+        "ssd_speedup": round(cold / ssd, 1),
+        "machine": f"{os.cpu_count()} cores, {os.uname().sysname}",
     }
     for k, v in figures.items():
         print(f"{k:<26} {v}")

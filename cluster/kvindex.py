@@ -77,6 +77,7 @@ class TierStats:
             "block_bytes": self.block_bytes,
             "query_tokens": self.query_tokens,
             "hit_tokens": self.hit_tokens,
+            "miss_tokens": self.query_tokens - self.hit_tokens,
             "hit_rate": round(self.hit_rate, 4),
             "evictions": self.evictions,
             "stored": self.stored,

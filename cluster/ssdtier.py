@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from cluster.kvindex import Block, BlockHash, BlockIndex, TierStats
 from cluster.manifest import Manifest
@@ -33,6 +34,7 @@ class SsdTier:
         self.stats = TierStats("ssd", max(1, max_bytes // self.block_bytes), self.block_bytes)
         self.stats.blocks = manifest.persisted_count()
         self.corrupt = 0
+        self.io: Any = None  # rank 0's file counters (rank.ssd.SsdCounters): bytes and time of reads/writes
         self._save: list[tuple[int, BlockHash]] = []
         self._load: list[tuple[int, BlockHash]] = []
         self._delete: list[BlockHash] = []
@@ -138,4 +140,16 @@ class SsdTier:
         out["enabled"] = self.enabled
         out["disabled_reason"] = self.disabled_reason
         out["corrupt_dropped"] = self.corrupt
+        io = self.io
+        if io is not None:
+            out["rank0_io"] = {
+                "write_bytes": io.write_bytes,
+                "read_bytes": io.read_bytes,
+                "writes": io.writes,
+                "reads": io.reads,
+                "write_ms_avg": round(io.write_seconds / io.writes * 1000, 2) if io.writes else 0.0,
+                "read_ms_avg": round(io.read_seconds / io.reads * 1000, 2) if io.reads else 0.0,
+                "corrupt_found": io.corrupt,
+                "errors": io.errors,
+            }
         return out

@@ -103,6 +103,8 @@ def _run(args: Any, group: Any, transport: Any) -> int:
     from rank.models import default_cache_dir, load_model, resolve_model
 
     rank, size = transport.rank, transport.size
+    if os.environ.get("ORCHARD_SWITCH"):
+        sys.setswitchinterval(float(os.environ["ORCHARD_SWITCH"]))
     t0 = time.monotonic()
     cache_dir = args.cache_dir or default_cache_dir()
     model_dir = resolve_model(args.model, cache_dir, progress=log.info if rank == 0 else log.debug)
@@ -216,6 +218,7 @@ def _prefix_cache(args: Any, model_dir: Any, executor: Any, bus: Any, ssd_dir: A
     if executor.ssd is not None:
         manifest = Manifest(ssd_dir / "manifest.sqlite", world_size)
         ssd = SsdTier(manifest, index, int(args.kv_ssd_gb * 2**30), args.kv_ssd_ttl or None)
+        ssd.io = executor.ssd.counters
         sync_leader(bus, executor.ssd, manifest, ssd)
         log.info(
             "SSD tier: %s, %d blocks on disk, bound %.1f GiB per rank",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -73,38 +73,42 @@ def test_cancel_from_admin_ends_the_stream_with_an_error(job: Job) -> None:
         "stream": True,
         "logit_bias": {"2": -100},
     }
-    lines: list[str] = []
-    got_id = threading.Event()
-    rid: list[str] = []
 
-    def consume() -> None:
-        with httpx.stream(
-            "POST",
-            job.url + "/v1/completions",
-            json=body,
-            timeout=60,
-            headers={"Authorization": "Bearer user-key"},
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    lines.append(line)
-                    if not rid and "id" in json.loads(line[6:]):
-                        rid.append(json.loads(line[6:])["id"])
-                        got_id.set()
+    async def scenario() -> tuple[list[str], str]:
+        lines: list[str] = []
+        rid: list[str] = []
+        got_id = asyncio.Event()
+        async with httpx.AsyncClient(base_url=job.url, timeout=60) as client:
 
-    t = threading.Thread(target=consume)
-    t.start()
-    assert got_id.wait(30)
-    deadline = time.monotonic() + 5
-    while not any(row["request_id"] == rid[0] for row in admin(job, "GET", "/admin/state").json()["queue"]):
-        assert time.monotonic() < deadline, "request not in the queue view"
-        time.sleep(0.1)
-    row = next(r for r in admin(job, "GET", "/admin/state").json()["queue"] if r["request_id"] == rid[0])
-    assert row["state"] in ("prefill", "running") and row["prompt_tokens"] > 0
-    assert admin(job, "DELETE", f"/admin/requests/{rid[0]}").json() == {"cancelled": rid[0]}
-    t.join(30)
+            async def consume() -> None:
+                headers = {"Authorization": "Bearer user-key"}
+                async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            lines.append(line)
+                            if not rid and "id" in json.loads(line[6:]):
+                                rid.append(json.loads(line[6:])["id"])
+                                got_id.set()
+
+            reader = asyncio.create_task(consume())
+            await asyncio.wait_for(got_id.wait(), 30)
+            deadline = time.monotonic() + 5
+            while True:
+                queue = (await client.get("/admin/state", headers=AUTH)).json()["queue"]
+                row = next((r for r in queue if r["request_id"] == rid[0]), None)
+                if row is not None:
+                    break
+                assert time.monotonic() < deadline, "request not in the queue view"
+                await asyncio.sleep(0.1)
+            assert row["state"] in ("prefill", "running") and row["prompt_tokens"] > 0
+            r = await client.delete(f"/admin/requests/{rid[0]}", headers=AUTH)
+            assert r.json() == {"cancelled": rid[0]}
+            await asyncio.wait_for(reader, 30)
+        return lines, rid[0]
+
+    lines, rid = asyncio.run(scenario())
     assert "cancelled by an operator" in json.loads(lines[-1][6:])["error"]["message"]
-    assert admin(job, "DELETE", f"/admin/requests/{rid[0]}").status_code == 404
+    assert admin(job, "DELETE", f"/admin/requests/{rid}").status_code == 404
 
 
 def test_drain_and_resume_admission(job: Job) -> None:
