@@ -173,3 +173,28 @@ def test_tiny_bound_keeps_usage_under_it(job_factory, tiny_model: Path, tmp_path
     for files in rank_files(kv).values():
         assert len(files) <= 5  # the bound plus at most one write in flight
     job.stop()
+
+
+@pytest.mark.cluster
+def test_disk_full_disables_the_tier_and_serving_goes_on(job_factory, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    kv = tmp_path / "small-disk"
+    kv.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(kv)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        job = start(job_factory, tiny_model, kv, "ssd-full")
+        first = ask(job)  # 11 blocks of 64 KiB per rank: far more than 160 KiB
+        deadline = time.monotonic() + 15
+        while ssd(job)["enabled"]:
+            assert time.monotonic() < deadline, "the tier was not disabled"
+            time.sleep(0.2)
+        assert "disk full or I/O error" in ssd(job)["disabled_reason"]
+        assert ask(job) == first  # still served, from the RAM tier
+        assert ask(job, "another prompt " * 10)
+        assert job.stop() == 0
+        assert "SSD tier disabled" in job.log()
+    finally:
+        subprocess.run(["umount", "-l", str(kv)], capture_output=True)
