@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import msgpack
@@ -29,7 +29,7 @@ CREATE INDEX IF NOT EXISTS blocks_lru ON blocks (persisted, last_used);
 
 
 class Manifest:
-    def __init__(self, path: Path, world_size: int, clock: callable = time.time) -> None:  # type: ignore[valid-type]
+    def __init__(self, path: Path, world_size: int, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.world_size = world_size
         self.clock = clock
