@@ -71,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from rank.launch import launch, split_launch_args
 
+    if any(a == "--check-hostfile" or a.startswith("--check-hostfile=") for a in argv):
+        from pathlib import Path
+
+        from rank.cli import build_parser
+        from rank.preflight import check
+
+        args = build_parser().parse_args(argv)
+        return check(Path(args.check_hostfile), args.model, args.ssh)
     launching = split_launch_args(argv)
     if launching is not None and not under_mpi():
         from rank.cli import build_parser

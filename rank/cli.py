@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     job = p.add_argument_group("launching (instead of calling mpirun yourself)")
     job.add_argument("--np", type=int, help="start this many ranks under the venv's mpirun (local machine)")
     job.add_argument(
+        "--check-hostfile",
+        metavar="FILE",
+        help="check every host of FILE (ssh, venv path, versions, model files), print a table, exit",
+    )
+    job.add_argument("--ssh", default="ssh", help="ssh command for --check-hostfile (the one mpirun uses)")
+    job.add_argument(
         "--hostfile", help="start one rank per slot of this Open MPI hostfile (e.g. hostfiles/studio.txt)"
     )
     p.add_argument(

@@ -176,12 +176,16 @@ def test_tiny_bound_keeps_usage_under_it(job_factory, tiny_model: Path, tmp_path
 
 
 @pytest.mark.cluster
-def test_disk_full_disables_the_tier_and_serving_goes_on(job_factory, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_disk_full_disables_the_tier_and_serving_goes_on(
+    job_factory, tiny_model: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     import subprocess
 
     kv = tmp_path / "small-disk"
     kv.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(kv)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(kv)], capture_output=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     try:

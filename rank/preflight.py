@@ -1,0 +1,137 @@
+"""`python -m rank --check-hostfile FILE`: before starting a job across Macs, check every host.
+
+For each host (through ssh, as mpirun will reach it): reachable without a password, the same venv path,
+the same Orchard and MLX versions, the MPI library present, and the same model files (fingerprint).
+Prints a table and, for each problem, how to fix it; exits non-zero when anything would break the job.
+`python -m rank.preflight` is the probe each host runs (JSON on stdout).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cluster.hostfile import parse_hostfile
+
+
+def probe(model: str | None) -> dict[str, Any]:
+    """What this host has, as JSON-able facts."""
+    from rank.env import find_libmpi
+    from rank.models import default_cache_dir, fingerprint, resolve_model
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "missing"
+
+    facts: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "python": sys.executable,
+        "orchard": version("mlx-orchard"),
+        "mlx": version("mlx"),
+        "mpi": bool(find_libmpi()),
+    }
+    try:
+        facts["model"] = fingerprint(resolve_model(model, default_cache_dir(), lambda _: None))[:12]
+    except Exception as exc:  # report, do not crash: the table says what is wrong
+        facts["model"] = f"error: {exc}"
+    return facts
+
+
+def check(hostfile: Path, model: str | None, ssh: str = "ssh") -> int:
+    hosts = parse_hostfile(hostfile)
+    local = probe(model)
+    remote_cmd = [local["python"], "-m", "rank.preflight"] + (["--model", model] if model else [])
+    rows: list[tuple[str, ...]] = []
+    fixes: list[str] = []
+    for rank, entry in enumerate(hosts):
+        cmd = [
+            *shlex.split(ssh),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            entry.host,
+            shlex.join(remote_cmd),
+        ]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            out = subprocess.CompletedProcess(cmd, 255, "", str(exc))
+        facts: dict[str, Any] | None = None
+        if out.returncode == 0:
+            try:
+                facts = json.loads(out.stdout.strip().splitlines()[-1])
+            except (json.JSONDecodeError, IndexError):
+                facts = None
+        if facts is None:
+            reason = (out.stderr.strip().splitlines() or ["no answer"])[-1]
+            if out.returncode == 255:
+                rows.append((str(rank), entry.host, "unreachable", "-", "-", "-", "FAIL"))
+                fixes.append(
+                    f"{entry.host}: ssh failed ({reason}). Fix: ssh-copy-id {entry.host}, and check the name resolves"
+                )
+            else:
+                rows.append((str(rank), entry.host, "no venv", "-", "-", "-", "FAIL"))
+                fixes.append(
+                    f"{entry.host}: {local['python']} did not run ({reason}). Fix: put this checkout at the "
+                    f"same path there and run `make setup`"
+                )
+            continue
+        problems = []
+        for key, label in (("orchard", "Orchard"), ("mlx", "MLX")):
+            if facts[key] != local[key]:
+                problems.append(
+                    f"{label} {facts[key]} here vs {local[key]} on this Mac: run `git pull && make setup` on both"
+                )
+        if not facts["mpi"]:
+            problems.append("no MPI library in the venv: run `make setup` there")
+        if facts["model"] != local["model"]:
+            problems.append(
+                f"model files differ ({facts['model']} vs {local['model']}): copy the model folder to the same path"
+            )
+        status = "ok" if not problems else "FAIL"
+        rows.append(
+            (
+                str(rank),
+                entry.host,
+                facts["hostname"],
+                facts["orchard"],
+                facts["mlx"],
+                str(facts["model"]),
+                status,
+            )
+        )
+        fixes += [f"{entry.host}: {p}" for p in problems]
+    header = ("rank", "host", "hostname", "orchard", "mlx", "model", "status")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    if fixes:
+        print("\nProblems:")
+        for fix in fixes:
+            print(f"  - {fix}")
+        return 1
+    print(f"\nall {len(rows)} hosts ready; rank 0 is {hosts[0].host}")
+    return 0
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m rank.preflight", description="print this host's facts as JSON"
+    )
+    p.add_argument("--model")
+    print(json.dumps(probe(p.parse_args().model)))
+
+
+if __name__ == "__main__":
+    main()
