@@ -32,9 +32,15 @@ def job_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[type]:
     class Factory:
         @staticmethod
         def start(
-            np: int, args: list[str], name: str, env: dict[str, str] | None = None, launcher: bool = False
+            np: int,
+            args: list[str],
+            name: str,
+            env: dict[str, str] | None = None,
+            launcher: bool = False,
+            mpirun_extra: list[str] | None = None,
+            host: str = "127.0.0.1",
         ) -> Job:
-            job = Job(np, args, logs / f"{name}-{len(started)}.log", env, launcher)
+            job = Job(np, args, logs / f"{name}-{len(started)}.log", env, launcher, mpirun_extra, host)
             started.append(job)
             return job.wait_ready()
 

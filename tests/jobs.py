@@ -39,16 +39,25 @@ class Job:
         log_path: Path,
         env: dict[str, str] | None = None,
         launcher: bool = False,
+        mpirun_extra: list[str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        """`launcher`: start through `python -m rank --np N` instead of calling mpirun here."""
+        """`launcher`: start through `python -m rank --np N` instead of calling mpirun here.
+        `mpirun_extra`: mpirun flags (hostfile, ssh stand-in) for jobs across test hosts; `host`: where
+        rank 0 serves HTTP."""
         self.np = np
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
+        if host != "127.0.0.1":
+            args = [*args, "--host", host]
         if "--kv-ssd-dir" not in args:  # each job its own SSD tier, so jobs running side by side stay apart
             args = [*args, "--kv-ssd-dir", str(log_path.parent / f"kv-{log_path.stem}")]
         rank_cmd = [sys.executable, "-m", "rank", "--port", str(self.port), *args]
         if launcher:
             cmd = rank_cmd + ["--np", str(np)]
+        elif mpirun_extra is not None:
+            root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+            cmd = [str(BIN / "mpirun"), *root, "--bind-to", "none", *mpirun_extra, *rank_cmd]
         else:
             cmd = mpirun_prefix(np) + rank_cmd if np > 1 else rank_cmd
         self.log_path = log_path
