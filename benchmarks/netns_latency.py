@@ -26,10 +26,10 @@ def run_one(hosts: NamespaceHosts, model: str, tokens: int, delay_ms: float) -> 
     for i in range(2):
         subprocess.run(["tc", "qdisc", "del", "dev", f"orv{i + 1}", "root"], capture_output=True)
         if delay_ms:
-            subprocess.run(
-                ["tc", "qdisc", "add", "dev", f"orv{i + 1}", "root", "netem", "delay", f"{delay_ms}ms"],
-                check=True,
-            )
+            tc = ["tc", "qdisc", "add", "dev", f"orv{i + 1}", "root", "netem", "delay", f"{delay_ms}ms"]
+            out = subprocess.run(tc, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"tc netem is not available on this kernel ({out.stderr.strip()})")
     port = 8700 + int(delay_ms * 10)
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     cmd = [
