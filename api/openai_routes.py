@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.errors import APIError, error_body
+from api.render import ChatRender, Render, TextRender
 from api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from api.service import Service
 from cluster.requests import (
@@ -255,7 +256,7 @@ async def _generate(
     admission = svc.client.submit(req)
     if admission is not Admission.ACCEPTED:
         raise _admission_error(admission)
-    render = (_ChatRender if kind == "chat" else _TextRender)(svc, as_ids)
+    render = (ChatRender if kind == "chat" else TextRender)(svc, as_ids)
     created = int(time.time())
     if stream:
         return StreamingResponse(
@@ -302,7 +303,7 @@ async def _collect(
     svc: Service,
     rid: str,
     queue: asyncio.Queue[RequestEvent],
-    render: _Render,
+    render: Render,
     created: int,
     echo: str,
 ) -> JSONResponse:
@@ -349,7 +350,7 @@ async def _stream(
     svc: Service,
     rid: str,
     queue: asyncio.Queue[RequestEvent],
-    render: _Render,
+    render: Render,
     created: int,
     include_usage: bool,
     echo: str,
@@ -385,126 +386,3 @@ async def _stream(
     finally:
         if not finished:
             svc.client.cancel(rid)
-
-
-class _Render:
-    opening_chunk = False  # chat streams open with the assistant role, as OpenAI's do
-
-    def __init__(self, svc: Service, as_ids: bool = False) -> None:
-        self.svc = svc
-        self.as_ids = as_ids
-
-    def full(
-        self, rid: str, created: int, text: str, reason: str | None, lps: list[TokenLogprob] | None
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def chunk(
-        self,
-        rid: str,
-        created: int,
-        text: str,
-        reason: str | None,
-        lps: list[TokenLogprob] | None,
-        first: bool = False,
-        usage_only: bool = False,
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _envelope(self, rid: str, created: int, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": self.svc.config.model_name,
-            "choices": choices,
-        }
-
-    def token_text(self, tid: int) -> str:
-        return f"token_id:{tid}" if self.as_ids else self.svc.tokenizer.decode([tid])
-
-
-class _ChatRender(_Render):
-    opening_chunk = True
-
-    def _logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        if lps is None:
-            return None
-
-        def entry(tid: int, lp: float) -> dict[str, Any]:
-            text = self.token_text(tid)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-        return {
-            "content": [
-                {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in lps
-            ],
-            "refusal": None,
-        }
-
-    def full(
-        self, rid: str, created: int, text: str, reason: str | None, lps: list[TokenLogprob] | None
-    ) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": self._logprobs(lps),
-            "finish_reason": reason,
-        }
-        return self._envelope(rid, created, "chat.completion", [choice])
-
-    def chunk(
-        self,
-        rid: str,
-        created: int,
-        text: str,
-        reason: str | None,
-        lps: list[TokenLogprob] | None,
-        first: bool = False,
-        usage_only: bool = False,
-    ) -> dict[str, Any]:
-        if usage_only:
-            return self._envelope(rid, created, "chat.completion.chunk", [])
-        delta: dict[str, Any] = (
-            {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        )
-        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(lps), "finish_reason": reason}
-        return self._envelope(rid, created, "chat.completion.chunk", [choice])
-
-
-class _TextRender(_Render):
-    def _logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        if lps is None:
-            return None
-        tokens = [self.token_text(t.token_id) for t in lps]
-        offsets, pos = [], 0
-        for tok in tokens:
-            offsets.append(pos)
-            pos += len(tok)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [{self.token_text(i): v for i, v in t.top} for t in lps],
-            "text_offset": offsets,
-        }
-
-    def full(
-        self, rid: str, created: int, text: str, reason: str | None, lps: list[TokenLogprob] | None
-    ) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": self._logprobs(lps), "finish_reason": reason}
-        return self._envelope(rid, created, "text_completion", [choice])
-
-    def chunk(
-        self,
-        rid: str,
-        created: int,
-        text: str,
-        reason: str | None,
-        lps: list[TokenLogprob] | None,
-        first: bool = False,
-        usage_only: bool = False,
-    ) -> dict[str, Any]:
-        if usage_only:
-            return self._envelope(rid, created, "text_completion", [])
-        choice = {"index": 0, "text": text, "logprobs": self._logprobs(lps), "finish_reason": reason}
-        return self._envelope(rid, created, "text_completion", [choice])

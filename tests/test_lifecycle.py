@@ -74,7 +74,7 @@ def drain_scenario(job: Job, stop: Callable[[], None]) -> None:
     """One event loop for the stream and the probes: a second client thread blocked on a long response
     can stall this machine's other client requests for seconds (seen with CPython threads here), which
     would test the client, not the server."""
-    body = {"model": "tiny", "prompt": "drain", "max_tokens": 1200, "stream": True, "logit_bias": NO_EOS}
+    body = {"model": "tiny", "prompt": "drain", "max_tokens": 1900, "stream": True, "logit_bias": NO_EOS}
 
     async def scenario() -> list[str]:
         lines: list[str] = []
@@ -94,9 +94,10 @@ def drain_scenario(job: Job, stop: Callable[[], None]) -> None:
             stop()
             deadline = time.monotonic() + 10
             while True:  # new work is refused while the in-flight stream finishes
-                r = await client.post(
-                    "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}
-                )
+                async with httpx.AsyncClient(base_url=job.url, timeout=10) as probe:  # own connection
+                    r = await probe.post(
+                        "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}
+                    )
                 if r.status_code == 503:
                     assert r.json()["error"]["code"] == "draining"
                     break
