@@ -69,3 +69,18 @@ def test_wrong_rank_count_fails_fast_with_a_clear_message() -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode != 0
     assert "this model has 9 attention heads and 3 KV heads: run 1 or 3 ranks" in out.stdout + out.stderr
+
+
+def test_api_keys_from_flags_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rank.cli import api_keys, build_parser
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nfile-key-1\n\nfile-key-2\n")
+    monkeypatch.setenv("ORCHARD_API_KEYS", "env-key, flag-key")
+    args = build_parser().parse_args(["--api-key", "flag-key", "--api-key-file", str(keys)])
+    assert api_keys(args) == ("flag-key", "env-key", "file-key-1", "file-key-2")
+    missing = build_parser().parse_args(["--api-key-file", str(tmp_path / "nope")])
+    from cluster.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--api-key-file"):
+        api_keys(missing)

@@ -20,7 +20,7 @@ PROMPTS = ["Once upon a time", "def fibonacci(n):", "The capital of France is"]
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NamespaceHosts]:
-    with NamespaceHosts(2, tmp_path_factory.mktemp("netns")) as h:
+    with NamespaceHosts(3, tmp_path_factory.mktemp("netns")) as h:
         yield h
 
 
@@ -111,3 +111,25 @@ def test_host_killed_mid_request(job_factory, tiny_model: Path, hosts: Namespace
     assert time.monotonic() - t0 < 15
     log = job.log()
     assert "orhost2" in log, log[-3000:]
+
+
+def test_embedded_model_across_three_hosts_equals_one_rank(job_factory, hosts: NamespaceHosts) -> None:  # type: ignore[no-untyped-def]
+    """SmolLM2's 9 heads and 3 KV heads split over three "Macs"; the first host is rank 0."""
+    name = "SmolLM2-135M-Instruct"
+    question = {
+        "model": name,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    single = job_factory.start(1, [], "smollm-one-host")
+    expected = httpx.post(single.url + "/v1/chat/completions", json=question, timeout=120).json()
+    single.stop()
+    before = [hosts.rx_bytes(i) for i in range(3)]
+    args = ["--admin-token", "t", "--step-timeout", "30"]
+    job = job_factory.start(3, args, "netns-3", mpirun_extra=hosts.mpirun_args(3), host=hosts.address(0))
+    got = httpx.post(job.url + "/v1/chat/completions", json=question, timeout=120).json()
+    assert got["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+    assert "Paris" in got["choices"][0]["message"]["content"]
+    assert all(hosts.rx_bytes(i) - b > 100_000 for i, b in enumerate(before))
+    job.stop()
