@@ -56,8 +56,13 @@ class Manifest:
             (h, msgpack.packb(list(tokens)), nbytes, now, now),
         )
 
+    def all_hashes(self) -> list[bytes]:
+        return [row[0] for row in self.db.execute("SELECT hash FROM blocks")]
+
     def ack(self, h: bytes, rank: int) -> bool:
         """Record one rank's successful write; True when this made the block persisted."""
+        if h not in self._acked and not self.known(h):
+            return False  # deleted (cleared or pruned) while its write was in flight
         ranks = self._acked.setdefault(h, set())
         ranks.add(rank)
         if len(ranks) < self.world_size:

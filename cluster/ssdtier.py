@@ -129,7 +129,9 @@ class SsdTier:
         return out
 
     def clear(self) -> int:
-        hashes = self.manifest.persisted_hashes()
+        """Forget every block, pending writes too (a write that lands later is an orphan file, removed at
+        the next start-up)."""
+        hashes = self.manifest.all_hashes()
         self.stats.evictions += self.manifest.delete(hashes)
         self._delete.extend(hashes)
         self.stats.blocks = 0

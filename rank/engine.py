@@ -210,11 +210,8 @@ class Leader:
                 emits += self.scheduler.cancel(cmd.request_id)
                 continue
             if isinstance(cmd, ClearCache):
-                log.info(
-                    "operator cleared the %s tier: %d blocks dropped",
-                    cmd.tier,
-                    self.scheduler.clear_prefix_cache(),
-                )
+                dropped = self.scheduler.clear_prefix_cache(cmd.tier)
+                log.info("operator cleared the %s tier: %d blocks dropped", cmd.tier, dropped)
                 continue
             if cmd.arrival == 0.0:
                 cmd.arrival = now

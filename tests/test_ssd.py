@@ -130,8 +130,14 @@ def test_restart_finds_blocks_and_refuses_damaged_ones(job_factory, tiny_model: 
     truncated.write_bytes(truncated.read_bytes()[:200])
     job = start(job_factory, tiny_model, kv, "ssd-c")
     assert ask(job) == cold  # damaged blocks are dropped and recomputed, never used
-    tier = ssd(job)
+    tier = wait_persisted(job, blocks)  # the recomputed blocks are written again
     assert tier["corrupt_dropped"] >= 1
+    cleared = httpx.delete(job.url + "/admin/cache/ssd", headers={"Authorization": "Bearer t"}, timeout=10)
+    assert cleared.json() == {"clearing": "ssd"}
+    deadline = time.monotonic() + 10
+    while ssd(job)["blocks"] or any(rank_files(kv).values()):
+        assert time.monotonic() < deadline, (ssd(job), rank_files(kv))
+        time.sleep(0.2)
     assert job.stop() == 0
 
 
