@@ -1,0 +1,1 @@
+"""`python -m tui`: the operator's dashboard for an Orchard cluster (an HTTP client of rank 0's admin API)."""
