@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable, RichLog
@@ -19,19 +18,10 @@ TOKEN = "tui-token"
 
 
 @pytest.fixture(scope="module")
-def job(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
-    # One sequence at a time: a second request waits in the queue long enough to be cancelled from the TUI.
-    args = [
-        "--model",
-        str(tiny_model),
-        "--served-model-name",
-        "tiny",
-        "--admin-token",
-        TOKEN,
-        "--max-batch",
-        "1",
-    ]
-    return job_factory.start(2, args, "tui")
+def job(job_factory) -> Job:  # type: ignore[no-untyped-def]
+    # The embedded model over 3 ranks: slow enough (about 10 tokens/s here) that a request is still
+    # running when the dashboard cancels it.
+    return job_factory.start(3, ["--admin-token", TOKEN], "tui")
 
 
 async def wait_for(pilot, predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
@@ -53,7 +43,7 @@ def screen_text(app: OrchardApp) -> str:
 
 STREAM_CLIENT = """
 import sys, httpx
-body = {"model": "tiny", "prompt": "dashboard", "max_tokens": 1900, "stream": True, "logit_bias": {"2": -100}}
+body = {"model": "SmolLM2-135M-Instruct", "prompt": "dashboard", "max_tokens": 1900, "stream": True, "logit_bias": {"2": -100}}
 with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=120) as r:
     lines = [line for line in r.iter_lines() if line.startswith("data: {")]
 print(lines[-1], flush=True)
@@ -68,7 +58,7 @@ async def test_ranks_queue_cancel_and_drain(job: Job) -> None:
     async with app.run_test(size=(140, 42)) as pilot:
         queue = app.query_one("#queue", DataTable)
         ranks = app.query_one("#ranks", DataTable)
-        await wait_for(pilot, lambda: ranks.row_count == 2)
+        await wait_for(pilot, lambda: ranks.row_count == 3)
 
         async def start_client() -> asyncio.subprocess.Process:
             return await asyncio.create_subprocess_exec(
@@ -78,25 +68,22 @@ async def test_ranks_queue_cancel_and_drain(job: Job) -> None:
         def states() -> list[str]:
             return [str(queue.get_row_at(i)[1]) for i in range(queue.row_count)]
 
-        clients = [await start_client()]
+        client = await start_client()
         await wait_for(pilot, lambda: "running" in states())
-        clients.append(await start_client())  # waits for the only batch slot
-        await wait_for(pilot, lambda: "waiting" in states())
         text = screen_text(app)
-        assert "live" in text and "tiny" in text and "TP=2" in text
-        # select the waiting request and cancel it, confirming in the modal
+        assert "live" in text and "SmolLM2" in text and "TP=3" in text
+        # select the running request and cancel it, confirming in the modal
         queue.focus()
-        queue.move_cursor(row=states().index("waiting"))
+        queue.move_cursor(row=states().index("running"))
         await pilot.press("c")
         await pilot.pause(0.2)
         await pilot.press("y")
         await wait_for(pilot, lambda: any("cancel" in n.message for n in app._notifications), timeout=10)
         notes = [n.message for n in app._notifications]
-        out, _ = await asyncio.wait_for(clients[1].communicate(), 60)
+        out, _ = await asyncio.wait_for(client.communicate(), 60)
         assert "failed" not in " ".join(notes), notes
         assert "cancelled by an operator" in json.loads(out.decode().splitlines()[-1][6:])["error"]["message"]
-        await wait_for(pilot, lambda: queue.row_count <= 1)
-        await asyncio.wait_for(clients[0].communicate(), 120)
+        await wait_for(pilot, lambda: queue.row_count == 0)
         # drain shows in the header, resume restores it
         await pilot.press("d")
         await wait_for(pilot, lambda: "admission paused" in screen_text(app))
@@ -131,7 +118,7 @@ async def test_rendered_screen_small_and_large(job: Job) -> None:
         app = OrchardApp(job.url, TOKEN, interval=0.3)
         async with app.run_test(size=size) as pilot:
             table = app.query_one("#ranks", DataTable)
-            await wait_for(pilot, lambda t=table: t.row_count == 2)
+            await wait_for(pilot, lambda t=table: t.row_count == 3)
             await pilot.pause(0.5)
             text = screen_text(app)
             for label in ("Orchard", "queue", "ranks", "KV cache", "RAM", "events", "cancel", "drain"):
