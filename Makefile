@@ -6,7 +6,7 @@ NP     ?= 3
 PORT   ?= 8000
 ARGS   ?=
 
-.PHONY: setup run run-1 test test-fast lint typecheck bench clean
+.PHONY: setup run run-1 tui test test-fast lint typecheck bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ run: setup  ## serve the embedded SmolLM2 with tensor parallelism over 3 local r
 
 run-1: setup  ## the same with one process, no mpirun
 	$(BIN)/python -m rank --port $(PORT) $(ARGS)
+
+tui: setup  ## the operator dashboard for the job `make run` started
+	$(BIN)/python -m tui --url http://127.0.0.1:$(PORT)
 
 test: setup  ## the whole suite: unit tests, real mpirun jobs, real HTTP with the openai client
 	$(BIN)/python -m pytest -q -ra
