@@ -95,6 +95,10 @@ class Executor:
             mx.eval(last)
             return StepOutput(row_ids, None, failed)
         logits = self._lm_head(last).astype(mx.float32)
+        # Evaluate here, where MLX releases the GIL: `.tolist()`/`.item()` in the sampler would run the
+        # whole step (collectives included, waiting for the other ranks) while holding it, starving
+        # uvicorn's thread for the length of the step.
+        mx.eval(logits)
         return StepOutput(row_ids, logits, failed)
 
     def _ssd_load(self, loads: tuple[tuple[int, bytes], ...]) -> tuple[int, ...]:

@@ -22,6 +22,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tiny_args(model: Path, *extra: str) -> list[str]:
+    """`python -m rank` flags for the tiny test model, served as "tiny"."""
+    return ["--model", str(model), "--served-model-name", "tiny", *extra]
+
+
 def mpirun_prefix(np: int) -> list[str]:
     cmd = [str(BIN / "mpirun"), "--bind-to", "none", "--oversubscribe", "-np", str(np)]
     if os.geteuid() == 0:
@@ -126,3 +131,28 @@ class Job:
             if f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
                 return pid
         raise LookupError(f"no rank {rank} in {self.pids()}")
+
+
+STREAM_SCRIPT = """
+import json, sys, httpx
+url, body = sys.argv[1], json.loads(sys.argv[2])
+headers = {"Authorization": "Bearer " + sys.argv[3]} if len(sys.argv) > 3 else {}
+try:
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=120) as r:
+        for line in r.iter_lines():
+            if line:
+                print(line, flush=True)
+except httpx.HTTPError as exc:
+    print("transport error: " + type(exc).__name__, flush=True)
+"""
+
+
+async def stream_in_subprocess(url: str, body: dict, key: str | None = None):  # type: ignore[no-untyped-def]
+    """A streaming client in its own process, printing each SSE line. Tests that probe the server while a
+    stream runs keep the stream out of their own process: a stream read in the test's process can hold
+    off the test's other requests for seconds (seen here with threads and with one event loop alike)."""
+    import asyncio
+    import json
+
+    args = [sys.executable, "-c", STREAM_SCRIPT, url, json.dumps(body)] + ([key] if key else [])
+    return await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)

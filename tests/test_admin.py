@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.jobs import Job
+from tests.jobs import Job, stream_in_subprocess, tiny_args
 
 pytestmark = pytest.mark.cluster
 TOKEN = "admin-secret"
@@ -19,16 +19,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def job(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
-    args = [
-        "--model",
-        str(tiny_model),
-        "--served-model-name",
-        "tiny",
-        "--admin-token",
-        TOKEN,
-        "--api-key",
-        "user-key",
-    ]
+    args = tiny_args(tiny_model, "--admin-token", TOKEN, "--api-key", "user-key")
     return job_factory.start(2, args, "admin")
 
 
@@ -75,36 +66,25 @@ def test_cancel_from_admin_ends_the_stream_with_an_error(job: Job) -> None:
     }
 
     async def scenario() -> tuple[list[str], str]:
-        lines: list[str] = []
-        rid: list[str] = []
-        got_id = asyncio.Event()
-        async with httpx.AsyncClient(base_url=job.url, timeout=60) as client:
-
-            async def consume() -> None:
-                headers = {"Authorization": "Bearer user-key"}
-                async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            lines.append(line)
-                            if not rid and "id" in json.loads(line[6:]):
-                                rid.append(json.loads(line[6:])["id"])
-                                got_id.set()
-
-            reader = asyncio.create_task(consume())
-            await asyncio.wait_for(got_id.wait(), 30)
+        client = await stream_in_subprocess(job.url, body, "user-key")
+        assert client.stdout is not None
+        first = (await asyncio.wait_for(client.stdout.readline(), 30)).decode().strip()
+        rid = json.loads(first[6:])["id"]
+        async with httpx.AsyncClient(base_url=job.url, timeout=60) as http:
             deadline = time.monotonic() + 5
             while True:
-                queue = (await client.get("/admin/state", headers=AUTH)).json()["queue"]
-                row = next((r for r in queue if r["request_id"] == rid[0]), None)
+                queue = (await http.get("/admin/state", headers=AUTH)).json()["queue"]
+                row = next((r for r in queue if r["request_id"] == rid), None)
                 if row is not None:
                     break
                 assert time.monotonic() < deadline, "request not in the queue view"
                 await asyncio.sleep(0.1)
             assert row["state"] in ("prefill", "running") and row["prompt_tokens"] > 0
-            r = await client.delete(f"/admin/requests/{rid[0]}", headers=AUTH)
-            assert r.json() == {"cancelled": rid[0]}
-            await asyncio.wait_for(reader, 30)
-        return lines, rid[0]
+            r = await http.delete(f"/admin/requests/{rid}", headers=AUTH)
+            assert r.json() == {"cancelled": rid}
+        rest, _ = await asyncio.wait_for(client.communicate(), 30)
+        lines = [first] + [ln for ln in rest.decode().splitlines() if ln.startswith("data: {")]
+        return lines, rid
 
     lines, rid = asyncio.run(scenario())
     assert "cancelled by an operator" in json.loads(lines[-1][6:])["error"]["message"]

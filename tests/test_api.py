@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.jobs import Job
+from tests.jobs import Job, tiny_args
 
 pytestmark = pytest.mark.cluster
 KEYS = ("key-one", "key-two")
@@ -28,16 +28,7 @@ def printable_bias(model_dir: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def job(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
-    args = [
-        "--model",
-        str(tiny_model),
-        "--served-model-name",
-        "tiny",
-        "--api-key",
-        KEYS[0],
-        "--api-key",
-        KEYS[1],
-    ]
+    args = tiny_args(tiny_model, "--api-key", KEYS[0], "--api-key", KEYS[1])
     args += [
         "--max-body-bytes",
         "20000",
@@ -219,9 +210,7 @@ def test_queue_full_gets_429_with_retry_after(job: Job) -> None:
 
 
 def test_request_timeout_is_504_and_a_stream_error_event(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    job = job_factory.start(
-        1, ["--model", str(tiny_model), "--served-model-name", "tiny", "--request-timeout", "1"], "timeout"
-    )
+    job = job_factory.start(1, tiny_args(tiny_model, "--request-timeout", "1"), "timeout")
     body = {"model": "tiny", "prompt": "slow", "max_tokens": 1800, "logit_bias": NO_EOS}
     assert_error(post(job, "/v1/completions", body, key=None), 504, "timeout")
     with httpx.stream("POST", job.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:

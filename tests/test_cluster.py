@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.jobs import Job
+from tests.jobs import Job, tiny_args
 
 pytestmark = pytest.mark.cluster
 
@@ -25,12 +25,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny_tp2(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
-    return job_factory.start(2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "tiny-tp2")
+    return job_factory.start(2, tiny_args(tiny_model), "tiny-tp2")
 
 
 @pytest.fixture(scope="module")
 def tiny_tp1(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
-    return job_factory.start(1, ["--model", str(tiny_model), "--served-model-name", "tiny"], "tiny-tp1")
+    return job_factory.start(1, tiny_args(tiny_model), "tiny-tp1")
 
 
 def client(job: Job) -> openai.OpenAI:

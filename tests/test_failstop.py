@@ -13,14 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.jobs import Job
+from tests.jobs import Job, tiny_args
 
 pytestmark = pytest.mark.cluster
 BODY = {"model": "tiny", "prompt": "fault", "max_tokens": 1500, "stream": True, "logit_bias": {"2": -100}}
 
 
 def start(job_factory, tiny_model: Path, name: str, *extra: str, launcher: bool = False) -> Job:  # type: ignore[no-untyped-def]
-    args = ["--model", str(tiny_model), "--served-model-name", "tiny", "--step-timeout", "3", *extra]
+    args = tiny_args(tiny_model, "--step-timeout", "3", *extra)
     return job_factory.start(2, args, name, launcher=launcher)
 
 

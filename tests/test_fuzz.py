@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.jobs import Job
+from tests.jobs import Job, tiny_args
 
 pytestmark = pytest.mark.cluster
 
@@ -65,16 +65,7 @@ bodies = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def job(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
-    args = [
-        "--model",
-        str(tiny_model),
-        "--served-model-name",
-        "tiny",
-        "--max-tokens",
-        "6",
-        "--default-max-tokens",
-        "4",
-    ]
+    args = tiny_args(tiny_model, "--max-tokens", "6", "--default-max-tokens", "4")
     return job_factory.start(2, args, "fuzz")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.jobs import Job
+from tests.jobs import Job, stream_in_subprocess, tiny_args
 
 pytestmark = pytest.mark.cluster
 NO_EOS = {"2": -100}
@@ -56,7 +56,7 @@ async def stream_and_leave(url: str, i: int) -> int:
 
 
 def test_fifty_disconnecting_streams_free_everything(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    job = job_factory.start(2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "disconnect")
+    job = job_factory.start(2, tiny_args(tiny_model), "disconnect")
     before = greedy_text(job)
     start = wait_idle(job)
 
@@ -77,34 +77,28 @@ def drain_scenario(job: Job, stop: Callable[[], None]) -> None:
     body = {"model": "tiny", "prompt": "drain", "max_tokens": 1900, "stream": True, "logit_bias": NO_EOS}
 
     async def scenario() -> list[str]:
+        client = await stream_in_subprocess(job.url, body)
+        assert client.stdout is not None
         lines: list[str] = []
-        first_token = asyncio.Event()
-        async with httpx.AsyncClient(base_url=job.url, timeout=120) as client:
-
-            async def consume() -> None:
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    async for line in r.aiter_lines():
-                        if line:
-                            lines.append(line)
-                            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
-                                first_token.set()
-
-            reader = asyncio.create_task(consume())
-            await asyncio.wait_for(first_token.wait(), 60)
-            stop()
-            deadline = time.monotonic() + 10
+        while True:  # until the first token
+            line = (await asyncio.wait_for(client.stdout.readline(), 60)).decode().strip()
+            lines.append(line)
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                break
+        stop()
+        deadline = time.monotonic() + 10
+        async with httpx.AsyncClient(base_url=job.url, timeout=10) as probe:
             while True:  # new work is refused while the in-flight stream finishes
-                async with httpx.AsyncClient(base_url=job.url, timeout=10) as probe:  # own connection
-                    r = await probe.post(
-                        "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}
-                    )
+                r = await probe.post(
+                    "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}
+                )
                 if r.status_code == 503:
                     assert r.json()["error"]["code"] == "draining"
                     break
                 assert time.monotonic() < deadline, "no 503 while draining"
                 await asyncio.sleep(0.05)
-            await asyncio.wait_for(reader, 60)
-        return lines
+        rest, _ = await asyncio.wait_for(client.communicate(), 60)
+        return lines + [ln for ln in rest.decode().splitlines() if ln]
 
     lines = asyncio.run(scenario())
     assert lines[-1] == "data: [DONE]"
@@ -116,13 +110,11 @@ def drain_scenario(job: Job, stop: Callable[[], None]) -> None:
 
 
 def test_sigterm_to_the_launcher_drains_then_every_rank_exits_zero(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    job = job_factory.start(
-        2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "drain-launcher", launcher=True
-    )
+    job = job_factory.start(2, tiny_args(tiny_model), "drain-launcher", launcher=True)
     drain_scenario(job, lambda: job.signal(signal.SIGTERM))
 
 
 def test_sigterm_to_rank0_drains_then_every_rank_exits_zero(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    job = job_factory.start(2, ["--model", str(tiny_model), "--served-model-name", "tiny"], "drain-rank0")
+    job = job_factory.start(2, tiny_args(tiny_model), "drain-rank0")
     rank0 = job.rank_pid(0)
     drain_scenario(job, lambda: __import__("os").kill(rank0, signal.SIGTERM))

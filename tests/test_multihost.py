@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.jobs import Job
+from tests.jobs import Job, tiny_args
 from tests.netns import NamespaceHosts, available
 
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -48,16 +48,7 @@ def start_across(  # type: ignore[no-untyped-def]
     *extra: str,
     env: dict | None = None,
 ) -> Job:
-    args = [
-        "--model",
-        str(tiny_model),
-        "--served-model-name",
-        "tiny",
-        "--admin-token",
-        "t",
-        "--step-timeout",
-        "5",
-    ]
+    args = tiny_args(tiny_model, "--admin-token", "t", "--step-timeout", "5")
     mpirun = [*extra, *hosts.mpirun_args(np)]
     return job_factory.start(np, args, name, env=env, mpirun_extra=mpirun, host=hosts.address(0))
 
@@ -66,7 +57,7 @@ def start_across(  # type: ignore[no-untyped-def]
 def test_greedy_across_hosts_equals_one_rank(
     job_factory, tiny_model: Path, hosts: NamespaceHosts, np: int
 ) -> None:  # type: ignore[no-untyped-def]
-    single = job_factory.start(1, ["--model", str(tiny_model), "--served-model-name", "tiny"], "single-host")
+    single = job_factory.start(1, tiny_args(tiny_model), "single-host")
     expected = [greedy_ids(single, p) for p in PROMPTS]
     single.stop()
     before = [hosts.rx_bytes(i) for i in range(np)]

@@ -14,7 +14,7 @@ import pytest
 
 from cluster.manifest import Manifest
 from rank.ssd import SsdBlockStore
-from tests.jobs import Job
+from tests.jobs import Job, tiny_args
 
 H1, H2, H3 = (bytes([i]) * 16 for i in (1, 2, 3))
 
@@ -66,16 +66,7 @@ PROMPT = "The orchard keeps its memories on disk so a restart does not forget th
 
 
 def start(job_factory, tiny_model: Path, kv: Path, name: str, *extra: str) -> Job:  # type: ignore[no-untyped-def]
-    args = [
-        "--model",
-        str(tiny_model),
-        "--served-model-name",
-        "tiny",
-        "--admin-token",
-        "t",
-        "--kv-ssd-dir",
-        str(kv),
-    ]
+    args = tiny_args(tiny_model, "--admin-token", "t", "--kv-ssd-dir", str(kv))
     return job_factory.start(2, [*args, *extra], name, launcher=True)
 
 
