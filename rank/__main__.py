@@ -111,8 +111,6 @@ def _run(args: Any, group: Any, transport: Any) -> int:
     from rank.models import default_cache_dir, load_model, resolve_model
 
     rank, size = transport.rank, transport.size
-    if os.environ.get("ORCHARD_SWITCH"):
-        sys.setswitchinterval(float(os.environ["ORCHARD_SWITCH"]))
     t0 = time.monotonic()
     cache_dir = args.cache_dir or default_cache_dir()
     model_dir = resolve_model(args.model, cache_dir, progress=log.info if rank == 0 else log.debug)
