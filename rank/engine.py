@@ -108,7 +108,6 @@ class Leader:
                 self._deliver(self._step(plan))
                 self._leave()
                 self._publish(self.clock() - last_sent)
-                time.sleep(0)  # hand the GIL to the HTTP thread between steps (it may be waiting for it)
         except BusError as exc:
             return self._fail(f"control bus failure: {exc}")
         except EngineError as exc:
