@@ -8,6 +8,7 @@ dead (a fault was detected on it). Pure logic with an injected clock.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import threading
 from collections import deque
@@ -97,7 +98,7 @@ class RankHealth:
     last_error: str
 
     def to_json(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return dataclasses.asdict(self)
 
 
 @dataclass(slots=True)

@@ -48,7 +48,6 @@ class Sequence:
     computed: int = 0  # prompt positions whose KV is on every rank
     output: list[int] = field(default_factory=list)
     admitted: bool = False  # the ranks know this sequence (it must be released)
-    first_token_at: float | None = None
     prefix: PrefixState | None = None  # with a prefix cache: block hashes and referenced blocks
 
     @property
@@ -197,7 +196,6 @@ class Scheduler:
 
     def update(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> list[Emit]:
         """Apply the outputs of `plan`; returns the events to deliver."""
-        now = self._clock()
         if self.prefix_cache is not None:
             self.prefix_cache.commit()
         by_id = {s.seq_id: s for s in self._active}
@@ -212,7 +210,6 @@ class Scheduler:
                 continue  # cancelled while the step ran
             if seq.state is SeqState.PREFILL:
                 seq.state = SeqState.RUNNING
-                seq.first_token_at = now
             events.append(self._append(seq, tok))
         return events
 
