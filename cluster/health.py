@@ -96,6 +96,7 @@ class RankHealth:
     kv_blocks: int
     kv_bytes: int
     last_error: str
+    liveness_age_s: float | None = None  # since the last answer to a liveness ping (None: not pinged)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +119,10 @@ class HealthTable:
         self.slow_factor = slow_factor
         self._ranks: dict[int, _RankRecord] = {}
         self._lock = threading.Lock()
+        # Seconds since a rank last answered a liveness ping (cluster/pulse.py), when rank 0 pings it.
+        # It outranks the report age: reports travel over MPI and stall with every rank during a long
+        # or hung step, pings do not.
+        self.liveness: Callable[[int], float] | None = None
 
     def register(self, rank: int, host: str, pid: int) -> None:
         with self._lock:
@@ -145,9 +150,10 @@ class HealthTable:
             for rank, rec in records:
                 r, age = rec.report, now - rec.received
                 median = statistics.median(rec.steps) if rec.steps else 0.0
+                quiet = self._silence(rank)
                 if rec.dead_reason:
                     state = DEAD
-                elif age > self.timeout:
+                elif (quiet if quiet is not None else age) > self.timeout:
                     state = UNRESPONSIVE
                 elif (
                     len(rec.steps) >= 8
@@ -174,9 +180,18 @@ class HealthTable:
                         r.kv_blocks,
                         r.kv_bytes,
                         rec.dead_reason or r.last_error,
+                        None if quiet is None else round(quiet, 2),
                     )
                 )
             return out
+
+    def _silence(self, rank: int) -> float | None:
+        if self.liveness is None or rank == 0:
+            return None
+        try:
+            return self.liveness(rank)
+        except KeyError:  # a rank that announced no liveness port
+            return None
 
     def all_ok(self) -> bool:
         return all(h.state in (OK, SLOW) for h in self.snapshot())

@@ -126,17 +126,27 @@ def _run(args: Any, group: Any, transport: Any) -> int:
     bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
     from rank.transport import HELLO_TAG
 
-    identity = json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+    hello: dict[str, Any] = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
+    responder = None
+    if rank != 0 and args.pulse_timeout > 0:
+        from rank.pulse import Activity, PulseResponder
+
+        responder = PulseResponder(rank, Activity())
+        responder.start()
+        hello["pulse"] = responder.hello()
+    identity = json.dumps(hello).encode()
     if rank == 0:
-        ranks = [json.loads(b) for b in [identity, *transport.recv_from_followers(HELLO_TAG, 4096)]]
+        ranks = [json.loads(b) for b in [identity, *transport.recv_from_followers(HELLO_TAG, 16384)]]
     else:
         transport.send_to_leader(identity, HELLO_TAG)
         ranks = []
     ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
     executor = Executor(model, want_logits=rank == 0, block_tokens=args.kv_block_tokens, ssd=ssd_store)
     try:
-        return _serve(args, rank, bus, transport, executor, model_dir, config, ranks, ssd_dir)
+        return _serve(args, rank, bus, transport, executor, model_dir, config, ranks, ssd_dir, responder)
     finally:
+        if responder is not None:
+            responder.stop()
         if ssd_store is not None:
             ssd_store.close()  # a live writer thread at exit keeps MPI from finalizing cleanly
 
@@ -169,6 +179,7 @@ def _serve(
     config: Any,
     ranks: Any,
     ssd_dir: Any,
+    responder: Any = None,
 ) -> int:
     from cluster.errors import BusError
     from rank.engine import follow
@@ -182,7 +193,8 @@ def _serve(
         try:
             if executor.ssd is not None:
                 sync_followers(bus, executor.ssd)
-            return follow(executor, bus, Reporter(rank, socket.gethostname(), interval=1.0))
+            activity = responder.activity if responder is not None else None
+            return follow(executor, bus, Reporter(rank, socket.gethostname(), interval=1.0), activity)
         except BusError as exc:
             log.error("fatal control-bus error, aborting the job: %s", exc)
             transport.abort(3)
@@ -239,6 +251,23 @@ def _tiers(prefix_cache: Any) -> list[Any]:
     if prefix_cache is None:
         return []
     return [prefix_cache.index.stats] + ([prefix_cache.ssd] if prefix_cache.ssd is not None else [])
+
+
+def _pulse_monitor(args: Any, ranks: list[dict], names: dict[int, str]) -> Any:
+    """Rank 0's liveness pings to every follower (outside MPI), or None for one rank / --pulse-timeout 0."""
+    followers = [r for r in ranks if r["rank"] != 0 and r.get("pulse")]
+    if not followers or args.pulse_timeout <= 0:
+        return None
+    from cluster.pulse import PulseBook
+    from rank.pulse import PulseMonitor
+
+    book = PulseBook(time.monotonic, {r["rank"]: names[r["rank"]] for r in followers})
+    monitor = PulseMonitor(book, interval=min(0.25, args.pulse_timeout / 4))
+    here = socket.gethostname()
+    for r in followers:
+        monitor.add(r["rank"], r["pulse"], same_host=r["host"] == here)
+    monitor.start()
+    return monitor
 
 
 def _generated_admin_token(args: Any) -> str:
@@ -328,7 +357,14 @@ def _lead(
     for r in ranks:
         leader.health.register(r["rank"], r["host"], r["pid"])
     leader.reporter = Reporter(0, socket.gethostname(), interval=1.0)
-    leader.watchdog = StepWatchdog(client, args.step_timeout, leader.describe_ranks)
+    monitor = _pulse_monitor(args, ranks, names)
+    if monitor is not None:
+        leader.pulses, leader.pulse_timeout = monitor.book, args.pulse_timeout
+        leader.health.liveness = monitor.book.silence
+        monitor.on_gone = lambda r: leader.health.mark_dead(r, "process died (liveness port refuses pings)")
+    leader.watchdog = StepWatchdog(
+        client, args.step_timeout, leader.describe_ranks, hung=leader.hung_ranks if monitor else None
+    )
     leader.watchdog.start()
     vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
     server = ApiServer(
@@ -382,6 +418,8 @@ def _lead(
     )
     code = leader.run()
     leader.watchdog.stop()
+    if monitor is not None:
+        monitor.stop()
     if code:
         time.sleep(1.0)  # let error responses reach their clients
     server.stop()

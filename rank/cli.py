@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a step may take before the job is declared hung and stopped (0: never)",
     )
     lim.add_argument(
+        "--pulse-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without a liveness answer (UDP, outside MPI) after which a rank counts as hung; a step "
+        "stuck that long with a silent rank stops the job before --step-timeout (0: no liveness channel)",
+    )
+    lim.add_argument(
         "--bus-max-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest control-bus message"
     )
     lim.add_argument(
@@ -179,5 +186,7 @@ def validate(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.port < 65536:
         raise ConfigError("--port must be 1..65535")
+    if args.pulse_timeout < 0:
+        raise ConfigError("--pulse-timeout must be 0 (off) or positive")
     if args.heartbeat_interval <= 0:
         raise ConfigError("--heartbeat-interval must be positive")

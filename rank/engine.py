@@ -16,10 +16,12 @@ from cluster.errors import BusError, EngineError
 from cluster.health import HealthTable, RankReport
 from cluster.ledger import RequestLedger
 from cluster.messages import Heartbeat, Shutdown, StepPlan
+from cluster.pulse import PulseBook
 from cluster.requests import FinishReason, GenerationRequest, RequestEvent
 from cluster.scheduler import Emit, Scheduler
 from cluster.stats import EngineSnapshot, ServingStats
 from rank.executor import Executor
+from rank.pulse import Activity
 from rank.report import Reporter
 from rank.sampler import Sampler
 from rank.transport import SSD_LOAD_TAG
@@ -66,6 +68,8 @@ class Leader:
         self.reporter = Reporter(0, "", interval=min(1.0, heartbeat_interval))
         self._last_step_ms = 0.0
         self._rows_at = 0.0
+        self.pulses: PulseBook | None = None  # liveness answers outside MPI (rank/pulse.py)
+        self.pulse_timeout = 5.0
 
     @property
     def draining(self) -> bool:
@@ -143,13 +147,26 @@ class Leader:
             self.watchdog.leave()
 
     def describe_ranks(self) -> str:
-        """For the watchdog's message: what each follower last acknowledged."""
+        """For the watchdog's message: who answers liveness pings, and what each follower last received."""
         acks = getattr(self.bus.transport, "last_ack", {})
         parts = [
             f"{self.rank_names.get(r, f'rank {r}')} last received message {seq}"
             for r, seq in sorted(acks.items())
         ]
+        if self.pulses is not None:
+            # Pings go out 4 times a second: a rank silent for a second while others answer is the one.
+            parts.insert(0, self.pulses.describe(min(1.0, self.pulse_timeout)))
         return "; ".join(parts) or "single rank"
+
+    def hung_ranks(self, step_seconds: float) -> list[str]:
+        """Called by the watchdog (its own thread): followers silent for the pulse timeout while a step
+        has been stuck at least that long. Either alone is no proof (a long step; a lost datagram)."""
+        if self.pulses is None:
+            return []
+        hung = self.pulses.gone_ranks() if step_seconds >= 0.5 else []  # refused pings: certainly dead
+        if step_seconds >= self.pulse_timeout:
+            hung += [r for r in self.pulses.silent(self.pulse_timeout) if r not in hung]
+        return [self.rank_names.get(r, f"rank {r}") for r in hung]
 
     def _collect_reports(self, now: float) -> None:
         ssd = self.scheduler.prefix_cache.ssd if self.scheduler.prefix_cache is not None else None
@@ -289,10 +306,13 @@ def _safe_send(req: GenerationRequest, event: RequestEvent) -> None:
         log.debug("dropping event for %s: sink failed", req.request_id, exc_info=True)
 
 
-def follow(executor: Executor, bus: ControlBus, reporter: Reporter) -> int:
-    """A follower's whole life: execute what rank 0 broadcasts until it says stop, and report health."""
+def follow(executor: Executor, bus: ControlBus, reporter: Reporter, activity: Activity | None = None) -> int:
+    """A follower's whole life: execute what rank 0 broadcasts until it says stop, and report health.
+    `activity` tells rank 0's liveness pings what this loop is doing."""
     step, step_ms = 0, 0.0
+    activity = activity or Activity()
     while True:
+        activity.set("waiting for rank 0's next message")
         message = bus.receive()
         if isinstance(message, Shutdown):
             bus.close()
@@ -301,6 +321,7 @@ def follow(executor: Executor, bus: ControlBus, reporter: Reporter) -> int:
             return message.exit_code
         if isinstance(message, StepPlan):
             start = time.monotonic()
+            activity.set(f"executing step {message.step}")
             out = executor.execute(message)
             step, step_ms = message.step, (time.monotonic() - start) * 1000
             if message.ssd_load:  # rank 0 waits for every rank's read result before using the blocks

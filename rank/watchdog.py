@@ -29,12 +29,14 @@ class StepWatchdog:
         describe: Callable[[], str],
         exit_process: Callable[[int], None] = os._exit,
         grace: float = 1.0,
+        hung: Callable[[float], list[str]] | None = None,
     ) -> None:
         self.client = client
         self.timeout = timeout
         self.describe = describe  # what is known about the ranks, for the message
         self.exit_process = exit_process
         self.grace = grace  # time for HTTP responses to flush before the process ends
+        self.hung = hung  # names of ranks known to be hung, given how long the step has taken so far
         self._since: float | None = None
         self._label = ""
         self._stopped = threading.Event()
@@ -60,12 +62,22 @@ class StepWatchdog:
     def _run(self) -> None:
         while not self._stopped.wait(min(0.25, self.timeout / 4)):
             since = self._since
-            if since is None or time.monotonic() - since < self.timeout:
+            if since is None:
                 continue
-            message = (
-                f"step watchdog: {self._label} has not completed in {self.timeout:g} s; a rank is hung or dead "
-                f"({self.describe()}). Failing in-flight requests and stopping the job."
-            )
+            elapsed = time.monotonic() - since
+            hung = self.hung(elapsed) if self.hung is not None else []
+            if hung:
+                message = (
+                    f"step watchdog: {', '.join(hung)} hung: {self._label} has waited {elapsed:.1f} s for it "
+                    f"({self.describe()}). Failing in-flight requests and stopping the job."
+                )
+            elif elapsed >= self.timeout:
+                message = (
+                    f"step watchdog: {self._label} has not completed in {self.timeout:g} s; a rank is hung or "
+                    f"dead ({self.describe()}). Failing in-flight requests and stopping the job."
+                )
+            else:
+                continue
             log.error(message)
             self.client.set_state(EngineState.FAILED, message)
             n = self.client.fail_live(message)

@@ -25,6 +25,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with heads a 3-rank job can split (6 query, 3 KV heads)."""
+    from rank.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny3", seed=7, hidden=192, heads=6, kv_heads=3, ffn=384)
+
+
+@pytest.fixture(scope="session")
 def job_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[type]:
     started: list[Job] = []
     logs = tmp_path_factory.mktemp("logs")

@@ -76,8 +76,47 @@ def test_hung_follower_mid_request(job_factory, tiny_model: Path, launcher: bool
             pass  # already gone: the job may stop before we ask
         assert job.wait(15) != 0
         assert "step watchdog" in job.log() or "did not receive" in job.log()
+        # the liveness side channel (outside MPI) names the hung rank even though every rank waits
+        # inside the same collective
+        assert f"rank 1 (host {os.uname().nodename}, pid {follower}) is not responding" in job.log()
     finally:
         os.kill(follower, signal.SIGCONT) if Path(f"/proc/{follower}").exists() else None
+
+
+def test_hung_rank_among_three_is_named_before_the_step_timeout(job_factory, tiny3_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGSTOP of rank 2 of 3 mid-stream. Ranks 0 and 1 wait inside the same collective, so MPI cannot
+    tell who hangs; the liveness pings can. With a long step timeout, the pulse timeout (2 s) decides:
+    the job stops long before 60 s, and the log names rank 2, not rank 1, as the hung one."""
+    args = tiny_args(tiny3_model, "--step-timeout", "60", "--pulse-timeout", "2")
+    job = job_factory.start(3, args, "sigstop-three")
+    stream = Stream(job)
+    victim, bystander = job.rank_pid(2), job.rank_pid(1)
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        assert stream.ended.wait(20), "client left hanging"
+        assert stream.failed()
+        assert job.wait(20) != 0
+        assert time.monotonic() - t0 < 20
+        log = job.log()
+        node = os.uname().nodename
+        assert f"step watchdog: rank 2 (host {node}, pid {victim}) hung" in log, log[-3000:]
+        assert f"rank 1 (host {node}, pid {bystander}) is alive" in log
+    finally:
+        os.kill(victim, signal.SIGCONT) if Path(f"/proc/{victim}").exists() else None
+
+
+def test_long_steps_are_not_hangs(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """A step may take longer than the pulse timeout as long as every rank answers its pings."""
+    args = tiny_args(tiny_model, "--pulse-timeout", "0.5", "--prefill-chunk", "4096")
+    job = job_factory.start(2, args, "long-steps")
+    prompt = "orchard " * 240  # one prefill chunk of ~1,900 tokens: seconds on this CPU, over 0.5 s anywhere
+    r = httpx.post(
+        job.url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 4}, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    assert httpx.get(job.url + "/health/ready", timeout=5).status_code == 200
+    job.stop()
 
 
 @pytest.mark.parametrize("launcher", [False, True], ids=["mpirun", "launcher"])

@@ -1,0 +1,185 @@
+"""The sockets and threads of the liveness side channel (cluster/pulse.py has the why and the formats).
+
+Followers: `PulseResponder` binds a UDP port on every interface and answers rank 0's pings from a
+thread of its own, with what the engine thread is doing (`Activity`). Rank 0: `PulseMonitor` pings each
+follower at the addresses it announced at start-up (over MPI, with its token) and records answers in a
+`PulseBook`. Neither thread touches MPI or MLX, so both keep going while the engine waits in a collective.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import secrets
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cluster.pulse import MAX_PULSE_BYTES, Ping, Pong, PulseBook, decode
+
+log = logging.getLogger("orchard.pulse")
+
+
+class Activity:
+    """What this rank's engine thread is doing, and since when (set by it, read by the responder)."""
+
+    def __init__(self) -> None:
+        self._state = ("starting", time.monotonic())
+
+    def set(self, label: str) -> None:
+        if label != self._state[0]:
+            self._state = (label, time.monotonic())
+
+    def get(self) -> tuple[str, float]:
+        label, since = self._state
+        return label, time.monotonic() - since
+
+
+def local_addresses() -> list[str]:
+    """This host's IPv4 addresses other than loopback and link-local, where rank 0 may reach us."""
+    import psutil
+
+    out = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family != socket.AF_INET:
+                continue
+            ip = ipaddress.ip_address(a.address)
+            if not (ip.is_loopback or ip.is_link_local):
+                out.append(a.address)
+    return sorted(set(out))
+
+
+class PulseResponder:
+    def __init__(self, rank: int, activity: Activity) -> None:
+        self.rank, self.pid, self.activity = rank, os.getpid(), activity
+        self.token = secrets.token_bytes(16)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("0.0.0.0", int(os.environ.get("ORCHARD_PULSE_PORT", "0"))))
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pulse-responder", daemon=True)
+
+    def hello(self) -> dict[str, object]:
+        """What rank 0 needs to reach us, sent to it over MPI at start-up."""
+        return {"port": self.sock.getsockname()[1], "token": self.token.hex(), "addresses": local_addresses()}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            ready, _, _ = select.select([self.sock], [], [], 0.25)
+            if not ready:
+                continue
+            try:
+                data, source = self.sock.recvfrom(MAX_PULSE_BYTES + 1)
+            except OSError:
+                continue
+            ping = decode(data)
+            if not isinstance(ping, Ping) or not secrets.compare_digest(ping.token, self.token):
+                continue
+            label, busy = self.activity.get()
+            try:
+                self.sock.sendto(Pong(self.rank, self.pid, ping.nonce, label, busy).encode(), source)
+            except OSError:
+                continue
+
+
+@dataclass(slots=True)
+class _Link:
+    """One connected UDP socket from rank 0 to one address of one follower. Connected, so that a port
+    nobody listens on any more (the process died, its host is up) comes back as ECONNREFUSED at once."""
+
+    rank: int
+    token: bytes
+    address: str
+    sock: socket.socket
+
+
+class PulseMonitor:
+    """Rank 0: ping every follower `interval` apart and record answers and refusals in `book`."""
+
+    def __init__(self, book: PulseBook, interval: float = 0.25) -> None:
+        self.book, self.interval = book, interval
+        self._links: list[_Link] = []
+        self._nonce = 0
+        self.on_gone: Callable[[int], None] | None = None  # called (monitor thread) when a rank's process died
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pulse-monitor", daemon=True)
+
+    def add(self, rank: int, hello: dict, same_host: bool) -> None:
+        """`hello` is what the follower's responder announced; a rank on this host is reached on loopback."""
+        try:
+            port, token = int(hello["port"]), bytes.fromhex(str(hello["token"]))
+            addresses = ["127.0.0.1"] if same_host else [str(a) for a in hello.get("addresses", [])][:16]
+        except (KeyError, TypeError, ValueError):
+            log.warning("rank %d announced no usable liveness port; it cannot be told apart when hung", rank)
+            return
+        for address in addresses:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.connect((address, port))
+            except OSError:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self._links.append(_Link(rank, token, address, sock))
+
+    def start(self) -> None:
+        if self._links:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        for link in self._links:
+            link.sock.close()
+
+    def _ping_all(self) -> None:
+        self._nonce += 1
+        answered = self.book.answered_ranks()
+        for link in self._links:
+            if link.rank in answered and answered[link.rank] != link.address:
+                continue  # another address of this rank answers: ping that one only
+            try:
+                link.sock.send(Ping(link.token, self._nonce).encode())
+            except OSError as exc:
+                self._refused(link, exc)
+
+    def _refused(self, link: _Link, exc: OSError) -> None:
+        if exc.errno == errno.ECONNREFUSED and self.book.address_of(link.rank) == link.address:
+            if self.book.gone(link.rank):
+                log.error("%s is gone: its liveness port refuses pings (the process died)", self.book.name(link.rank))
+                if self.on_gone is not None:
+                    self.on_gone(link.rank)
+
+    def _run(self) -> None:
+        next_ping = 0.0
+        socks = {link.sock: link for link in self._links}
+        while not self._stopped.is_set():
+            now = time.monotonic()
+            if now >= next_ping:
+                self._ping_all()
+                next_ping = now + self.interval
+            ready, _, _ = select.select(list(socks), [], [], max(0.0, next_ping - time.monotonic()))
+            for sock in ready:
+                link = socks[sock]
+                try:
+                    data = sock.recv(MAX_PULSE_BYTES + 1)
+                except OSError as exc:
+                    self._refused(link, exc)
+                    continue
+                pong = decode(data)
+                if isinstance(pong, Pong) and pong.rank == link.rank and pong.nonce <= self._nonce:
+                    self.book.answered(pong, link.address)

@@ -1,0 +1,103 @@
+"""The liveness side channel: datagram codec, rank 0's book, and real UDP sockets on loopback."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import msgpack
+
+from cluster.health import UNRESPONSIVE, HealthTable
+from cluster.pulse import Ping, Pong, PulseBook, decode
+from rank.pulse import Activity, PulseMonitor, PulseResponder
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_codec_round_trips_and_refuses_garbage() -> None:
+    ping = Ping(b"k" * 16, 7)
+    pong = Pong(2, 4242, 7, "executing step 9", 1.5)
+    assert decode(ping.encode()) == ping
+    assert decode(pong.encode()) == pong
+    for junk in (b"", b"\xc1", b"x" * 600, msgpack.packb([9, 1]), msgpack.packb([1, "no", "nonce"]), msgpack.packb({"a": 1})):
+        assert decode(junk) is None
+
+
+def test_book_names_the_silent_rank_first() -> None:
+    clock = Clock()
+    book = PulseBook(clock, {1: "rank 1 (host a, pid 1)", 2: "rank 2 (host b, pid 2)"})
+    clock.now += 0.5
+    book.answered(Pong(1, 1, 1, "waiting for rank 0's next message", 0.2))
+    book.answered(Pong(2, 2, 1, "executing step 3", 0.1))
+    clock.now += 3.0
+    book.answered(Pong(1, 1, 2, "executing step 3", 3.0))  # rank 2 went quiet
+    assert book.silent(1.0) == [2]
+    text = book.describe(1.0)
+    assert text.startswith("rank 2 (host b, pid 2) is not responding (no liveness answer for 3.0 s")
+    assert "rank 1 (host a, pid 1) is alive (executing step 3 for 3.0 s)" in text
+    book.answered(Pong(9, 9, 1, "", 0.0))  # unknown ranks are ignored
+    assert book.ranks == [1, 2]
+
+
+def test_health_uses_liveness_over_report_age() -> None:
+    clock = Clock()
+    table = HealthTable(clock, timeout=5.0)
+    for r in (0, 1, 2):
+        table.register(r, "h", r)
+    book = PulseBook(clock, {1: "rank 1", 2: "rank 2"})
+    table.liveness = book.silence
+    clock.now += 10.0  # no reports for 10 s (rank 0 busy in one long step) ...
+    book.answered(Pong(1, 1, 1, "executing step 1", 10.0))  # ... but rank 1 answers its pings
+    states = {h.rank: h.state for h in table.snapshot()}
+    assert states == {0: UNRESPONSIVE, 1: "ok", 2: UNRESPONSIVE}
+    assert table.snapshot()[1].liveness_age_s == 0.0
+
+
+def test_real_sockets_answer_until_the_responder_stops() -> None:
+    activity = Activity()
+    responder = PulseResponder(1, activity)
+    responder.start()
+    book = PulseBook(time.monotonic, {1: "rank 1"})
+    monitor = PulseMonitor(book, interval=0.05)
+    monitor.add(1, responder.hello(), same_host=True)
+    monitor.start()
+    try:
+        activity.set("executing step 5")
+        deadline = time.monotonic() + 5
+        while book.silence(1) > 0.2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert book.silence(1) < 0.2
+        time.sleep(0.2)
+        assert "executing step 5" in book.describe(1.0)
+        responder.stop()
+        time.sleep(0.6)
+        assert book.silent(0.4) == [1]
+        assert book.gone_ranks() == [1]  # its port now refuses: the process is gone, not just quiet
+        assert "rank 1 is gone" in book.describe(1.0)
+    finally:
+        monitor.stop()
+
+
+def test_responder_ignores_pings_without_its_token() -> None:
+    responder = PulseResponder(1, Activity())
+    responder.start()
+    port = int(responder.hello()["port"])  # type: ignore[call-overload]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.5)
+        s.sendto(Ping(b"wrong" * 3 + b"!", 1).encode(), ("127.0.0.1", port))
+        s.sendto(b"not msgpack at all", ("127.0.0.1", port))
+        try:
+            s.recvfrom(1024)
+            raise AssertionError("a stranger's ping was answered")
+        except TimeoutError:
+            pass
+        s.sendto(Ping(responder.token, 3).encode(), ("127.0.0.1", port))
+        data, _ = s.recvfrom(1024)
+        assert decode(data) == Pong(1, responder.pid, 3, "starting", decode(data).activity_s)  # type: ignore[union-attr]
+    responder.stop()
