@@ -1,362 +1,364 @@
-"""The dashboard: header, queue, cache tiers, ranks, events. Polls rank 0's /admin/state in a worker; a
-slow or dead server never freezes the screen: the data is marked stale and reconnects back off."""
+"""The dashboard App: polls rank 0's /admin/state in a worker and applies each snapshot to the panes.
+
+A slow or dead server never freezes the screen: the poll is an async worker (the UI keeps running
+while it waits), a one-second timer only re-labels the header ("stale 4 s") and cannot fail, failed
+polls back off, and nothing the server sends or refuses ends the app: errors become notifications.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import ClassVar
 
-from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.css.query import NoMatches
-from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
+from textual.theme import Theme
+from textual.widgets import Footer, Sparkline, Static
 
-from tui.client import AdminClient, AdminError
+from tui.client import AdminClient, AdminError, Snapshot
+from tui.connection import Link
+from tui.events import diff
+from tui.fmt import duration, rate
+from tui.history import HitHistory
 from tui.screens import ChooseTier, Confirm, Help
+from tui.tiers import TiersPanel
+from tui.widgets import EventLog, QueueTable, RanksTable, StatusHeader, palette
 
-QUEUE_COLUMNS = (
-    ("id", "request"),
-    ("state", "state"),
-    ("age", "age s"),
-    ("prompt", "prompt"),
-    ("gen", "gen"),
-    ("rate", "tok/s"),
+NOTES = (
+    "The queue is sorted by age, oldest first: s cycles the column, S",
+    "reverses, a click on a header sorts by it. in/out: prompt/generated",
+    "tokens. beat: age of the rank's last health report.",
+    "Pause freezes the queue, cache and rank panes so rows stay put while",
+    "you read or select; polling goes on: header and events stay live.",
+    "When rank 0 does not answer, the panes dim (stale) and polls back",
+    "off to one every 10 s, retrying for as long as the dashboard runs.",
 )
-RANK_COLUMNS = (
-    ("rank", "rank"),
-    ("host", "host"),
-    ("state", "state"),
-    ("step", "step ms"),
-    ("mem", "memory"),
-    ("age", "report"),
-)
-STATE_STYLE = {
-    "ok": "bold $success",
-    "slow": "bold $warning",
-    "unresponsive": "bold $error",
-    "dead": "bold reverse $error",
-}
-MAX_BACKOFF = 10.0
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def bar(used: float, capacity: float, width: int = 20) -> str:
-    frac = min(1.0, used / capacity) if capacity else 0.0
-    filled = int(round(frac * width))
-    return "█" * filled + "░" * (width - filled) + f" {frac * 100:4.1f}%"
 
 
 class OrchardApp(App[None]):
     TITLE = "Orchard"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
     CSS = """
-    #header { height: 3; padding: 0 1; background: $boost; }
-    #main { height: 1fr; }
-    #queue { width: 3fr; height: 1fr; border: round $primary; }
+    #header { height: 2; padding: 0 1; background: $panel; text-wrap: nowrap; text-overflow: ellipsis; }
+    #body { height: 1fr; }
+    #top { height: 1fr; }
+    #left { width: 3fr; }
     #side { width: 2fr; }
-    #tiers { height: auto; border: round $primary; padding: 0 1; }
-    Sparkline { height: 1; margin: 0 1; }
-    #ranks { height: 1fr; min-height: 5; border: round $primary; }
-    #events { height: 6; border: round $primary; }
-    #totals { height: 1; padding: 0 1; }
-    DataTable:focus, RichLog:focus { border: round $accent; }
+    .pane { border: round $primary-muted; border-title-color: $text-primary; border-title-style: bold; }
+    .pane:focus-within, .pane:focus { border: round $accent; }
+    DataTable { scrollbar-size-vertical: 1; scrollbar-size-horizontal: 0; }
+    #queue { height: 1fr; }
+    #totals { height: 1; padding: 0 1; color: $text-muted; text-wrap: nowrap; text-overflow: ellipsis; }
+    #tiers { height: auto; max-height: 1fr; padding: 0 1; }
+    #throughput { height: 1fr; min-height: 3; padding: 0 1; }
+    #tput { height: 1fr; }
+    #bottom { height: 10; }
+    #ranks { width: 3fr; height: 1fr; }
+    #events { width: 2fr; height: 1fr; scrollbar-size-vertical: 1; overflow-y: auto; overflow-x: hidden; }
+    Screen.-tall #bottom { height: 12; }
+    Screen.-tall TierView .spark-row { height: 3; }
+    Screen.-narrow #left { width: 1fr; }
+    Screen.-narrow #side { width: 28; }
+    Screen.-narrow #bottom { layout: vertical; height: auto; }
+    Screen.-narrow #ranks { width: 1fr; height: auto; max-height: 8; }
+    Screen.-narrow #events { width: 1fr; height: 5; }
+    #body.-stale DataTable, #body.-stale TiersPanel, #body.-stale #throughput { text-opacity: 55%; }
     """
-    BINDINGS = [
-        Binding("c", "cancel", "cancel"),
-        Binding("d", "drain", "drain"),
-        Binding("r", "resume", "resume"),
-        Binding("x", "clear_tier", "clear tier"),
-        Binding("s", "sort", "sort"),
-        Binding("p", "pause", "pause"),
-        Binding("tab", "focus_next", "pane", show=False),
-        Binding("question_mark", "help", "help"),
-        Binding("q", "quit", "quit"),
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("c", "cancel", "cancel", tooltip="cancel the selected request (asks first)"),
+        Binding("d", "drain", "drain", tooltip="drain: stop admission (new requests get 503)"),
+        Binding("r", "resume", "resume", tooltip="resume admission"),
+        Binding("x", "clear_tier", "clear", tooltip="clear a KV cache tier (pick it, then confirm)"),
+        Binding("s", "sort", "sort", tooltip="sort the queue by the next column"),
+        Binding("S", "reverse_sort", "reverse", show=False, tooltip="reverse the queue's sort order"),
+        Binding("p", "pause", "pause", tooltip="pause / resume the view (polling goes on)"),
+        Binding("tab", "focus_next", "pane", priority=True, tooltip="next pane: queue, cache, ranks, events"),
+        Binding("shift+tab", "focus_previous", "pane", show=False, priority=True, tooltip="previous pane"),
+        Binding("question_mark", "help", "help", key_display="?", tooltip="this help"),
+        Binding("q", "quit", "quit", tooltip="quit (the job keeps running)"),
     ]
 
-    def __init__(self, url: str, token: str | None, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        interval: float = 1.0,
+        *,
+        timeout: float = 5.0,
+        autopoll: bool = True,
+    ) -> None:
+        """`timeout`: how long one poll may wait for rank 0 before it counts as a failure.
+        `autopoll=False` leaves the poller off (the refresh benchmark feeds snapshots itself)."""
         super().__init__()
-        self.client = AdminClient(url, token)
-        self.url = url
-        self.interval = max(0.2, interval)
-        self.snapshot: dict[str, Any] | None = None
-        self.last_ok: float | None = None
-        self.failures = 0
-        self.connection = "connecting"
-        self.paused = False
-        self.sort_index = 0
-        self.hit_history: list[float] = []
-        self.last_refresh_ms = 0.0
+        self.url = url.rstrip("/")
+        self.client = AdminClient(self.url, token, timeout=timeout)
+        self.interval = max(0.1, interval)
+        self.autopoll = autopoll
+        self.link = Link(self.interval)
+        self.hits = HitHistory()
+        self.snapshot: Snapshot | None = None
+        self.view_paused = False
+        self.refresh_ms = 0.0
+        self._wake: asyncio.Event | None = None
+        self._display_error = ""
 
     def compose(self) -> ComposeResult:
-        yield Static(id="header")
-        with Horizontal(id="main"):
-            yield DataTable(id="queue", cursor_type="row", zebra_stripes=True)
-            with Vertical(id="side"):
-                yield Static(id="tiers")
-                yield Sparkline([], id="throughput")
-                yield Sparkline([], id="hitrate")
-                yield DataTable(id="ranks", cursor_type="row")
-        yield Static(id="totals")
-        yield RichLog(id="events", markup=True, max_lines=500)
-        yield Footer()
-
-    def main(self, selector: str, expect_type: type[Any] | None = None) -> Any:
-        """A widget of the dashboard itself, also while a modal screen is on top."""
-        screen = self.screen_stack[0] if self.screen_stack else self.screen
-        return screen.query_one(selector, expect_type) if expect_type else screen.query_one(selector)
+        self.header = StatusHeader(id="header")
+        self.queue = QueueTable(id="queue", classes="pane")
+        self.totals = Static(id="totals")
+        self.tiers = TiersPanel(id="tiers", classes="pane")
+        self.tput = Sparkline([], id="tput")
+        self.ranks = RanksTable(id="ranks", classes="pane")
+        self.events = EventLog(id="events", classes="pane")
+        yield self.header
+        with Vertical(id="body") as body:
+            self.body = body
+            with Horizontal(id="top"):
+                with Vertical(id="left"):
+                    yield self.queue
+                    yield self.totals
+                with Vertical(id="side"):
+                    yield self.tiers
+                    with Vertical(id="throughput", classes="pane") as box:
+                        self.tput_box = box
+                        yield self.tput
+            with Horizontal(id="bottom"):
+                yield self.ranks
+                yield self.events
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
-        queue = self.main("#queue", DataTable)
-        for key, label in QUEUE_COLUMNS:
-            queue.add_column(label, key=key)
-        ranks = self.main("#ranks", DataTable)
-        for key, label in RANK_COLUMNS:
-            ranks.add_column(label, key=key)
-        queue.border_title, ranks.border_title = "queue", "ranks"
-        self.main("#tiers").border_title = "KV cache · throughput · hit rate"
-        self.main("#events", RichLog).border_title = "events"
+        self.queue.border_title, self.tiers.border_title = "queue", "KV cache"
+        self.ranks.border_title, self.events.border_title = "ranks", "events"
+        self.tput_box.border_title = "throughput"
+        self.restyle()
+        self.theme_changed_signal.subscribe(self, self.on_theme)
         self.render_header()
-        self.poll()
+        self.set_interval(1.0, self.tick)
+        self.queue.focus()
+        self._wake = asyncio.Event()
+        if self.autopoll:
+            self.poll_loop()
 
     async def on_unmount(self) -> None:
         await self.client.close()
 
-    # -- polling -------------------------------------------------------------------------------------
-    @work(exclusive=True, group="poll")
-    async def poll(self) -> None:
+    def restyle(self) -> None:
+        styles = palette(self.theme_variables)
+        self.queue.restyle(styles)
+        self.ranks.restyle(styles)
+        self.events.styles_by_level = styles
+        self.events.rewrite()
+
+    def on_theme(self, _theme: Theme) -> None:
+        self.restyle()
+        if self.snapshot is not None and not self.view_paused:
+            self.apply_snapshot(self.snapshot)
+
+    # -- polling ----------------------------------------------------------------------------------
+    @work(exclusive=True, group="poll", exit_on_error=False)
+    async def poll_loop(self) -> None:
         while True:
+            started = time.monotonic()
             try:
-                state = await self.client.state()
+                snap = await self.client.state()
             except AdminError as exc:
-                self.failures += 1
-                was = self.connection
-                self.connection = "auth" if exc.kind == "auth" else "down"
-                if was not in ("down", "auth") or self.failures == 1:
-                    self.event(f"[b]connection[/b]: {exc.message}", "error")
-                    self.notify(exc.message, severity="error", timeout=6)
+                delay = self.lost(exc)
+            except Exception as exc:  # a bug or an httpx surprise: show it, keep polling
+                delay = self.lost(AdminError("protocol", f"poll failed: {type(exc).__name__}: {exc}"))
+            else:
                 try:
-                    self.render_header(error=exc.message)
-                except NoMatches:
-                    return
-                await asyncio.sleep(min(MAX_BACKOFF, self.interval * 2 ** min(self.failures, 4)))
-                continue
-            if self.connection in ("down", "auth"):
-                self.event("[b]connection[/b]: back", "success")
-            self.connection, self.failures, self.last_ok = "live", 0, time.monotonic()
-            previous, self.snapshot = self.snapshot, state
-            self.compare(previous, state)
+                    self.received(snap)
+                except Exception as exc:
+                    self.display_bug(exc)
+                delay = self.interval - (time.monotonic() - started)
+            await self.sleep(delay)
+
+    async def sleep(self, delay: float) -> None:
+        """Sleep until the next poll, or until an action wants fresh data now."""
+        if self._wake is None or delay <= 0:
+            return
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def received(self, snap: Snapshot) -> None:
+        now = time.monotonic()
+        back = self.link.ok(now)
+        if back:
+            self.log_event("success", back)
+            self.notify(back, title="connection")
+        for event in diff(self.snapshot, snap):
+            self.log_event(event.level, event.text)
+        self.snapshot = snap
+        self.hits.add(time.time(), snap.tiers)
+        if not self.view_paused:
+            self.apply_snapshot(snap)
+        self.tick()
+
+    def lost(self, exc: AdminError) -> float:
+        delay, new = self.link.failed(exc)
+        if new:
+            title = "admin token" if exc.kind == "auth" else "connection"
+            self.log_event("error", new)
+            self.notify(new, title=title, severity="error", timeout=8)
+        self.tick()
+        return delay
+
+    def tick(self) -> None:
+        """Once a second and after each poll: re-label the header (stale age) and dim stale panes.
+        Runs in a timer, so it must not raise: it only formats what is already here."""
+        try:
+            status = self.link.status(time.monotonic())
+            self.body.set_class(status.level != "success", "-stale")
+            self.render_header()
+        except Exception as exc:
+            self.display_bug(exc)
+
+    def display_bug(self, exc: Exception) -> None:
+        """A bug in showing a snapshot is reported once per distinct message, and the app goes on."""
+        message = f"display error: {type(exc).__name__}: {exc}"
+        if message != self._display_error:
+            self._display_error = message
+            self.log_event("error", message)
+            self.notify(message, severity="error")
+
+    # -- display ----------------------------------------------------------------------------------
+    def render_header(self) -> None:
+        self.header.show(self.url, self.snapshot, self.link.status(time.monotonic()), self.view_paused)
+
+    def apply_snapshot(self, snap: Snapshot) -> None:
+        """Everything below the header, from one snapshot. Guarded: a display bug is shown, not fatal."""
+        start = time.perf_counter()
+        try:
+            self.queue.show(snap.queue)
+            self.ranks.show(snap.ranks)
+            self.tiers.show(snap.tiers, self.hits.series)
+            self.tput.data = list(snap.history)
+        except Exception as exc:
+            self.display_bug(exc)
+            return
+        self.refresh_ms = (time.perf_counter() - start) * 1000
+        self.label_panes(snap)
+
+    def label_panes(self, snap: Snapshot) -> None:
+        paused = " (paused)" if self.view_paused else ""
+        self.queue.border_title = f"queue · {len(snap.queue)}{paused}"
+        self.queue.summary = f"{snap.running} running · {snap.waiting} waiting · max {snap.max_batch}"
+        self.queue.relabel()
+        done = " · ".join(f"{k} {v}" for k, v in sorted(snap.outcomes.items())) or "none yet"
+        self.totals.update(
+            f"done: {done} · tokens {snap.prompt_tokens} in / {snap.generated_tokens} out"
+            f" · refresh {self.refresh_ms:.0f} ms"
+        )
+        span = duration(len(snap.history) * snap.history_step_s)
+        self.tput_box.border_title = f"throughput {rate(snap.tokens_per_s)} tok/s"
+        self.tput_box.border_subtitle = f"last {span}"
+        self.ranks.border_title = f"ranks · {len(snap.ranks)}{paused}"
+
+    def log_event(self, level: str, text: str) -> None:
+        self.events.add(level, text)
+
+    # -- actions ----------------------------------------------------------------------------------
+    def admin_call(self, what: str, call: Callable[[], Awaitable[str]], done: Callable[[str], str]) -> None:
+        """Run one admin API call in a worker; any failure is a notification and an event line."""
+
+        async def run() -> None:
             try:
-                if not self.paused:
-                    start = time.perf_counter()
-                    self.apply(state)
-                    self.last_refresh_ms = (time.perf_counter() - start) * 1000
-                self.render_header()
-            except NoMatches:
-                return  # the app is closing: its widgets are gone
-            await asyncio.sleep(self.interval)
-
-    # -- rendering -----------------------------------------------------------------------------------
-    def render_header(self, error: str | None = None) -> None:
-        s = self.snapshot or {}
-        if self.connection == "live":
-            conn = Text("● live", style="bold green")
-        elif self.connection == "connecting" and error is None:
-            conn = Text("connecting…", style="bold")
-        else:
-            age = f"stale {time.monotonic() - self.last_ok:.0f} s, " if self.last_ok else ""
-            label = "token refused" if self.connection == "auth" else f"reconnecting {self.failures}/∞"
-            conn = Text(f"● {age}{label}", style="bold red")
-        if self.paused:
-            conn.append("  ⏸ paused", style="bold yellow")
-        line1 = Text(f"Orchard  {self.url}  ", style="bold")
-        line1.append_text(conn)
-        if s:
-            admission = s.get("admission", "?")
-            adm_style = "bold green" if admission == "open" else "bold yellow reverse"
-            line2 = Text(
-                f"model {s.get('model')}  TP={s.get('tensor_parallel')}  up {s.get('uptime_s', 0):.0f} s  "
-            )
-            line2.append(f"admission {admission}", style=adm_style)
-            tp = s.get("throughput", {}).get("output_tokens_per_s", 0.0)
-            line2.append(
-                f"  {tp:.1f} tok/s  batch {s['batch']['running']}/{s['batch']['max_batch']}  waiting {s['batch']['waiting']}"
-            )
-        else:
-            line2 = Text(error or "waiting for the first snapshot…")
-        if s.get("failure"):
-            line2.append(f"  FAILED: {s['failure']}", style="bold red")
-        self.main("#header", Static).update(Text("\n").join([line1, line2]))
-
-    def apply(self, s: dict[str, Any]) -> None:
-        self.apply_queue(s.get("queue", []))
-        self.apply_ranks(s.get("ranks", []))
-        self.apply_tiers(s.get("kv", {}).get("tiers", []), s.get("throughput", {}))
-        totals = s.get("totals", {})
-        outcomes = "  ".join(f"{k} {v}" for k, v in sorted(totals.get("requests", {}).items())) or "none yet"
-        self.main("#totals", Static).update(
-            f"requests: {outcomes}   tokens: {totals.get('prompt_tokens', 0)} in / {totals.get('generated_tokens', 0)} out"
-            f"   refresh {self.last_refresh_ms:.0f} ms"
-        )
-
-    def apply_queue(self, rows: list[dict[str, Any]]) -> None:
-        table = self.main("#queue", DataTable)
-        wanted = {r["request_id"]: r for r in rows}
-        for key in [k.value for k in table.rows if k.value not in wanted]:
-            table.remove_row(key)
-        for rid, r in wanted.items():
-            cells = (
-                rid[-12:],
-                r["state"],
-                f"{r['age_s']:.1f}",
-                str(r["prompt_tokens"]),
-                str(r["generated_tokens"]),
-                f"{r['tokens_per_s']:.1f}",
-            )
-            if rid in table.rows:
-                for (col, _), value in zip(QUEUE_COLUMNS[1:], cells[1:], strict=True):
-                    if table.get_cell(rid, col) != value:
-                        table.update_cell(rid, col, value)
+                result = await call()
+            except AdminError as exc:
+                message = exc.message
+            except Exception as exc:
+                message = f"{type(exc).__name__}: {exc}"
             else:
-                table.add_row(*cells, key=rid)
-        table.border_subtitle = f"{len(rows)} requests"
+                text = done(result)
+                self.notify(text, title=what)
+                self.log_event("warning", f"you: {text}")
+                self.wake()
+                return
+            self.notify(f"{what} failed: {message}", title=what, severity="error", timeout=8)
+            self.log_event("error", f"{what} failed: {message}")
 
-    def apply_ranks(self, ranks: list[dict[str, Any]]) -> None:
-        table = self.main("#ranks", DataTable)
-        for r in ranks:
-            key = str(r["rank"])
-            style = self.get_css_variables().get(STATE_STYLE.get(r["state"], "").split("$")[-1], "")
-            state = Text(r["state"], style=f"bold {style}" if style else "bold")
-            cells = (
-                key,
-                r["host"],
-                state,
-                f"{r['step_ms']:.1f}",
-                gib(r["rss_bytes"]),
-                f"{r['report_age_s']:.1f} s",
-            )
-            if key in table.rows:
-                for (col, _), value in zip(RANK_COLUMNS[1:], cells[1:], strict=True):
-                    table.update_cell(key, col, value)
-            else:
-                table.add_row(*cells, key=key)
-
-    def apply_tiers(self, tiers: list[dict[str, Any]], throughput: dict[str, Any]) -> None:
-        lines = []
-        for t in tiers:
-            name = t["tier"].upper()
-            off = "" if t.get("enabled", True) else f"  OFF: {t.get('disabled_reason', '')}"
-            lines.append(
-                f"{name:<4} {bar(t['bytes_used'], t['capacity_bytes'])}  {gib(t['bytes_used'])} / {gib(t['capacity_bytes'])}{off}"
-            )
-            lines.append(
-                f"     blocks {t['blocks']}  hit rate {t['hit_rate'] * 100:.0f}%  evictions {t['evictions']}"
-            )
-        self.main("#tiers", Static).update("\n".join(lines) or "no KV cache tiers")
-        self.main("#throughput", Sparkline).data = list(throughput.get("history", [])) or [0.0]
-        if tiers:
-            self.hit_history = (self.hit_history + [tiers[0]["hit_rate"]])[-180:]
-            self.main("#hitrate", Sparkline).data = self.hit_history
-
-    # -- events ----------------------------------------------------------------------------------------
-    def event(self, message: str, level: str = "info") -> None:
-        color = {"error": "red", "warning": "yellow", "success": "green"}.get(level, "default")
-        stamp = time.strftime("%H:%M:%S")
-        self.main("#events", RichLog).write(
-            Text.from_markup(f"[dim]{stamp}[/dim] [{color}]{message}[/{color}]")
-        )
-
-    def compare(self, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
-        if old is None:
-            self.event(f"connected to {new.get('model')} on {len(new.get('ranks', []))} rank(s)", "success")
-            return
-        if old.get("admission") != new.get("admission"):
-            self.event(f"admission {old.get('admission')} → {new.get('admission')}", "warning")
-        before = {r["rank"]: r["state"] for r in old.get("ranks", [])}
-        for r in new.get("ranks", []):
-            if before.get(r["rank"], r["state"]) != r["state"]:
-                level = "success" if r["state"] == "ok" else "error"
-                self.event(f"rank {r['rank']} ({r['host']}) {before[r['rank']]} → {r['state']}", level)
-        if new.get("failure") and not old.get("failure"):
-            self.event(f"engine failed: {new['failure']}", "error")
-        old_err = old.get("totals", {}).get("requests", {}).get("error", 0)
-        new_err = new.get("totals", {}).get("requests", {}).get("error", 0)
-        if new_err > old_err:
-            self.event(f"{new_err - old_err} request(s) ended with an error", "error")
-
-    # -- actions ---------------------------------------------------------------------------------------
-    def selected_request(self) -> str | None:
-        table = self.main("#queue", DataTable)
-        if not table.row_count:
-            return None
-        try:
-            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
-        except Exception:
-            return None
-
-    async def act(self, what: str, call: Any) -> None:
-        try:
-            await call
-        except AdminError as exc:
-            self.notify(f"{what} failed: {exc.message}", severity="error")
-            self.event(f"{what} failed: {exc.message}", "error")
-            return
-        self.notify(what)
-        self.event(what, "warning")
+        self.run_worker(run(), group="actions", exit_on_error=False)
 
     def action_cancel(self) -> None:
-        rid = self.selected_request()
-        if rid is None:
-            self.notify("no request selected", severity="warning")
+        rid = self.queue.selected_key()
+        row = self.queue.rows_by_id.get(rid or "")
+        if rid is None or row is None:
+            self.notify("no request selected: pick a row in the queue first", severity="warning")
             return
+        question = (
+            f"{rid}\n{row.state}, age {duration(row.age_s)}, {row.prompt_tokens} prompt tokens, "
+            f"{row.generated_tokens} generated, client {row.client or '?'}\n\n"
+            'Its client gets the error "cancelled by an operator".'
+        )
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.run_worker(self.act(f"cancelled {rid}", self.client.cancel(rid)))
+                self.admin_call("cancel", lambda: self.client.cancel(rid), lambda r: f"cancelled request {r}")
 
-        self.push_screen(Confirm(f"Cancel request {rid}? Its client gets an error."), answered)
+        self.push_screen(Confirm("Cancel this request?", question), answered)
 
     def action_drain(self) -> None:
-        self.run_worker(self.act("admission paused (drain)", self.client.drain()))
+        self.admin_call("drain", self.client.drain, lambda a: f"drain: admission now {a}")
 
     def action_resume(self) -> None:
-        self.run_worker(self.act("admission resumed", self.client.resume()))
+        self.admin_call("resume", self.client.resume, lambda a: f"resume: admission now {a}")
 
     def action_clear_tier(self) -> None:
-        tiers = [t["tier"] for t in (self.snapshot or {}).get("kv", {}).get("tiers", [])]
+        tiers = [t.name for t in self.snapshot.tiers] if self.snapshot else []
         if not tiers:
-            self.notify("no cache tiers to clear", severity="warning")
+            self.notify("no KV cache tiers known (no snapshot yet)", severity="warning")
             return
 
-        def chosen(tier: str | None) -> None:
-            if tier:
-                self.push_screen(
-                    Confirm(f"Clear the {tier} tier?"),
-                    lambda yes: (
-                        self.run_worker(self.act(f"cleared the {tier} tier", self.client.clear(tier)))
-                        if yes
-                        else None
-                    ),
-                )
+        def confirm(tier: str | None) -> None:
+            if tier is None:
+                return
 
-        self.push_screen(ChooseTier(tiers), chosen)
+            def answered(yes: bool | None) -> None:
+                if yes:
+                    self.admin_call(
+                        "clear tier", lambda: self.client.clear_tier(tier), lambda t: f"clearing KV tier {t}"
+                    )
+
+            question = f"Every block of the {tier} tier that no running request uses is dropped."
+            self.push_screen(Confirm(f"Clear the {tier} KV cache tier?", question), answered)
+
+        if len(tiers) == 1:
+            confirm(tiers[0])
+        else:
+            self.push_screen(ChooseTier(tiers), confirm)
 
     def action_sort(self) -> None:
-        table = self.main("#queue", DataTable)
-        self.sort_index = (self.sort_index + 1) % len(QUEUE_COLUMNS)
-        key, label = QUEUE_COLUMNS[self.sort_index]
-        numeric = key in ("age", "prompt", "gen", "rate")
-        table.sort(key, key=lambda v: float(v) if numeric else v, reverse=numeric)
-        self.notify(f"queue sorted by {label}")
+        self.queue.cycle_sort()
+
+    def action_reverse_sort(self) -> None:
+        self.queue.set_sort(self.queue.sort_column, not self.queue.sort_reverse)
 
     def action_pause(self) -> None:
-        self.paused = not self.paused
+        self.view_paused = not self.view_paused
+        self.log_event("info", "view paused (polling goes on)" if self.view_paused else "view resumed")
+        if self.snapshot is not None:
+            if self.view_paused:
+                self.label_panes(self.snapshot)
+            else:
+                self.apply_snapshot(self.snapshot)
         self.render_header()
 
     def action_help(self) -> None:
-        self.push_screen(Help())
+        keys = []
+        for b in self.BINDINGS:
+            assert isinstance(b, Binding)
+            keys.append((b.key_display or b.key, b.tooltip or b.description))
+        self.push_screen(Help(keys, NOTES))

@@ -1,45 +1,54 @@
-"""Modal screens: confirmation, tier choice, help."""
+"""Modal screens: a yes/no confirmation, the choice of a cache tier, and the key help.
+
+Destructive actions (cancel, clear) always pass through `Confirm`, which defaults to "no": escape, n
+and a click outside all decline."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Static
-
-KEYS = [
-    ("c", "cancel the selected request (asks first)"),
-    ("d / r", "drain / resume admission"),
-    ("x", "clear a cache tier (asks first)"),
-    ("s", "sort the queue by the next column"),
-    ("p", "pause / unpause the view (polling goes on)"),
-    ("tab", "switch panes"),
-    ("?", "this help"),
-    ("q", "quit"),
-]
+from textual.widgets import Button, Static
 
 
 class Confirm(ModalScreen[bool]):
-    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
+    BINDINGS = [
+        Binding("y", "answer(True)", "yes"),
+        Binding("n,escape", "answer(False)", "no"),
+    ]
     DEFAULT_CSS = """
     Confirm { align: center middle; }
-    Confirm > Grid { grid-size: 2; grid-gutter: 1 2; width: 60; height: auto; padding: 1 2;
-                     border: thick $warning; background: $surface; }
-    Confirm Label { column-span: 2; width: 100%; }
+    Confirm > Vertical {
+        width: 70; max-width: 95%; height: auto; padding: 1 2;
+        border: thick $warning; background: $surface;
+    }
+    Confirm Static { width: 100%; margin-bottom: 1; }
+    Confirm Horizontal { height: auto; align-horizontal: right; }
+    Confirm Button { margin-left: 2; }
     """
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, title: str, question: str) -> None:
         super().__init__()
+        self.title_text = title
         self.question = question
 
     def compose(self) -> ComposeResult:
-        with Grid():
-            yield Label(self.question)
-            yield Button("Yes (y)", variant="error", id="yes")
-            yield Button("No (n)", variant="primary", id="no")
+        with Vertical():
+            yield Static(f"[b]{escape(self.title_text)}[/b]\n\n{escape(self.question)}")
+            with Horizontal():
+                yield Button("Yes (y)", variant="error", id="yes")
+                yield Button("No (n)", variant="primary", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
         self.dismiss(event.button.id == "yes")
 
     def action_answer(self, yes: bool) -> None:
@@ -47,47 +56,63 @@ class Confirm(ModalScreen[bool]):
 
 
 class ChooseTier(ModalScreen[str | None]):
-    BINDINGS = [Binding("escape", "dismiss_none", "back")]
+    BINDINGS = [Binding("escape", "choose(None)", "back")]
     DEFAULT_CSS = """
     ChooseTier { align: center middle; }
-    ChooseTier > Vertical { width: 50; height: auto; padding: 1 2; border: thick $warning; background: $surface; }
+    ChooseTier > Vertical {
+        width: 60; max-width: 95%; height: auto; padding: 1 2;
+        border: thick $warning; background: $surface;
+    }
     ChooseTier Button { width: 100%; margin-top: 1; }
     """
 
-    def __init__(self, tiers: list[str]) -> None:
+    def __init__(self, tiers: Sequence[str]) -> None:
         super().__init__()
-        self.tiers = tiers
+        self.tiers = list(tiers)
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label("Clear which KV cache tier? Every block no request uses is dropped.")
-            for tier in self.tiers:
-                yield Button(f"clear {tier}", id=f"tier-{tier}", variant="error")
-            yield Button("back (esc)", id="back")
+            yield Static("[b]Clear which KV cache tier?[/b] (number key or click; esc: back)")
+            for i, tier in enumerate(self.tiers, 1):
+                yield Button(f"{i}: {tier}", id=f"tier-{i}", variant="warning")
+
+    def on_key(self, event: events.Key) -> None:
+        key = event.character or ""
+        if key.isdigit() and 1 <= int(key) <= len(self.tiers):
+            event.stop()
+            self.dismiss(self.tiers[int(key) - 1])
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        bid = event.button.id or ""
-        self.dismiss(bid.removeprefix("tier-") if bid.startswith("tier-") else None)
+        event.stop()
+        self.dismiss(self.tiers[int((event.button.id or "tier-0")[5:]) - 1])
 
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
+    def action_choose(self, tier: str | None) -> None:
+        self.dismiss(tier)
 
 
 class Help(ModalScreen[None]):
+    """Lists the app's own bindings (key, long description), so the help cannot drift from the keys."""
+
     BINDINGS = [Binding("escape,question_mark,q", "close", "close")]
     DEFAULT_CSS = """
     Help { align: center middle; }
-    Help > Static { width: 64; height: auto; padding: 1 2; border: thick $primary; background: $surface; }
+    Help > VerticalScroll {
+        width: 78; max-width: 100%; height: auto; max-height: 100%; padding: 0 1;
+        border: thick $primary; background: $surface;
+    }
     """
 
+    def __init__(self, keys: Sequence[tuple[str, str]], notes: Sequence[str]) -> None:
+        super().__init__()
+        self.keys = keys
+        self.notes = notes
+
     def compose(self) -> ComposeResult:
-        lines = ["[b]Orchard dashboard keys[/b]", ""] + [f"[b]{k:<6}[/b] {what}" for k, what in KEYS]
-        lines += [
-            "",
-            "Data marked [i]stale[/i] is the last snapshot the server sent.",
-            "esc closes this help.",
-        ]
-        yield Static("\n".join(lines))
+        lines = ["[b]Orchard dashboard keys[/b]   [dim](esc, ? or q closes)[/dim]", ""]
+        lines += [f"[b $text-accent]{escape(k):<9}[/] {escape(what)}" for k, what in self.keys]
+        lines += ["", *[escape(n) for n in self.notes]]
+        with VerticalScroll():
+            yield Static("\n".join(lines))
 
     def action_close(self) -> None:
         self.dismiss(None)

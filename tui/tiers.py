@@ -1,0 +1,85 @@
+"""The KV cache pane: one view per tier in the snapshot, built from the fields every tier shares, so a
+tier added later (ssd, ...) shows up without code here; its extra plain fields are listed as they are."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
+from textual.widgets import Label, ProgressBar, Sparkline, Static
+
+from tui.client import Tier
+from tui.fmt import count, human_bytes
+
+
+class TierView(Vertical):
+    """One KV tier: a used/capacity bar, the counters, and the recent hit-rate sparkline."""
+
+    DEFAULT_CSS = """
+    TierView { height: auto; }
+    TierView > Horizontal { height: 1; }
+    TierView .name { width: 5; text-style: bold; }
+    TierView ProgressBar { width: 1fr; }
+    TierView Bar { width: 1fr; }
+    TierView .stats { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    TierView Sparkline { width: 1fr; height: 1fr; }
+    """
+
+    def __init__(self, tier: Tier, hits: list[float]) -> None:
+        super().__init__(classes="tier")
+        self.tier_name = tier.name
+        self._latest = (tier, hits)
+
+    def on_mount(self) -> None:
+        self.show(*self._latest)
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            yield Label(self.tier_name.upper()[:4], classes="name")
+            yield ProgressBar(total=1, show_eta=False)
+        yield Static(classes="stats")
+        with Horizontal(classes="spark-row"):
+            yield Label("hit%", classes="name")
+            yield Sparkline([], summary_function=max)
+
+    def show(self, t: Tier, hits: list[float]) -> None:
+        self._latest = (t, hits)
+        if not self.is_mounted:
+            return  # on_mount shows the latest figures
+        used, cap = (t.bytes_used, t.capacity_bytes) if t.capacity_bytes else (t.blocks, t.capacity_blocks)
+        self.query_one(ProgressBar).update(total=max(cap, 1), progress=min(used, max(cap, 1)))
+        parts = [
+            f"hit {t.hit_rate:.0%}",
+            f"ev {count(t.evictions)}",
+            f"{count(t.blocks)}/{count(t.capacity_blocks)} blk",
+            f"{human_bytes(t.bytes_used)} / {human_bytes(t.capacity_bytes)}",
+        ]
+        parts += [
+            f"{k.replace('_', ' ')} {v}"
+            for k, v in t.extra.items()
+            if k not in ("block_bytes", "miss_tokens")
+        ]
+        text = escape(" · ".join(parts))
+        if not t.enabled:
+            text = f"[b $text-error]off: {escape(t.disabled_reason or 'disabled')}[/] · " + text
+        self.query_one(".stats", Static).update(text)
+        self.query_one(Sparkline).data = hits
+
+
+class TiersPanel(VerticalScroll):
+    """Tier views appear and disappear with the tiers in the snapshot (an ssd tier may come later)."""
+
+    def show(self, tiers: Sequence[Tier], hits: Callable[[str], list[float]]) -> None:
+        views = {v.tier_name: v for v in self.query(TierView)}
+        names = {t.name for t in tiers}
+        for name, old in views.items():
+            if name not in names:
+                old.remove()
+        for t in tiers:
+            view = views.get(t.name)
+            if view is None:
+                self.mount(TierView(t, hits(t.name)))
+            else:
+                view.show(t, hits(t.name))
