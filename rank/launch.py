@@ -39,6 +39,7 @@ def mpirun_command(np: int | None, hostfile: str | None, rank_args: list[str]) -
         "ORCHARD_ADMIN_TOKEN",
         "ORCHARD_BLAS",
         "ORCHARD_STATUS_FILE",
+        "ORCHARD_PULSE_PORT",
     ):
         if name in os.environ:
             cmd += ["-x", name]
