@@ -1,0 +1,257 @@
+"""Orchard against mlx_lm.server (and optionally the raw engine ceiling) on the same model, ranks and
+workload, printed side by side.
+
+    python benchmarks/compare.py --np 1 --workload distinct --json
+    python benchmarks/compare.py --np 3 --workload shared-prefix --raw --json results.json
+    python benchmarks/compare.py --requests 4 --max-tokens 8 --servers orchard --raw   # quick check
+
+Workloads (serve_bench's prompt generator, seed 0): `distinct` is 8 concurrent ~150-token chats;
+`shared-prefix` is a burst of 8 concurrent chats about one ~1,500-word document. Orchard starts with an
+empty KV cache (a fresh SSD folder, or none with --kv-ssd none), so nothing is cached before the burst.
+
+Both servers run with the same --np (under the venv's mpirun with the launcher's flags; one rank runs
+alone, as `python -m rank` fails under a one-process mpirun) and the same converted model folder
+(rank.models.resolve_model), one after the other on free loopback ports so they never compete for cores.
+mlx_lm.server gets the environment our ranks give themselves (rank.env: MLX_MPI_LIBNAME, OpenBLAS preload,
+OMPI_MCA_mpi_yield_when_idle) and is addressed as "default_model" (its /v1/models may not answer). Each
+server gets one untimed warm-up request unrelated to the workload. Every process started is stopped at
+the end, also on errors and Ctrl-C. Ratios are Orchard / other: above 1 is better for tok/s and req/s,
+worse for latencies. The raw engine ignores EOS (exactly --max-tokens per request); servers stop at EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import serve_bench
+from jobs import (
+    Job,
+    StopOnSignal,
+    free_port,
+    job_command,
+    log_dir,
+    run_to_end,
+    start_mlx_lm,
+    start_orchard,
+    stop_all,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = (
+    ("output tok/s", "output_tok_s"),
+    ("requests/s", "requests_s"),
+    ("TTFT p50 ms", "ttft_p50_ms"),
+    ("TTFT p90 ms", "ttft_p90_ms"),
+    ("ITL p50 ms", "itl_p50_ms"),
+    ("TPOT p50 ms", "tpot_p50_ms"),
+    ("E2E p50 ms", "e2e_p50_ms"),
+    ("output tokens", "output_tokens"),
+    ("errors", "errors"),
+)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def bench_namespace(args: argparse.Namespace, url: str, model: str) -> argparse.Namespace:
+    """The arguments serve_bench.run reads, from ours."""
+    return argparse.Namespace(
+        url=url,
+        model=model,
+        api_key=None,
+        workload=args.workload,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        rate=0.0,
+        prompt_tokens=args.prompt_tokens,
+        prefix_tokens=args.prefix_tokens,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        timeout=args.bench_timeout,
+        max_duration=args.bench_timeout,
+    )
+
+
+def warm_up(url: str, model: str, timeout: float) -> None:
+    """One short untimed chat unrelated to the workload (first-call allocations, lazy imports)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=timeout)
+    if r.status_code != 200:
+        raise SystemExit(f"warm-up request to {url} failed: HTTP {r.status_code} {r.text[:200]}")
+
+
+def measure_server(
+    start: Callable[[int], Job], model: str, args: argparse.Namespace, jobs: list[Job]
+) -> dict[str, Any]:
+    """Start a server, wait for it, warm it up, run serve_bench's workload, stop it."""
+    job = start(free_port())
+    jobs.append(job)
+    say(f"{job.name}: starting on {job.url} (log {job.log_path})")
+    ready = job.wait_ready(args.ready_timeout, say)
+    say(f"{job.name}: ready after {ready:.1f} s; warm-up, then {args.requests} requests")
+    for _ in range(args.warmup):
+        warm_up(job.url, model, args.bench_timeout)
+    summary = asyncio.run(serve_bench.run(bench_namespace(args, job.url, model)))
+    summary["ready_s"] = round(ready, 1)
+    say(f"{job.name}: {summary['output_tok_s']} output tok/s, {summary['errors']} errors; stopping")
+    job.stop()
+    return summary
+
+
+def measure_raw(args: argparse.Namespace, model_dir: Path, logs: Path) -> dict[str, Any] | None:
+    name = f"raw-engine-np{args.np}"
+    out = logs / f"{name}.json"
+    script = Path(__file__).resolve().parent / "raw_engine.py"
+    flags = ["--model", str(model_dir), "--workload", args.workload, "--requests", str(args.requests)]
+    flags += ["--concurrency", str(args.concurrency), "--prompt-tokens", str(args.prompt_tokens)]
+    flags += ["--prefix-tokens", str(args.prefix_tokens), "--max-tokens", str(args.max_tokens)]
+    flags += ["--temperature", str(args.temperature), "--seed", str(args.seed), "--warmup", str(args.warmup)]
+    env = dict(os.environ)
+    cmd = job_command(args.np, [sys.executable, str(script), *flags, "--json", str(out)], env)
+    say(f"raw engine: {args.requests} requests on {args.np} rank(s) (log {logs / name}.log)")
+    job = run_to_end(name, cmd, args.bench_timeout, logs, env)
+    if not out.exists():
+        say(f"raw engine failed (exit {job.proc.returncode}):\n{job.log_tail()}")
+        return None
+    summary: dict[str, Any] = json.loads(out.read_text())
+    say(f"raw engine: {summary['output_tok_s']} output tok/s")
+    return summary
+
+
+def ratio(a: Any, b: Any) -> str:
+    try:
+        return f"{float(a) / float(b):.2f}" if float(b) else "n/a"
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def table(results: dict[str, dict[str, Any] | None]) -> str:
+    orch, mlx, raw = (results.get(k) or {} for k in ("orchard", "mlx_lm.server", "raw engine"))
+    head = ("metric", "Orchard", "mlx_lm.server", "raw engine", "Orchard/mlx_lm", "Orchard/raw")
+    rows = [head]
+    for label, key in ROWS:
+        cells = [str(r.get(key, "n/a")) if r else "n/a" for r in (orch, mlx, raw)]
+        if key == "errors" and raw:
+            cells[2] = "0"
+        rows.append((label, *cells, ratio(orch.get(key), mlx.get(key)), ratio(orch.get(key), raw.get(key))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--np", type=int, default=1, help="ranks for every server and the raw engine")
+    p.add_argument("--model", help="local mlx-lm directory or llama GGUF (default: embedded SmolLM2)")
+    p.add_argument("--workload", choices=("distinct", "shared-prefix"), default="distinct")
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=120, help="approximate words per distinct prompt")
+    p.add_argument("--prefix-tokens", type=int, default=1500, help="approximate words of the shared document")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--servers", default="orchard,mlx_lm", help="comma-separated subset of orchard,mlx_lm")
+    p.add_argument("--raw", action="store_true", help="also run raw_engine.py for the ceiling")
+    p.add_argument(
+        "--kv-ssd",
+        choices=("fresh", "none"),
+        default="fresh",
+        help="Orchard's SSD tier: empty temp dir or off",
+    )
+    p.add_argument("--orchard-args", default="", help="more flags for python -m rank (one string)")
+    p.add_argument("--mlx-lm-args", default="", help="more flags for mlx_lm server (one string)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up requests per server")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start")
+    p.add_argument("--bench-timeout", type=float, default=900.0, help="seconds one workload run may take")
+    p.add_argument(
+        "--json", nargs="?", const="auto", help="write everything here (no value: benchmarks/results/)"
+    )
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if set(servers) - {"orchard", "mlx_lm"}:
+        raise SystemExit(f"--servers: unknown {sorted(set(servers) - {'orchard', 'mlx_lm'})}")
+    from cluster.errors import OrchardError
+    from rank.models import check_tensor_parallel, default_cache_dir, resolve_model
+
+    try:
+        model_dir = resolve_model(args.model, default_cache_dir(), progress=say)
+        check_tensor_parallel(json.loads((model_dir / "config.json").read_text()), args.np)
+    except OrchardError as exc:
+        raise SystemExit(f"compare: {exc}") from exc
+    logs = log_dir()
+    kv = tempfile.mkdtemp(prefix="orchard-bench-kv-") if args.kv_ssd == "fresh" else "none"
+    say(f"model {model_dir}, np {args.np}, workload {args.workload}, logs in {logs}")
+    results: dict[str, dict[str, Any] | None] = {}
+    jobs: list[Job] = []
+    try:
+        with StopOnSignal():
+            if "orchard" in servers:
+                extra = ["--served-model-name", model_dir.name, *shlex.split(args.orchard_args)]
+                results["orchard"] = measure_server(
+                    lambda port: start_orchard(args.np, str(model_dir), port, logs, kv, extra),
+                    model_dir.name,
+                    args,
+                    jobs,
+                )
+            if "mlx_lm" in servers:
+                extra = shlex.split(args.mlx_lm_args)
+                results["mlx_lm.server"] = measure_server(
+                    lambda port: start_mlx_lm(args.np, model_dir, port, logs, extra),
+                    "default_model",
+                    args,
+                    jobs,
+                )
+            if args.raw:
+                results["raw engine"] = measure_raw(args, model_dir, logs)
+    except KeyboardInterrupt:
+        say("interrupted: stopping every process started")
+        return 130
+    finally:
+        stop_all(jobs)
+        if kv != "none":
+            shutil.rmtree(kv, ignore_errors=True)
+    print(
+        f"\n{args.workload}, {args.requests} requests at concurrency {args.concurrency}, np {args.np}, {model_dir.name}"
+    )
+    print(table(results))
+    if args.json:
+        path = (
+            Path(args.json)
+            if args.json != "auto"
+            else RESULTS / f"compare-{args.workload}-np{args.np}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "config": vars(args),
+            "model_dir": str(model_dir),
+            "machine": f"{os.cpu_count()} cores",
+            "results": results,
+        }
+        path.write_text(json.dumps(report, indent=2))
+        say(f"wrote {path}")
+    return 1 if any(r is None or r.get("errors") for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

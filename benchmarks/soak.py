@@ -1,0 +1,280 @@
+"""Soak test: a mixed workload against a running Orchard job for --minutes while every rank's RSS is
+sampled, to catch leaks (memory that grows with the number of requests served or cancelled).
+
+    python benchmarks/soak.py --url http://127.0.0.1:8000 --minutes 10 --json soak.json
+    python benchmarks/soak.py --minutes 1 --concurrency 2 --token "$(cat ~/.cache/orchard/admin-token)"
+
+Workload (seeded): short (~20 words) and long (~600 words) chat prompts, streaming and not; a share of
+the streams is cancelled mid-way by closing the connection. Bounded by --minutes and --max-requests, and
+loopback only. RSS per rank comes from /admin/state (admin token from --token, ORCHARD_ADMIN_TOKEN or
+<cache>/admin-token) every --sample-every seconds. Reports RSS at start, end and peak per rank and the
+least-squares slope in MiB/min over the whole run and over its second half (past warm-up growth), also
+with the rank's RAM prefix cache bytes taken out (that cache fills by design up to --kv-ram-gb), plus
+the batch a few seconds after the last request (cancelled requests must not linger there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+from serve_bench import words
+
+MIB = 2**20
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass(slots=True)
+class Soak:
+    """What the run saw: request outcomes and memory samples (seconds since start, {rank: (RSS, KV bytes)})."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    output_tokens: int = 0
+    samples: list[tuple[float, dict[int, tuple[int, int]]]] = field(default_factory=list)
+    hosts: dict[int, str] = field(default_factory=dict)
+    started: int = 0
+
+    def error(self, text: str) -> None:
+        self.outcomes["error"] += 1
+        if len(self.errors) < 5:
+            self.errors.append(text[:200])
+
+
+def admin_token(arg: str | None) -> str:
+    if arg:
+        return arg
+    if os.environ.get("ORCHARD_ADMIN_TOKEN"):
+        return os.environ["ORCHARD_ADMIN_TOKEN"]
+    from rank.models import default_cache_dir
+
+    path = default_cache_dir() / "admin-token"
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"no admin token: pass --token (could not read {path}: {exc.strerror})") from exc
+
+
+async def one_request(
+    client: httpx.AsyncClient, args: argparse.Namespace, rng: random.Random, soak: Soak
+) -> None:
+    long = rng.random() < args.long_share
+    stream = rng.random() < args.stream_share
+    cancel_after = rng.randint(1, 4) if stream and rng.random() < args.cancel_share else 0
+    text = words(rng, args.long_words if long else args.short_words)
+    body: dict[str, Any] = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": f"{text}\nSummarise this."}],
+        "max_tokens": rng.randint(8, args.max_tokens),
+        "temperature": rng.choice((0.0, 0.7)),
+        "stream": stream,
+    }
+    kind = f"{'long' if long else 'short'}-{'stream' if stream else 'plain'}"
+    try:
+        if not stream:
+            r = await client.post("/v1/chat/completions", json=body)
+            if r.status_code != 200:
+                soak.error(f"{kind}: HTTP {r.status_code} {r.text[:120]}")
+                return
+            soak.output_tokens += int(r.json().get("usage", {}).get("completion_tokens", 0))
+            soak.outcomes["ok"] += 1
+            return
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                soak.error(f"{kind}: HTTP {r.status_code} {(await r.aread())[:120]!r}")
+                return
+            chunks = 0
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    chunks += 1
+                    if cancel_after and chunks >= cancel_after:
+                        break  # leaving the block unread closes the connection: the server must cancel
+            soak.output_tokens += chunks
+        soak.outcomes["cancelled" if cancel_after and chunks >= cancel_after else "ok"] += 1
+    except httpx.HTTPError as exc:
+        soak.error(f"{kind}: {type(exc).__name__}: {exc}")
+
+
+async def worker(
+    client: httpx.AsyncClient, args: argparse.Namespace, seed: int, deadline: float, soak: Soak
+) -> None:
+    rng = random.Random(seed)
+    while time.monotonic() < deadline and soak.started < args.max_requests:
+        soak.started += 1
+        await one_request(client, args, rng, soak)
+
+
+async def state(client: httpx.AsyncClient, token: str) -> dict[str, Any]:
+    r = await client.get("/admin/state", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    r.raise_for_status()
+    result: dict[str, Any] = r.json()
+    return result
+
+
+async def sampler(
+    client: httpx.AsyncClient, token: str, every: float, start: float, stop: asyncio.Event, soak: Soak
+) -> None:
+    while True:
+        try:
+            ranks = (await state(client, token))["ranks"]
+            # A rank that has not reported yet shows RSS 0: not a sample.
+            memory = {r["rank"]: (r["rss_bytes"], r["kv_bytes"]) for r in ranks if r["rss_bytes"] > 0}
+            soak.samples.append((time.monotonic() - start, memory))
+            soak.hosts.update({r["rank"]: r["host"] for r in ranks})
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            print(f"soak: /admin/state failed: {exc}", file=sys.stderr)
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+            return
+        except asyncio.TimeoutError:
+            continue
+
+
+def slope_mib_min(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, bytes) in MiB per minute."""
+    if len(points) < 2:
+        return float("nan")
+    n = len(points)
+    mt = sum(t for t, _ in points) / n
+    mv = sum(v for _, v in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    if var == 0:
+        return float("nan")
+    return sum((t - mt) * (v - mv) for t, v in points) / var * 60 / MIB
+
+
+def rss_report(soak: Soak) -> list[dict[str, Any]]:
+    rows = []
+    ranks = sorted({r for _, sample in soak.samples for r in sample})
+    for rank in ranks:
+        points = [(t, float(s[rank][0])) for t, s in soak.samples if rank in s]
+        # RSS not explained by the RAM prefix cache, which grows by design up to --kv-ram-gb.
+        other = [(t, float(s[rank][0] - s[rank][1])) for t, s in soak.samples if rank in s]
+        kv_end = next(s[rank][1] for _, s in reversed(soak.samples) if rank in s)
+        half = points[0][0] + (points[-1][0] - points[0][0]) / 2
+        rows.append(
+            {
+                "rank": rank,
+                "host": soak.hosts.get(rank, "?"),
+                "samples": len(points),
+                "rss_start_mib": round(points[0][1] / MIB, 1),
+                "rss_end_mib": round(points[-1][1] / MIB, 1),
+                "rss_peak_mib": round(max(v for _, v in points) / MIB, 1),
+                "slope_mib_min": round(slope_mib_min(points), 2),
+                "slope_second_half_mib_min": round(slope_mib_min([p for p in points if p[0] >= half]), 2),
+                "kv_cache_end_mib": round(kv_end / MIB, 1),
+                "slope_without_kv_mib_min": round(slope_mib_min(other), 2),
+                "slope_without_kv_second_half_mib_min": round(
+                    slope_mib_min([p for p in other if p[0] >= half]), 2
+                ),
+            }
+        )
+    return rows
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    token = admin_token(args.token)
+    soak = Soak()
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout, limits=limits) as client:
+        first = await state(client, token)  # fails early on a wrong token or URL
+        args.model = args.model or first["model"]
+        start = time.monotonic()
+        deadline = start + args.minutes * 60
+        stop = asyncio.Event()
+        sampling = asyncio.create_task(sampler(client, token, args.sample_every, start, stop, soak))
+        print(
+            f"soak: {args.minutes} min against {args.url} ({args.model}), {args.concurrency} at once",
+            file=sys.stderr,
+        )
+        await asyncio.gather(
+            *(worker(client, args, args.seed + i, deadline, soak) for i in range(args.concurrency))
+        )
+        wall = time.monotonic() - start
+        await asyncio.sleep(args.settle)  # let cancellations and the last replies settle
+        stop.set()
+        await sampling
+        after = await state(client, token)
+    return {
+        "url": args.url,
+        "model": args.model,
+        "minutes": round(wall / 60, 2),
+        "requests": soak.started,
+        "outcomes": dict(soak.outcomes),
+        "output_tokens": soak.output_tokens,
+        "first_errors": soak.errors,
+        "batch_after": after.get("batch"),
+        "ranks": rss_report(soak),
+        "samples": [
+            {
+                "t_s": round(t, 1),
+                "rss": {str(k): v[0] for k, v in s.items()},
+                "kv": {str(k): v[1] for k, v in s.items()},
+            }
+            for t, s in soak.samples
+        ],
+        "config": {k: v for k, v in vars(args).items() if k != "token"},
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"{report['requests']} requests in {report['minutes']} min: {report['outcomes']}")
+    print(f"output tokens {report['output_tokens']}; batch after: {report['batch_after']}")
+    for error in report["first_errors"]:
+        print(f"  error: {error}")
+    cols = ("rank", "host", "samples", "rss_start_mib", "rss_end_mib", "rss_peak_mib", "slope_mib_min")
+    cols += ("slope_second_half_mib_min", "kv_cache_end_mib", "slope_without_kv_mib_min")
+    cols += ("slope_without_kv_second_half_mib_min",)
+    heads = ("rank", "host", "samples", "RSS start MiB", "end MiB", "peak MiB", "MiB/min", "2nd half")
+    heads += ("KV end MiB", "RSS-KV MiB/min", "2nd half")
+    print(
+        "RSS per rank (slopes: least squares; RSS-KV leaves out the RAM prefix cache, which grows by design)"
+    )
+    rows = [heads] + [tuple(str(r[c]) for c in cols) for r in report["ranks"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--token", help="admin token (default: ORCHARD_ADMIN_TOKEN or <cache>/admin-token)")
+    p.add_argument("--model", help="model id (default: the job's, from /admin/state)")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--max-requests", type=int, default=5000, help="stop starting requests after this many")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--short-words", type=int, default=20)
+    p.add_argument("--long-words", type=int, default=600)
+    p.add_argument("--long-share", type=float, default=0.2, help="share of long prompts")
+    p.add_argument("--stream-share", type=float, default=0.7, help="share of streaming requests")
+    p.add_argument("--cancel-share", type=float, default=0.3, help="share of streams closed mid-way")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds to wait after the last request")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the report here")
+    args = p.parse_args()
+    if urlparse(args.url).hostname not in LOOPBACK:
+        raise SystemExit(f"--url {args.url}: the soak test only targets loopback addresses")
+    report = asyncio.run(run(args))
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 1 if report["outcomes"].get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
