@@ -50,7 +50,8 @@ def _init_distributed() -> tuple[Any, Any]:
     from rank.transport import LocalTransport, MpiTransport
 
     transport: Transport
-    if not under_mpi():
+    world = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or "1"
+    if not under_mpi() or world == "1":  # `mpirun -np 1` (or `--np 1`): a single rank needs no MPI
         return None, LocalTransport()
     import mlx.core as mx
 

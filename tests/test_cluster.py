@@ -147,3 +147,11 @@ def test_embedded_model_tp3_equals_tp1_and_knows_paris(job_factory) -> None:  # 
         assert greedy_ids(tp3, prompt, 16, name) == greedy_ids(tp1, prompt, 16, name), prompt
     tp1.stop()
     tp3.stop()
+
+
+def test_launcher_with_one_rank_serves(job_factory, tiny_model: Path, tiny_tp1: Job) -> None:  # type: ignore[no-untyped-def]
+    """`python -m rank --np 1` runs mpirun with one process: a world of one needs no MPI and must work
+    like the plain single process, token for token."""
+    job = job_factory.start(1, tiny_args(tiny_model), "launcher-np1", launcher=True)
+    assert greedy_ids(job, PROMPTS[0]) == greedy_ids(tiny_tp1, PROMPTS[0])
+    job.stop()
