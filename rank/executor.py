@@ -38,6 +38,7 @@ class Executor:
         self.blocks: dict[int, tuple[mx.array, mx.array]] = {}
         self.prefill_tokens = 0  # prompt positions computed (not loaded from cache), for tests and stats
         self.want_logits = want_logits
+        self._steps = 0
         self.num_layers = len(model.layers)
         self.prompts: dict[int, tuple[int, ...]] = {}
         self.prefilling: dict[int, list[KVCache]] = {}
@@ -77,6 +78,11 @@ class Executor:
             mx.eval(h)  # bounds the graph; on followers this runs the chunk's collectives
         for store in plan.store:
             self._store(store.seq_id, store.first, store.block_ids)
+        self._steps += 1
+        if plan.prefill or plan.release or self._steps % 256 == 0:
+            # Prefill chunks and finished sequences leave buffers of one-off shapes in MLX's cache, which
+            # would otherwise grow without bound (as mlx-lm's own generate loop does, clear it here).
+            mx.clear_cache()
         if self.ssd is not None:
             for block_id, h in plan.ssd_save:
                 if block_id in self.blocks:
