@@ -62,7 +62,9 @@ def _init_distributed() -> tuple[Any, Any]:
     mpi4py.rc.finalize = False
     from mpi4py import MPI
 
-    transport = MpiTransport(MPI.COMM_WORLD)
+    # A communicator of our own: our point-to-point messages (acks, reports) must never match MLX's own
+    # send/recv on COMM_WORLD (the vocabulary-parallel logits), whatever tags either side uses.
+    transport = MpiTransport(MPI.COMM_WORLD.Dup())
     if group.size() != transport.size:
         raise SystemExit(f"MLX sees {group.size()} ranks but MPI sees {transport.size}")
     return (group if group.size() > 1 else None), transport
@@ -142,7 +144,9 @@ def _run(args: Any, group: Any, transport: Any) -> int:
         transport.send_to_leader(identity, HELLO_TAG)
         ranks = []
     ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
-    executor = Executor(model, want_logits=rank == 0, block_tokens=args.kv_block_tokens, ssd=ssd_store)
+    executor = Executor(
+        model, want_logits=rank == 0, block_tokens=args.kv_block_tokens, ssd=ssd_store, group=group
+    )
     try:
         return _serve(args, rank, bus, transport, executor, model_dir, config, ranks, ssd_dir, responder)
     finally:

@@ -31,7 +31,9 @@ class StepOutput:
 
 
 class Executor:
-    def __init__(self, model: Any, want_logits: bool, block_tokens: int = 32, ssd: Any = None) -> None:
+    def __init__(
+        self, model: Any, want_logits: bool, block_tokens: int = 32, ssd: Any = None, group: Any = None
+    ) -> None:
         self.model = model
         self.ssd = ssd  # rank.ssd.SsdBlockStore or None
         self.block_tokens = block_tokens
@@ -46,6 +48,8 @@ class Executor:
         self.batch_ids: list[int] = []
         args = model.args
         self._tied = bool(getattr(args, "tie_word_embeddings", True)) or not hasattr(model, "lm_head")
+        self.group = group if group is not None and group.size() > 1 else None
+        self._head = self._head_rows() if self.group is not None else None
 
     @property
     def num_sequences(self) -> int:
@@ -97,6 +101,8 @@ class Executor:
         if not hidden:
             return StepOutput([], None, failed)
         last = mx.concatenate(hidden, axis=0) if len(hidden) > 1 else hidden[0]
+        if self.group is not None:
+            return self._vocab_parallel(row_ids, last, failed)
         if not self.want_logits:
             mx.eval(last)
             return StepOutput(row_ids, None, failed)
@@ -156,6 +162,40 @@ class Executor:
             self.blocks[block_id] = (k, v)
             new += [k, v]
         mx.eval(new)
+
+    def _head_rows(self) -> tuple[Any, list[int]]:
+        """Vocabulary-parallel output projection: this rank's rows of it, and every rank's row count.
+        Without it rank 0 alone reads the whole projection each step while the others wait (on the
+        embedded model that is a fifth of the weights)."""
+        import copy
+
+        source = self.model.model.embed_tokens if self._tied else self.model.lm_head
+        vocab = int(source["weight"].shape[0])
+        n, r = self.group.size(), self.group.rank()
+        bounds = [vocab * i // n for i in range(n + 1)]
+        head = copy.copy(source)  # the same module type (plain or quantized), holding only our rows
+        for name in ("weight", "scales", "biases", "bias"):
+            if name in source:
+                head[name] = mx.contiguous(source[name][bounds[r] : bounds[r + 1]])
+        mx.eval(head.parameters())
+        return head, [bounds[i + 1] - bounds[i] for i in range(n)]
+
+    def _vocab_parallel(self, row_ids: list[int], last: mx.array, failed: tuple[int, ...]) -> StepOutput:
+        """Every rank projects onto its rows of the vocabulary; rank 0 gathers the pieces (point to point:
+        the followers never need the whole distribution)."""
+        assert self._head is not None
+        head, counts = self._head
+        local = (head.as_linear(last) if self._tied else head(last)).astype(mx.float32)
+        if not self.want_logits:
+            mx.eval(mx.distributed.send(local, 0, group=self.group))
+            return StepOutput(row_ids, None, failed)
+        rows = local.shape[0]
+        parts = [local] + [
+            mx.distributed.recv((rows, counts[i]), mx.float32, i, group=self.group) for i in range(1, len(counts))
+        ]
+        logits = mx.concatenate(parts, axis=1)
+        mx.eval(logits)  # where MLX releases the GIL (see below)
+        return StepOutput(row_ids, logits, failed)
 
     def _lm_head(self, h: mx.array) -> mx.array:
         if self._tied:

@@ -75,10 +75,10 @@ def test_hung_follower_mid_request(job_factory, tiny_model: Path, launcher: bool
         except httpx.TransportError:
             pass  # already gone: the job may stop before we ask
         assert job.wait(15) != 0
-        assert "step watchdog" in job.log() or "did not receive" in job.log()
-        # the liveness side channel (outside MPI) names the hung rank even though every rank waits
-        # inside the same collective
-        assert f"rank 1 (host {os.uname().nodename}, pid {follower}) is not responding" in job.log()
+        # Named either way: it missed a bus message (stopped between steps), or the liveness side channel
+        # (outside MPI) saw it silent while every rank waited inside the same collective.
+        name = f"rank 1 (host {os.uname().nodename}, pid {follower})"
+        assert f"{name} did not receive" in job.log() or f"{name} is not responding" in job.log()
     finally:
         os.kill(follower, signal.SIGCONT) if Path(f"/proc/{follower}").exists() else None
 
