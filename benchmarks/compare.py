@@ -83,7 +83,23 @@ def bench_namespace(args: argparse.Namespace, url: str, model: str) -> argparse.
         seed=args.seed,
         timeout=args.bench_timeout,
         max_duration=args.bench_timeout,
+        ignore_eos=eos_ids(args.model_dir) if getattr(args, "ignore_eos", False) else None,
     )
+
+
+def eos_ids(model_dir: Path) -> list[int]:
+    """The model's end tokens, from its config (what both servers stop on)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    eos = config.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    try:
+        tok = json.loads((model_dir / "tokenizer_config.json").read_text())
+        for added in tok.get("added_tokens_decoder", {}).items():
+            if added[1].get("content") in ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"):
+                ids.append(int(added[0]))
+    except (OSError, ValueError):
+        pass
+    return sorted({int(i) for i in ids})
 
 
 def warm_up(url: str, model: str, timeout: float) -> None:
@@ -170,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--servers", default="orchard,mlx_lm", help="comma-separated subset of orchard,mlx_lm")
     p.add_argument("--raw", action="store_true", help="also run raw_engine.py for the ceiling")
     p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="servers get logit_bias -100 on the model's end tokens, so every request yields --max-tokens "
+        "like the raw engine (default: on; --no-ignore-eos lets them stop early)",
+    )
+    p.add_argument(
         "--kv-ssd",
         choices=("fresh", "none"),
         default="fresh",
@@ -199,6 +222,7 @@ def main() -> int:
         check_tensor_parallel(json.loads((model_dir / "config.json").read_text()), args.np)
     except OrchardError as exc:
         raise SystemExit(f"compare: {exc}") from exc
+    args.model_dir = model_dir
     logs = log_dir()
     kv = tempfile.mkdtemp(prefix="orchard-bench-kv-") if args.kv_ssd == "fresh" else "none"
     say(f"model {model_dir}, np {args.np}, workload {args.workload}, logs in {logs}")
@@ -243,7 +267,7 @@ def main() -> int:
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         report = {
-            "config": vars(args),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "model_dir": str(model_dir),
             "machine": f"{os.cpu_count()} cores",
             "results": results,

@@ -67,6 +67,8 @@ async def one(
         "stream_options": {"include_usage": True},
         "seed": args.seed,
     }
+    if getattr(args, "ignore_eos", None):  # every request generates exactly max_tokens, like the raw engine
+        body["logit_bias"] = {str(t): -100 for t in args.ignore_eos}
     start = time.perf_counter()
     last = start
     res = Result(ok=False)
@@ -186,6 +188,13 @@ def main() -> int:
         "--max-duration", type=float, default=900.0, help="stop starting requests after this many seconds"
     )
     p.add_argument("--json", help="also write the summary here")
+    p.add_argument(
+        "--ignore-eos",
+        type=int,
+        action="append",
+        metavar="TOKEN_ID",
+        help="suppress this end token with logit_bias -100 so every request yields --max-tokens (repeatable)",
+    )
     args = p.parse_args()
     summary = asyncio.run(run(args))
     width = max(len(k) for k in summary)
