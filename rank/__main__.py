@@ -267,7 +267,7 @@ def _pulse_monitor(args: Any, ranks: list[dict], names: dict[int, str]) -> Any:
     from rank.pulse import PulseMonitor
 
     book = PulseBook(time.monotonic, {r["rank"]: names[r["rank"]] for r in followers})
-    monitor = PulseMonitor(book, interval=min(0.25, args.pulse_timeout / 4))
+    monitor = PulseMonitor(book, interval=min(0.1, args.pulse_timeout / 4))
     here = socket.gethostname()
     for r in followers:
         monitor.add(r["rank"], r["pulse"], same_host=r["host"] == here)
@@ -313,6 +313,10 @@ def _lead(
     from rank.watchdog import StepWatchdog
 
     names = {r["rank"]: f"rank {r['rank']} (host {r['host']}, pid {r['pid']})" for r in ranks}
+    ranks_file = os.environ.get("ORCHARD_RANKS_FILE")  # the launcher names the ranks of a host mpirun loses
+    if ranks_file:
+        with open(ranks_file, "w") as f:
+            json.dump([{k: r[k] for k in ("rank", "host", "pid")} for r in ranks], f)
 
     tokenizer = ChatTokenizer(model_dir)
     context = int(config.get("max_position_embeddings") or 2048)

@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job.add_argument("--ssh", default="ssh", help="ssh command for --check-hostfile (the one mpirun uses)")
     job.add_argument(
+        "--mpirun-args",
+        metavar="ARGS",
+        help="more mpirun flags for --np/--hostfile, one string "
+        "(e.g. \"--mca btl_tcp_if_include bridge0 --mca oob_tcp_if_include bridge0\")",
+    )
+    job.add_argument(
         "--hostfile", help="start one rank per slot of this Open MPI hostfile (e.g. hostfiles/studio.txt)"
     )
     p.add_argument(

@@ -10,16 +10,23 @@ one into mpirun's SIGTERM (stop now).
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 
-def mpirun_command(np: int | None, hostfile: str | None, rank_args: list[str]) -> list[str]:
+def mpirun_command(
+    np: int | None, hostfile: str | None, rank_args: list[str], extra: list[str] | None = None
+) -> list[str]:
     mpirun = Path(sys.executable).parent / "mpirun"
     cmd = [str(mpirun) if mpirun.exists() else (shutil.which("mpirun") or "mpirun")]
     if os.geteuid() == 0:
@@ -39,30 +46,74 @@ def mpirun_command(np: int | None, hostfile: str | None, rank_args: list[str]) -
         "ORCHARD_ADMIN_TOKEN",
         "ORCHARD_BLAS",
         "ORCHARD_STATUS_FILE",
+        "ORCHARD_RANKS_FILE",
         "ORCHARD_PULSE_PORT",
     ):
         if name in os.environ:
             cmd += ["-x", name]
-    return cmd + [sys.executable, "-m", "rank", *rank_args]
+    return cmd + list(extra or []) + [sys.executable, "-m", "rank", *rank_args]
 
 
-def launch(np: int | None, hostfile: str | None, rank_args: list[str]) -> int:
-    # Under ULFM mpirun exits 0 even after MPI_Abort; rank 0 leaves its exit code in this file instead.
-    fd, status_file = tempfile.mkstemp(prefix="orchard-status-")
-    os.close(fd)
-    os.environ["ORCHARD_STATUS_FILE"] = status_file
-    cmd = mpirun_command(np, hostfile, rank_args)
+def launch(np: int | None, hostfile: str | None, rank_args: list[str], extra: list[str] | None = None) -> int:
+    # Under ULFM mpirun exits 0 even after MPI_Abort; rank 0 leaves its exit code in this file instead,
+    # and which rank runs where in the other (to name the ranks of a host mpirun reports lost).
+    files = []
+    for name, prefix in (("ORCHARD_STATUS_FILE", "orchard-status-"), ("ORCHARD_RANKS_FILE", "orchard-ranks-")):
+        fd, path = tempfile.mkstemp(prefix=prefix)
+        os.close(fd)
+        os.environ[name] = path
+        files.append(path)
+    cmd = mpirun_command(np, hostfile, rank_args, extra)
     print("orchard: " + " ".join(cmd), file=sys.stderr, flush=True)
     try:
-        code = _run(cmd)
-        text = Path(status_file).read_text().strip()
-        return code or (int(text) if text.isdigit() else 0)
+        code, lost = _run(cmd)
+        for line in lost_host_report(lost, Path(files[1])):
+            print(f"orchard: {line}", file=sys.stderr, flush=True)
+        text = Path(files[0]).read_text().strip()
+        return code or (int(text) if text.isdigit() else 0) or (1 if lost else 0)
     finally:
-        os.unlink(status_file)
+        for path in files:
+            os.unlink(path)
 
 
-def _run(cmd: list[str]) -> int:
-    proc = subprocess.Popen(cmd, start_new_session=True)
+# PRRTE's two wordings: "Remote daemon: [prterun-x@0,2] on node studio-2" (lost while running) and
+# "Remote host:   studio-2" (a daemon that died before it had reported back).
+LOST_DAEMON = re.compile(r"Remote (?:daemon:\s*\S+\s+on node|host:)\s+(\S+)")
+
+
+def lost_host_report(hosts: list[str], ranks_file: Path) -> list[str]:
+    """What to say about hosts mpirun lost, naming the ranks that ran there (rank 0 wrote the table)."""
+    try:
+        table = json.loads(ranks_file.read_text() or "[]")
+    except (OSError, ValueError):
+        table = []
+    out = []
+    for host in dict.fromkeys(hosts):
+        ranks = [r for r in table if r.get("host") == host]
+        who = ", ".join(f"rank {r['rank']} (pid {r['pid']})" for r in ranks) or "ranks unknown"
+        out.append(f"lost host {host}, where {who} ran: its processes or its link died, so the job ended")
+    return out
+
+
+def _run(cmd: list[str]) -> tuple[int, list[str]]:
+    """Run mpirun, passing its output through and noting every host it reports lost."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lost: list[str] = []
+
+    def relay(source: Any, sink: Any) -> None:  # PRRTE prints its notices on either stream
+        for raw in iter(source.readline, b""):
+            sink.buffer.write(raw)
+            sink.flush()
+            match = LOST_DAEMON.search(raw.decode(errors="replace"))
+            if match:
+                lost.append(match.group(1))
+
+    readers = [
+        threading.Thread(target=relay, args=(proc.stdout, sys.stdout), daemon=True),
+        threading.Thread(target=relay, args=(proc.stderr, sys.stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
     signals_seen = 0
 
     def forward(signum: int, _frame: object) -> None:
@@ -81,24 +132,29 @@ def _run(cmd: list[str]) -> int:
         signal.signal(sig, forward)
     while True:
         try:
-            return proc.wait()
+            code = proc.wait()
+            break
         except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
             continue
+    for reader in readers:
+        reader.join(timeout=5)
+    return code, lost
 
 
-def split_launch_args(argv: list[str]) -> tuple[int | None, str | None, list[str]] | None:
-    """(np, hostfile, rest) when argv asks to launch; None when this process is a rank."""
+def split_launch_args(
+    argv: list[str],
+) -> tuple[int | None, str | None, list[str], list[str]] | None:
+    """(np, hostfile, rank args, extra mpirun args) when argv asks to launch; None when this is a rank."""
     np: int | None = None
     hostfile: str | None = None
+    extra: list[str] = []
     rest: list[str] = []
-    it = iter(range(len(argv)))
     skip = False
-    for i in it:
+    for i, arg in enumerate(argv):
         if skip:
             skip = False
             continue
-        arg = argv[i]
-        for flag in ("--np", "--hostfile"):
+        for flag in ("--np", "--hostfile", "--mpirun-args"):
             if arg == flag and i + 1 < len(argv):
                 value, skip = argv[i + 1], True
             elif arg.startswith(flag + "="):
@@ -107,11 +163,13 @@ def split_launch_args(argv: list[str]) -> tuple[int | None, str | None, list[str
                 continue
             if flag == "--np":
                 np = int(value)
-            else:
+            elif flag == "--hostfile":
                 hostfile = value
+            else:
+                extra += shlex.split(value)
             break
         else:
             rest.append(arg)
     if np is None and hostfile is None:
         return None
-    return np, hostfile, rest
+    return np, hostfile, rest, extra

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -60,6 +61,8 @@ class Job:
         rank_cmd = [sys.executable, "-m", "rank", "--port", str(self.port), *args]
         if launcher:
             cmd = rank_cmd + ["--np", str(np)]
+            if mpirun_extra:
+                cmd += ["--mpirun-args", shlex.join(mpirun_extra)]
         elif mpirun_extra is not None:
             root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
             cmd = [str(BIN / "mpirun"), *root, "--bind-to", "none", *mpirun_extra, *rank_cmd]

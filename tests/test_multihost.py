@@ -101,7 +101,12 @@ def test_host_killed_mid_request(job_factory, tiny_model: Path, hosts: Namespace
     job.wait(15)
     assert time.monotonic() - t0 < 15
     log = job.log()
-    assert "orhost2" in log, log[-3000:]
+    assert "orhost2" in log, log[-3000:]  # mpirun names the host it lost
+    # and a restart on the same hosts recovers
+    again = start_across(job_factory, tiny_model, hosts, 2, "netns-kill-restart", "--with-ft", "ulfm")
+    r = httpx.post(again.url + "/v1/completions", json={"model": "tiny", "prompt": "back", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200, r.text
+    again.stop()
 
 
 def test_embedded_model_across_three_hosts_equals_one_rank(job_factory, hosts: NamespaceHosts) -> None:  # type: ignore[no-untyped-def]
@@ -124,3 +129,21 @@ def test_embedded_model_across_three_hosts_equals_one_rank(job_factory, hosts: N
     assert "Paris" in got["choices"][0]["message"]["content"]
     assert all(hosts.rx_bytes(i) - b > 100_000 for i, b in enumerate(before))
     job.stop()
+
+
+def test_launcher_names_the_ranks_of_a_lost_host(job_factory, tiny_model: Path, hosts: NamespaceHosts) -> None:  # type: ignore[no-untyped-def]
+    """Through `python -m rank --np 2 --mpirun-args ...`: mpirun kills rank 0 at once when it loses a
+    daemon, so rank 0 cannot say which ranks ran there; the launcher, which outlives mpirun, can (rank 0
+    left it a table of ranks, hosts and pids at start-up)."""
+    extra = hosts.mpirun_args(2)
+    i = extra.index("-np")
+    extra = extra[:i] + extra[i + 2 :]
+    args = tiny_args(tiny_model, "--admin-token", "t", "--step-timeout", "5")
+    job = job_factory.start(2, args, "netns-kill-launcher", launcher=True, mpirun_extra=extra, host=hosts.address(0))
+    victim = job.rank_pid(1)
+    t0 = time.monotonic()
+    hosts.kill_host(1)
+    assert job.wait(15) != 0
+    assert time.monotonic() - t0 < 15
+    log = job.log()
+    assert f"orchard: lost host orhost2, where rank 1 (pid {victim}) ran" in log, log[-3000:]
