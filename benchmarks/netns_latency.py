@@ -9,6 +9,13 @@ more hop through userspace, so its 0 ms row is measured too, beside the plain br
 delay is the difference to the forwarder's own 0 ms row. The job stays up while the delay is switched, and
 the delays are interleaved over several rounds so drift hits them all alike.
 
+Per delay: the client's inter-token gaps (p50, p90, mean), each stream's decode time per token (median over
+streams), and rank 0's own inter-token latency (sum/count of its /metrics histogram, so HTTP delivery
+cannot blur it); ping RTT between the first two hosts, packets per token on the delayed links. Client
+ITL p50 is only meaningful when tokens arrive one by one: when they come in bursts (see the JSON's p50 of
+0.02 ms at fast step rates) read the means. Machine load from other processes shows straight in the
+figures on 2 cores: the load averages before and after are recorded.
+
     python benchmarks/netns_latency.py                    # the tiny test model, TP=2
     python benchmarks/netns_latency.py --model embedded   # the default model of `python -m rank`, TP=3
     python benchmarks/netns_latency.py --model /path/to/model --np 2 --out results.json
@@ -34,7 +41,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.netdelay import DelayedLinks, netem_available, ping_ms, steer_btl, tcp_throughput  # noqa: E402
-from tests.netns import NamespaceHosts  # noqa: E402
+from tests.netns import BRIDGE, NamespaceHosts  # noqa: E402
 
 PORT = 8700
 ADMIN = {"Authorization": "Bearer bench"}
@@ -153,6 +160,10 @@ def summary(samples: list[dict[str, list[float]]]) -> dict[str, float]:
         "itl_p50_ms": round(gaps[len(gaps) // 2] * 1000, 2),
         "itl_p90_ms": round(gaps[int(len(gaps) * 0.9)] * 1000, 2),
         "itl_mean_ms": round(statistics.fmean(gaps) * 1000, 2),
+        # each stream's decode time per token, the median over streams: robust to bursty delivery
+        "per_token_ms_stream_p50": round(
+            statistics.median(s["decode_s"][0] / max(1.0, s["tokens"][0] - 1) for s in samples) * 1000, 2
+        ),
         "server_itl_mean_ms": round(
             sum(x for s in samples for x in s["server_itl_sum"])
             / max(1.0, sum(x for s in samples for x in s["server_itl_count"]))
@@ -212,6 +223,16 @@ def set_netem(hosts: NamespaceHosts, np: int, delay_ms: float) -> None:
             subprocess.run(tc, check=True, capture_output=True, text=True)
 
 
+def namespaces_in_use() -> list[str]:
+    """The test namespaces and bridge that exist already: another run's (tests/test_multihost.py uses the
+    same names, and NamespaceHosts removes whatever it finds) or a crashed run's leftovers."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+    found = [line.split()[0] for line in listed if line.startswith("orhost")]
+    if subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode == 0:
+        found.append(BRIDGE)
+    return found
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -226,11 +247,29 @@ def main() -> None:
     p.add_argument("--method", choices=["auto", "netem", "tun"], default="auto")
     p.add_argument(
         "--yield-when-idle",
-        action="store_true",
-        help="ranks sched_yield while they wait (mpi_yield_when_idle): fairer when more ranks than cores",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ranks sched_yield while they wait in MPI (mpi_yield_when_idle); auto: on when there are more "
+        "ranks than cores, which real hosts (each with its own cores) never have",
     )
-    p.add_argument("--out", type=Path, help="JSON file to add this run to (keyed by model)")
+    p.add_argument(
+        "--mtu",
+        type=int,
+        default=65000,
+        help="MTU of the delayed links (the forwarder's cost is per packet, a link's is not: large packets "
+        "keep it out of the figures; the veth links carry 64 KB GSO packets too)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="remove test namespaces that exist already instead of stopping"
+    )
+    p.add_argument("--out", type=Path, help="JSON file to add this run to (a list of runs per model)")
     args = p.parse_args()
+    busy = namespaces_in_use()
+    if busy and not args.force:
+        raise SystemExit(
+            f"{', '.join(busy)} exist already: another run (tests/test_multihost.py?) is using them, or a crashed "
+            "one left them behind. Wait for it, or pass --force to remove them."
+        )
     delays = [float(d) for d in args.delays.split(",")]
     if delays[0] != 0.0:
         delays.insert(0, 0.0)
@@ -251,7 +290,10 @@ def main() -> None:
         method = "netem" if netem_available() else "tun"
     elif method == "netem" and not netem_available():
         raise SystemExit("this kernel has no sch_netem (tc qdisc ... netem fails): use --method tun")
-    extra = ["--mca", "mpi_yield_when_idle", "1"] if args.yield_when_idle else []
+    yield_when_idle = args.yield_when_idle == "on" or (
+        args.yield_when_idle == "auto" and np > (os.cpu_count() or 1)
+    )
+    extra = ["--mca", "mpi_yield_when_idle", "1"] if yield_when_idle else []
     print(f"{label}: TP={np}, delay by {method}, {args.rounds} x {args.tokens} tokens per delay", flush=True)
     result: dict[str, object] = {
         "model": label,
@@ -260,8 +302,9 @@ def main() -> None:
         if method == "netem"
         else "TUN + userspace forwarder (tests/netdelay.py)",
         "tokens_per_stream": args.tokens,
+        "delayed_link_mtu": args.mtu if method == "tun" else None,
         "rounds": args.rounds,
-        "mpi_yield_when_idle": args.yield_when_idle,
+        "mpi_yield_when_idle": yield_when_idle,
         "machine": f"{os.cpu_count()} cores, {platform.system()}",
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }
@@ -296,7 +339,7 @@ def main() -> None:
                 "throughput_MBps": round(tcp_throughput(hosts.names[0], hosts.names[1], hosts.address(1)), 1),
                 **bridge[0.0],
             }
-            with DelayedLinks(hosts.names) as links:
+            with DelayedLinks(hosts.names, mtu=args.mtu) as links:
                 links_ping = lambda: ping_ms(hosts.names[0], links.address(1), count=5)  # noqa: E731
                 throughput = {}
                 for delay in delays:
@@ -331,27 +374,23 @@ def main() -> None:
                 raise SystemExit(f"the job's traffic did not cross the delayed links: {result['forwarder']}")
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     base = rows[0.0]
+    keys = ("itl_p50_ms", "itl_mean_ms", "server_itl_mean_ms", "per_token_ms_stream_p50")
     for row in rows.values():
-        row["added_itl_p50_ms"] = round(row["itl_p50_ms"] - base["itl_p50_ms"], 2)
-        row["added_itl_mean_ms"] = round(row["itl_mean_ms"] - base["itl_mean_ms"], 2)
-        row["added_server_itl_mean_ms"] = round(row["server_itl_mean_ms"] - base["server_itl_mean_ms"], 2)
+        for key in keys:
+            row["added_" + key] = round(row[key] - base[key], 2)
     print(json.dumps(result, indent=2))
-    if "bridge" in result:
-        b = result["bridge"]
-        print(
-            f"bridge, no forwarder:  ITL p50 {b['itl_p50_ms']:7.2f} ms, mean {b['itl_mean_ms']:7.2f} ms, "  # type: ignore[index]
-            f"engine mean {b['server_itl_mean_ms']:7.2f} ms"  # type: ignore[index]
-        )
-    for row in rows.values():
-        print(
-            f"delay {row['delay_ms']:>4} ms per link: ITL p50 {row['itl_p50_ms']:7.2f} ms "
-            f"(+{row['added_itl_p50_ms']:.2f}), mean {row['itl_mean_ms']:7.2f} ms (+{row['added_itl_mean_ms']:.2f}), "
-            f"engine mean {row['server_itl_mean_ms']:7.2f} ms (+{row['added_server_itl_mean_ms']:.2f}), "
-            f"RTT {row.get('ping_rtt_p50_ms')} ms"
-        )
+    print("ms per token         ITL p50 (client)   ITL mean (client)  engine ITL mean    stream median   RTT")
+    table = [("bridge, no forwarder", result["bridge"])] if "bridge" in result else []
+    table += [(f"{row['delay_ms']:g} ms each way", row) for row in rows.values()]
+    for title, row in table:  # type: ignore[assignment]
+        cells = [
+            f"{row[k]:7.2f}" + (f" ({row['added_' + k]:+6.2f})" if "added_" + k in row else " " * 9)  # type: ignore[index,operator]
+            for k in keys
+        ]
+        print(f"{title:21}" + "  ".join(cells) + f"  {row.get('ping_rtt_p50_ms')}")  # type: ignore[union-attr]
     if args.out:
         runs = json.loads(args.out.read_text()) if args.out.exists() else {}
-        runs[label] = result
+        runs.setdefault(label, []).append(result)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(runs, indent=2) + "\n")
 

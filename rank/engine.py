@@ -154,7 +154,7 @@ class Leader:
             for r, seq in sorted(acks.items())
         ]
         if self.pulses is not None:
-            # Pings go out 4 times a second: a rank silent for a second while others answer is the one.
+            # Pings go out 10 times a second: a rank silent for a second while others answer is the one.
             parts.insert(0, self.pulses.describe(min(1.0, self.pulse_timeout)))
         return "; ".join(parts) or "single rank"
 
