@@ -366,7 +366,7 @@ def main() -> None:
                     )
                 finally:
                     job.stop()
-                result["forwarder"] = links.stats()
+                result["forwarder"] = {**links.stats(), "tun_kernel_drops": links.kernel_drops()}
             for delay, row in rows.items():
                 row["throughput_MBps"] = throughput[delay]
             result["rows"] = list(rows.values())

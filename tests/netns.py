@@ -4,6 +4,7 @@ shared/ENVIRONMENT.md). Needs root and iproute2; everything is removed again, ev
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 SUBNET = "10.77.0"
 BRIDGE = "orbr0"
+LOCK_FILE = "/tmp/orchard-netns.lock"
 
 AGENT = """#!/bin/sh
 # ssh stand-in for mpirun: `agent [options] HOST CMD...` runs CMD inside HOST's namespace, with its own
@@ -58,6 +60,10 @@ class NamespaceHosts:
         return f"{SUBNET}.{i + 1}"
 
     def __enter__(self) -> NamespaceHosts:
+        # One set of test hosts per machine at a time: the names are fixed, and a second user (a benchmark,
+        # another test run) would delete this one's namespaces. Wait for the other to finish instead.
+        self._lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until __exit__
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.cleanup()
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", BRIDGE)
@@ -86,7 +92,10 @@ class NamespaceHosts:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+        try:
+            self.cleanup()
+        finally:
+            self._lock.close()  # releases the lock
 
     def cleanup(self) -> None:
         for i in range(8):
