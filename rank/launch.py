@@ -102,8 +102,11 @@ def _run(cmd: list[str]) -> tuple[int, list[str]]:
 
     def relay(source: Any, sink: Any) -> None:  # PRRTE prints its notices on either stream
         for raw in iter(source.readline, b""):
-            sink.buffer.write(raw)
-            sink.flush()
+            try:
+                sink.buffer.write(raw)
+                sink.flush()
+            except (OSError, ValueError):  # our own output closed: keep draining, or mpirun would block
+                pass
             match = LOST_DAEMON.search(raw.decode(errors="replace"))
             if match:
                 lost.append(match.group(1))
