@@ -90,8 +90,9 @@ def lost_host_report(hosts: list[str], ranks_file: Path) -> list[str]:
     out = []
     for host in dict.fromkeys(hosts):
         ranks = [r for r in table if r.get("host") == host]
-        who = ", ".join(f"rank {r['rank']} (pid {r['pid']})" for r in ranks) or "ranks unknown"
-        out.append(f"lost host {host}, where {who} ran: its processes or its link died, so the job ended")
+        who = ", ".join(f"rank {r['rank']} (pid {r['pid']})" for r in ranks)
+        where = f", where {who} ran" if who else " (which ranks ran there is unknown)"
+        out.append(f"lost host {host}{where}: its processes or its link died, so the job ended")
     return out
 
 
