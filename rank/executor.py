@@ -10,7 +10,9 @@ hits them starts with them concatenated into its cache and prefills only the res
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,24 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from cluster.errors import EngineError
 from cluster.messages import StepPlan
+
+
+def _load_malloc_trim() -> Any:
+    """glibc's malloc_trim, or None: freed buffers otherwise stay in malloc's arenas, and RSS only grows."""
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _trim_heap() -> None:
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass(slots=True)
@@ -87,6 +107,7 @@ class Executor:
             # Prefill chunks and finished sequences leave buffers of one-off shapes in MLX's cache, which
             # would otherwise grow without bound (as mlx-lm's own generate loop does, clear it here).
             mx.clear_cache()
+            _trim_heap()
         if self.ssd is not None:
             for block_id, h in plan.ssd_save:
                 if block_id in self.blocks:
