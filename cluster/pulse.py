@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import msgpack
 
 MAX_PULSE_BYTES = 512
+TOKEN_BYTES = 16
 PING, PONG = 1, 2
 
 
@@ -52,10 +53,12 @@ def decode(data: bytes) -> Ping | Pong | None:
         return None
     try:
         w = msgpack.unpackb(data, raw=False, max_bin_len=64, max_str_len=256, max_array_len=8)
-        if w[0] == PING and len(w) == 3:
-            return Ping(bytes(w[1]), int(w[2]))
-        if w[0] == PONG and len(w) == 6:
-            return Pong(int(w[1]), int(w[2]), int(w[3]), str(w[4]), float(w[5]))
+        if not isinstance(w, list):
+            return None
+        if len(w) == 3 and w[0] == PING and isinstance(w[1], bytes) and len(w[1]) == TOKEN_BYTES:
+            return Ping(w[1], int(w[2]))
+        if len(w) == 6 and w[0] == PONG and isinstance(w[4], str):
+            return Pong(int(w[1]), int(w[2]), int(w[3]), w[4], float(w[5]))
     except Exception:
         return None
     return None
@@ -64,19 +67,29 @@ def decode(data: bytes) -> Ping | Pong | None:
 @dataclass(slots=True)
 class _Peer:
     name: str
-    answered: float | None = None  # clock time of the last answer
-    address: str = ""  # where the answers come from
+    answered: float | None = None  # clock time of the last answer (None: never answered)
+    address: str = ""  # where the last answer came from
     activity: str = ""
     activity_s: float = 0.0
-    gone: bool = False  # its port refused a ping after it had answered: the process is dead
+    refused_since: float | None = None  # first of the refusals in a row
+    refusals: int = 0
+    gone: bool = False  # its port kept refusing pings: the process is dead
 
 
 class PulseBook:
-    """Rank 0's record of who answered when. Written by the pulse thread, read by the watchdog and HTTP."""
+    """Rank 0's record of who answered when. Written by the pulse thread, read by the watchdog and HTTP.
+
+    Silence counts only pings that went out unanswered: if the pinging itself stalls (rank 0 starved of
+    CPU), nobody looks silent. A rank that never answered (UDP blocked, unreachable addresses) has no
+    silence at all: the channel then cannot name it, but it never condemns it either."""
+
+    GONE_AFTER = 3  # refusals in a row ...
+    GONE_SPAN = 0.3  # ... over at least this many seconds (one stray ICMP message proves nothing)
 
     def __init__(self, clock: Callable[[], float], names: dict[int, str]) -> None:
         self.clock = clock
         self.started = clock()
+        self._last_ping: float | None = None
         self._peers = {r: _Peer(name) for r, name in names.items()}
         self._lock = threading.Lock()
 
@@ -87,41 +100,56 @@ class PulseBook:
     def name(self, rank: int) -> str:
         return self._peers[rank].name
 
+    def pinged(self) -> None:
+        """The monitor sent a round of pings now."""
+        with self._lock:
+            self._last_ping = self.clock()
+
     def answered(self, pong: Pong, address: str = "") -> None:
         with self._lock:
             peer = self._peers.get(pong.rank)
-            if peer is not None and not peer.gone:
+            if peer is not None:
                 peer.answered = self.clock()
-                peer.address = peer.address or address
+                peer.address = address or peer.address
                 peer.activity, peer.activity_s = pong.activity, pong.activity_s
-
-    def answered_ranks(self) -> dict[int, str]:
-        """Rank -> the address it answers from, for ranks that have answered."""
-        with self._lock:
-            return {r: p.address for r, p in self._peers.items() if p.answered is not None}
+                peer.refused_since, peer.refusals, peer.gone = None, 0, False
 
     def address_of(self, rank: int) -> str:
-        return self._peers[rank].address
-
-    def gone(self, rank: int) -> bool:
-        """Record that `rank`'s port refused pings; True the first time (so it is logged once)."""
+        """Where `rank` last answered from ("" before its first answer)."""
         with self._lock:
-            peer = self._peers[rank]
-            first, peer.gone = not peer.gone, True
-            return first
+            return self._peers[rank].address
+
+    def refused(self, rank: int) -> bool:
+        """Record that `rank`'s port refused a ping; True when that makes it gone (once)."""
+        with self._lock:
+            peer, now = self._peers[rank], self.clock()
+            if peer.refused_since is None:
+                peer.refused_since = now
+            peer.refusals += 1
+            if peer.gone or peer.refusals < self.GONE_AFTER or now - peer.refused_since < self.GONE_SPAN:
+                return False
+            peer.gone = True
+            return True
 
     def gone_ranks(self) -> list[int]:
         with self._lock:
             return [r for r, p in sorted(self._peers.items()) if p.gone]
 
-    def silence(self, rank: int) -> float:
-        """Seconds since `rank` last answered (since start-up when it never has)."""
+    def silence(self, rank: int) -> float | None:
+        """Seconds of pings to `rank` that went unanswered; None when it has never answered."""
         with self._lock:
             peer = self._peers[rank]
-            return self.clock() - (peer.answered if peer.answered is not None else self.started)
+            if peer.answered is None:
+                return None
+            last_ping = self._last_ping if self._last_ping is not None else peer.answered
+            return max(0.0, last_ping - peer.answered)
 
     def silent(self, longer_than: float) -> list[int]:
-        return [r for r in self.ranks if self.silence(r) > longer_than]
+        return [r for r in self.ranks if (self.silence(r) or 0.0) > longer_than]
+
+    def never_answered(self) -> list[int]:
+        with self._lock:
+            return [r for r, p in sorted(self._peers.items()) if p.answered is None]
 
     def describe(self, longer_than: float) -> str:
         """One clause per rank, silent ones first: what the log says when a step hangs."""
@@ -129,10 +157,12 @@ class PulseBook:
         for r in self.ranks:
             with self._lock:
                 peer = self._peers[r]
-                activity, busy = peer.activity, peer.activity_s
+                activity, busy, gone = peer.activity, peer.activity_s, peer.gone
             quiet = self.silence(r)
-            if peer.gone:
+            if gone:
                 silent.append(f"{peer.name} is gone (its liveness port refuses pings: the process died)")
+            elif quiet is None:
+                alive.append(f"{peer.name} has never answered liveness pings (cannot tell)")
             elif quiet > longer_than:
                 silent.append(f"{peer.name} is not responding (no liveness answer for {quiet:.1f} s: hung or gone)")
             else:

@@ -130,24 +130,24 @@ def _run(args: Any, group: Any, transport: Any) -> int:
     from rank.transport import HELLO_TAG
 
     hello: dict[str, Any] = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
-    responder = None
-    if rank != 0 and args.pulse_timeout > 0:
-        from rank.pulse import Activity, PulseResponder
+    responder = ssd_store = None
+    try:  # every thread started here is stopped below: a live thread at exit keeps MPI from finalizing
+        if rank != 0 and args.pulse_timeout > 0:
+            from rank.pulse import Activity, PulseResponder
 
-        responder = PulseResponder(rank, Activity())
-        responder.start()
-        hello["pulse"] = responder.hello()
-    identity = json.dumps(hello).encode()
-    if rank == 0:
-        ranks = [json.loads(b) for b in [identity, *transport.recv_from_followers(HELLO_TAG, 16384)]]
-    else:
-        transport.send_to_leader(identity, HELLO_TAG)
-        ranks = []
-    ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
-    executor = Executor(
-        model, want_logits=rank == 0, block_tokens=args.kv_block_tokens, ssd=ssd_store, group=group
-    )
-    try:
+            responder = PulseResponder(rank, Activity())
+            responder.start()
+            hello["pulse"] = responder.hello()
+        identity = json.dumps(hello).encode()
+        if rank == 0:
+            ranks = [json.loads(b) for b in [identity, *transport.recv_from_followers(HELLO_TAG, 16384)]]
+        else:
+            transport.send_to_leader(identity, HELLO_TAG)
+            ranks = []
+        ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
+        executor = Executor(
+            model, want_logits=rank == 0, block_tokens=args.kv_block_tokens, ssd=ssd_store, group=group
+        )
         return _serve(args, rank, bus, transport, executor, model_dir, config, ranks, ssd_dir, responder)
     finally:
         if responder is not None:
@@ -258,6 +258,19 @@ def _tiers(prefix_cache: Any) -> list[Any]:
     return [prefix_cache.index.stats] + ([prefix_cache.ssd] if prefix_cache.ssd is not None else [])
 
 
+def _tell_launcher(variable: str, text: str) -> None:
+    """Leave `text` in the launcher's file named by `variable`. It exists only when rank 0 runs on the
+    launcher's host (the usual case: start the job from the first host); elsewhere, say so and go on."""
+    path = os.environ.get(variable)
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        log.warning("cannot leave the launcher %s (%s): %s", path, variable, exc.strerror)
+
+
 def _pulse_monitor(args: Any, ranks: list[dict], names: dict[int, str]) -> Any:
     """Rank 0's liveness pings to every follower (outside MPI), or None for one rank / --pulse-timeout 0."""
     followers = [r for r in ranks if r["rank"] != 0 and r.get("pulse")]
@@ -267,7 +280,7 @@ def _pulse_monitor(args: Any, ranks: list[dict], names: dict[int, str]) -> Any:
     from rank.pulse import PulseMonitor
 
     book = PulseBook(time.monotonic, {r["rank"]: names[r["rank"]] for r in followers})
-    monitor = PulseMonitor(book, interval=min(0.1, args.pulse_timeout / 4))
+    monitor = PulseMonitor(book, interval=min(0.1, args.pulse_timeout / 4), warn_after=2 * args.pulse_timeout)
     here = socket.gethostname()
     for r in followers:
         monitor.add(r["rank"], r["pulse"], same_host=r["host"] == here)
@@ -313,10 +326,8 @@ def _lead(
     from rank.watchdog import StepWatchdog
 
     names = {r["rank"]: f"rank {r['rank']} (host {r['host']}, pid {r['pid']})" for r in ranks}
-    ranks_file = os.environ.get("ORCHARD_RANKS_FILE")  # the launcher names the ranks of a host mpirun loses
-    if ranks_file:
-        with open(ranks_file, "w") as f:
-            json.dump([{k: r[k] for k in ("rank", "host", "pid")} for r in ranks], f)
+    table = json.dumps([{k: r[k] for k in ("rank", "host", "pid")} for r in ranks])
+    _tell_launcher("ORCHARD_RANKS_FILE", table)  # it names the ranks of a host mpirun loses
 
     tokenizer = ChatTokenizer(model_dir)
     context = int(config.get("max_position_embeddings") or 2048)
@@ -370,6 +381,7 @@ def _lead(
     if monitor is not None:
         leader.pulses, leader.pulse_timeout = monitor.book, args.pulse_timeout
         leader.health.liveness = monitor.book.silence
+        leader.health.timeout = max(leader.health.timeout, args.pulse_timeout)
         monitor.on_gone = lambda r: leader.health.mark_dead(r, "process died (liveness port refuses pings)")
     leader.watchdog = StepWatchdog(
         client, args.step_timeout, leader.describe_ranks, hung=leader.hung_ranks if monitor else None
@@ -398,6 +410,9 @@ def _lead(
         from cluster.messages import Shutdown
 
         bus.send(Shutdown(2, "rank 0 could not start its HTTP server"))
+        leader.watchdog.stop()
+        if monitor is not None:
+            monitor.stop()
         raise
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -425,17 +440,17 @@ def _lead(
         args.max_batch,
         keys,
     )
-    code = leader.run()
-    leader.watchdog.stop()
-    if monitor is not None:
-        monitor.stop()
+    try:
+        code = leader.run()
+    finally:
+        leader.watchdog.stop()
+        if monitor is not None:
+            monitor.stop()
     if code:
         time.sleep(1.0)  # let error responses reach their clients
     server.stop()
-    status_file = os.environ.get("ORCHARD_STATUS_FILE")
-    if status_file and code:
-        with open(status_file, "w") as f:
-            f.write(str(code))
+    if code:
+        _tell_launcher("ORCHARD_STATUS_FILE", str(code))
     if code and bus.size > 1:
         log.error("stopping every rank (exit %d)", code)
         bus.transport.abort(code)

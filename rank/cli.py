@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--mpirun-args",
         metavar="ARGS",
-        help="more mpirun flags for --np/--hostfile, one string "
-        "(e.g. \"--mca btl_tcp_if_include bridge0 --mca oob_tcp_if_include bridge0\")",
+        help="more mpirun flags for --np/--hostfile, one string after '=' "
+        "(e.g. --mpirun-args=\"--mca btl_tcp_if_include bridge0 --mca oob_tcp_if_include bridge0\")",
     )
     job.add_argument(
         "--hostfile", help="start one rank per slot of this Open MPI hostfile (e.g. hostfiles/studio.txt)"

@@ -163,10 +163,14 @@ class Leader:
         has been stuck at least that long. Either alone is no proof (a long step; a lost datagram)."""
         if self.pulses is None:
             return []
-        hung = self.pulses.gone_ranks() if step_seconds >= 0.5 else []  # refused pings: certainly dead
-        if step_seconds >= self.pulse_timeout:
-            hung += [r for r in self.pulses.silent(self.pulse_timeout) if r not in hung]
-        return [self.rank_names.get(r, f"rank {r}") for r in hung]
+        # A dead process is also an MPI error, which names it better ("died", ULFM): give that 2 s.
+        gone = self.pulses.gone_ranks() if step_seconds >= 2.0 else []
+        hung = [r for r in self.pulses.silent(self.pulse_timeout) if r not in gone]
+        if step_seconds < self.pulse_timeout:
+            hung = []
+        return [f"{self.rank_names.get(r, f'rank {r}')} died" for r in gone] + [
+            f"{self.rank_names.get(r, f'rank {r}')} hung" for r in hung
+        ]
 
     def _collect_reports(self, now: float) -> None:
         ssd = self.scheduler.prefix_cache.ssd if self.scheduler.prefix_cache is not None else None

@@ -206,15 +206,17 @@ class Executor:
         the followers never need the whole distribution)."""
         assert self._head is not None
         head, counts = self._head
-        local = (head.as_linear(last) if self._tied else head(last)).astype(mx.float32)
+        local = head.as_linear(last) if self._tied else head(last)  # in the model's dtype: half the bytes
         if not self.want_logits:
             mx.eval(mx.distributed.send(local, 0, group=self.group))
             return StepOutput(row_ids, None, failed)
+        # The step's all-reduces first: a receive has no inputs, and must not be scheduled before them.
+        mx.eval(local)
         rows = local.shape[0]
         parts = [local] + [
-            mx.distributed.recv((rows, counts[i]), mx.float32, i, group=self.group) for i in range(1, len(counts))
+            mx.distributed.recv((rows, counts[i]), local.dtype, i, group=self.group) for i in range(1, len(counts))
         ]
-        logits = mx.concatenate(parts, axis=1)
+        logits = mx.concatenate(parts, axis=1).astype(mx.float32)
         mx.eval(logits)  # where MLX releases the GIL (see below)
         return StepOutput(row_ids, logits, failed)
 

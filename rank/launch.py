@@ -88,8 +88,11 @@ def lost_host_report(hosts: list[str], ranks_file: Path) -> list[str]:
     except (OSError, ValueError):
         table = []
     out = []
+    def short(name: str) -> str:  # PRRTE may drop the domain ("studio-2" for "Studio-2.local")
+        return str(name).split(".")[0].lower() if not str(name).replace(".", "").isdigit() else str(name)
+
     for host in dict.fromkeys(hosts):
-        ranks = [r for r in table if r.get("host") == host]
+        ranks = [r for r in table if short(r.get("host", "")) == short(host)]
         who = ", ".join(f"rank {r['rank']} (pid {r['pid']})" for r in ranks)
         where = f", where {who} ran" if who else " (which ranks ran there is unknown)"
         out.append(f"lost host {host}{where}: its processes or its link died, so the job ended")
@@ -106,7 +109,7 @@ def _run(cmd: list[str]) -> tuple[int, list[str]]:
             try:
                 sink.buffer.write(raw)
                 sink.flush()
-            except (OSError, ValueError):  # our own output closed: keep draining, or mpirun would block
+            except Exception:  # our own output closed or gone: keep draining, or mpirun would block
                 pass
             match = LOST_DAEMON.search(raw.decode(errors="replace"))
             if match:

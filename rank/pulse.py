@@ -60,7 +60,13 @@ class PulseResponder:
         self.rank, self.pid, self.activity = rank, os.getpid(), activity
         self.token = secrets.token_bytes(16)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("0.0.0.0", int(os.environ.get("ORCHARD_PULSE_PORT", "0"))))
+        base = int(os.environ.get("ORCHARD_PULSE_PORT", "0"))
+        port = base + int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")) if base else 0
+        try:
+            self.sock.bind(("0.0.0.0", port))
+        except OSError as exc:  # taken (another job on this host): any port beats no liveness channel
+            log.warning("liveness port %d: %s; using a free port instead", port, exc.strerror)
+            self.sock.bind(("0.0.0.0", 0))
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pulse-responder", daemon=True)
 
@@ -109,10 +115,13 @@ class _Link:
 class PulseMonitor:
     """Rank 0: ping every follower `interval` apart and record answers and refusals in `book`."""
 
-    def __init__(self, book: PulseBook, interval: float = 0.25) -> None:
-        self.book, self.interval = book, interval
+    NONCE_WINDOW = 50  # answers to older pings than this many rounds ago are stale
+
+    def __init__(self, book: PulseBook, interval: float = 0.1, warn_after: float = 10.0) -> None:
+        self.book, self.interval, self.warn_after = book, interval, warn_after
         self._links: list[_Link] = []
         self._nonce = 0
+        self._warned = False
         self.on_gone: Callable[[int], None] | None = None  # called (monitor thread) when a rank's process died
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pulse-monitor", daemon=True)
@@ -148,38 +157,67 @@ class PulseMonitor:
 
     def _ping_all(self) -> None:
         self._nonce += 1
-        answered = self.book.answered_ranks()
         for link in self._links:
-            if link.rank in answered and answered[link.rank] != link.address:
-                continue  # another address of this rank answers: ping that one only
+            pinned = self.book.address_of(link.rank)
+            quiet = self.book.silence(link.rank) or 0.0
+            if pinned and pinned != link.address and quiet < 1.0:
+                continue  # another address of this rank answers: ping that one only while it does
             try:
                 link.sock.send(Ping(link.token, self._nonce).encode())
             except OSError as exc:
                 self._refused(link, exc)
+        self.book.pinged()
 
     def _refused(self, link: _Link, exc: OSError) -> None:
-        if exc.errno == errno.ECONNREFUSED and self.book.address_of(link.rank) == link.address:
-            if self.book.gone(link.rank):
-                log.error("%s is gone: its liveness port refuses pings (the process died)", self.book.name(link.rank))
-                if self.on_gone is not None:
-                    self.on_gone(link.rank)
+        """A connected UDP socket reports the ICMP port-unreachable of an earlier datagram: the port is
+        closed, so the process that held it died (its host is up). Counted only on the address it last
+        answered from, and only a run of them makes the rank gone (PulseBook.refused)."""
+        if exc.errno != errno.ECONNREFUSED or self.book.address_of(link.rank) != link.address:
+            return
+        if self.book.refused(link.rank):
+            log.error("%s is gone: its liveness port refuses pings (the process died)", self.book.name(link.rank))
+            if self.on_gone is not None:
+                self.on_gone(link.rank)
+
+    def _receive(self, link: _Link) -> None:
+        try:
+            data = link.sock.recv(MAX_PULSE_BYTES + 1)
+        except OSError as exc:
+            self._refused(link, exc)
+            return
+        pong = decode(data)
+        if (
+            isinstance(pong, Pong)
+            and pong.rank == link.rank
+            and self._nonce - self.NONCE_WINDOW <= pong.nonce <= self._nonce
+        ):
+            self.book.answered(pong, link.address)
+
+    def _warn_unanswered(self) -> None:
+        never = self.book.never_answered()
+        if never and not self._warned and time.monotonic() - self.started > self.warn_after:
+            self._warned = True
+            names = ", ".join(self.book.name(r) for r in never)
+            log.warning(
+                "%s never answered liveness pings (UDP blocked, or no address rank 0 can reach): a hang "
+                "there is still stopped by --step-timeout, but cannot be named",
+                names,
+            )
 
     def _run(self) -> None:
+        self.started = time.monotonic()
         next_ping = 0.0
         socks = {link.sock: link for link in self._links}
         while not self._stopped.is_set():
-            now = time.monotonic()
-            if now >= next_ping:
-                self._ping_all()
-                next_ping = now + self.interval
-            ready, _, _ = select.select(list(socks), [], [], max(0.0, next_ping - time.monotonic()))
-            for sock in ready:
-                link = socks[sock]
-                try:
-                    data = sock.recv(MAX_PULSE_BYTES + 1)
-                except OSError as exc:
-                    self._refused(link, exc)
-                    continue
-                pong = decode(data)
-                if isinstance(pong, Pong) and pong.rank == link.rank and pong.nonce <= self._nonce:
-                    self.book.answered(pong, link.address)
+            try:
+                now = time.monotonic()
+                if now >= next_ping:
+                    self._ping_all()
+                    self._warn_unanswered()
+                    next_ping = now + self.interval
+                ready, _, _ = select.select(list(socks), [], [], max(0.0, next_ping - time.monotonic()))
+                for sock in ready:
+                    self._receive(socks[sock])
+            except Exception:  # never let the thread die: silence would then look like hung followers
+                log.exception("liveness monitor error (continuing)")
+                time.sleep(self.interval)

@@ -36,14 +36,14 @@ class StepWatchdog:
         self.describe = describe  # what is known about the ranks, for the message
         self.exit_process = exit_process
         self.grace = grace  # time for HTTP responses to flush before the process ends
-        self.hung = hung  # names of ranks known to be hung, given how long the step has taken so far
+        self.hung = hung  # verdicts ("rank 1 (...) hung") given how long the step has taken so far
         self._since: float | None = None
         self._label = ""
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="step-watchdog", daemon=True)
 
     def start(self) -> None:
-        if self.timeout > 0:
+        if self.timeout > 0 or self.hung is not None:
             self._thread.start()
 
     def stop(self) -> None:
@@ -60,7 +60,7 @@ class StepWatchdog:
         self._since = None
 
     def _run(self) -> None:
-        while not self._stopped.wait(min(0.25, self.timeout / 4)):
+        while not self._stopped.wait(min(0.25, self.timeout / 4) if self.timeout > 0 else 0.25):
             since = self._since
             if since is None:
                 continue
@@ -68,10 +68,10 @@ class StepWatchdog:
             hung = self.hung(elapsed) if self.hung is not None else []
             if hung:
                 message = (
-                    f"step watchdog: {', '.join(hung)} hung: {self._label} has waited {elapsed:.1f} s for it "
+                    f"step watchdog: {', '.join(hung)}: {self._label} has waited {elapsed:.1f} s "
                     f"({self.describe()}). Failing in-flight requests and stopping the job."
                 )
-            elif elapsed >= self.timeout:
+            elif self.timeout > 0 and elapsed >= self.timeout:
                 message = (
                     f"step watchdog: {self._label} has not completed in {self.timeout:g} s; a rank is hung or "
                     f"dead ({self.describe()}). Failing in-flight requests and stopping the job."
@@ -84,8 +84,11 @@ class StepWatchdog:
             log.error("answered %d in-flight request(s) with an error", n)
             status_file = os.environ.get("ORCHARD_STATUS_FILE")  # the launcher's record of rank 0's exit code
             if status_file:
-                with open(status_file, "w") as f:
-                    f.write("1")
+                try:
+                    with open(status_file, "w") as f:
+                        f.write("1")
+                except OSError as exc:  # rank 0 on another host than the launcher: nowhere to leave it
+                    log.warning("cannot write the launcher's status file %s: %s", status_file, exc)
             time.sleep(self.grace)
             logging.shutdown()
             self.exit_process(1)

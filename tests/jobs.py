@@ -62,7 +62,7 @@ class Job:
         if launcher:
             cmd = rank_cmd + ["--np", str(np)]
             if mpirun_extra:
-                cmd += ["--mpirun-args", shlex.join(mpirun_extra)]
+                cmd += ["--mpirun-args=" + shlex.join(mpirun_extra)]  # "=": the value may be one "--flag"
         elif mpirun_extra is not None:
             root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
             cmd = [str(BIN / "mpirun"), *root, "--bind-to", "none", *mpirun_extra, *rank_cmd]

@@ -64,6 +64,13 @@ class NamespaceHosts:
         # another test run) would delete this one's namespaces. Wait for the other to finish instead.
         self._lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until __exit__
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            return self._create()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _create(self) -> NamespaceHosts:
         self.cleanup()
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", BRIDGE)

@@ -115,6 +115,15 @@ def test_long_steps_are_not_hangs(job_factory, tiny_model: Path) -> None:  # typ
         job.url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 4}, timeout=120
     )
     assert r.status_code == 200, r.text
+    # the test means something only if the prefill step really outlasted the pulse timeout
+    deadline, lines = time.monotonic() + 10, []
+    while not lines and time.monotonic() < deadline:  # the request's log line follows its response
+        lines = [ln for ln in job.log().splitlines() if r.json()["id"] in ln and "ttft=" in ln]
+        time.sleep(0.2)
+    assert lines, job.log()[-2000:]
+    line = lines[0]
+    ttft_ms = int(line.split("ttft=")[1].split("ms")[0])
+    assert ttft_ms > 500, line
     assert httpx.get(job.url + "/health/ready", timeout=5).status_code == 200
     job.stop()
 

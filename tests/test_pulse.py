@@ -25,7 +25,16 @@ def test_codec_round_trips_and_refuses_garbage() -> None:
     pong = Pong(2, 4242, 7, "executing step 9", 1.5)
     assert decode(ping.encode()) == ping
     assert decode(pong.encode()) == pong
-    for junk in (b"", b"\xc1", b"x" * 600, msgpack.packb([9, 1]), msgpack.packb([1, "no", "nonce"]), msgpack.packb({"a": 1})):
+    for junk in (
+        b"",
+        b"\xc1",
+        b"x" * 600,
+        msgpack.packb([9, 1]),
+        msgpack.packb([1, "no", "nonce"]),
+        msgpack.packb({"a": 1}),
+        msgpack.packb([1, 2**31, 1]),  # a number where the token goes: no allocation of that size
+        msgpack.packb([1, b"short", 1]),
+    ):
         assert decode(junk) is None
 
 
@@ -33,9 +42,11 @@ def test_book_names_the_silent_rank_first() -> None:
     clock = Clock()
     book = PulseBook(clock, {1: "rank 1 (host a, pid 1)", 2: "rank 2 (host b, pid 2)"})
     clock.now += 0.5
+    book.pinged()
     book.answered(Pong(1, 1, 1, "waiting for rank 0's next message", 0.2))
     book.answered(Pong(2, 2, 1, "executing step 3", 0.1))
     clock.now += 3.0
+    book.pinged()
     book.answered(Pong(1, 1, 2, "executing step 3", 3.0))  # rank 2 went quiet
     assert book.silent(1.0) == [2]
     text = book.describe(1.0)
@@ -45,6 +56,32 @@ def test_book_names_the_silent_rank_first() -> None:
     assert book.ranks == [1, 2]
 
 
+def test_silence_needs_unanswered_pings_and_an_answer_first() -> None:
+    clock = Clock()
+    book = PulseBook(clock, {1: "rank 1", 2: "rank 2"})
+    book.pinged()
+    book.answered(Pong(1, 1, 1, "", 0.0))
+    clock.now += 30.0  # nobody pinged meanwhile (rank 0 starved): that is not the followers' silence
+    assert book.silence(1) == 0.0 and book.silent(1.0) == []
+    book.pinged()
+    assert book.silence(1) == 30.0
+    assert book.silence(2) is None and book.never_answered() == [2]  # unreachable: never condemned
+    assert "rank 2 has never answered" in book.describe(1.0)
+
+
+def test_one_refusal_is_not_death() -> None:
+    clock = Clock()
+    book = PulseBook(clock, {1: "rank 1"})
+    book.answered(Pong(1, 1, 1, "", 0.0))
+    assert not book.refused(1)  # a stray ICMP message
+    book.answered(Pong(1, 1, 2, "", 0.0))  # ... and it answers again
+    for _ in range(3):
+        assert not book.refused(1)  # three in a row, but within 0.3 s
+    clock.now += 0.4
+    assert book.refused(1) and book.gone_ranks() == [1]
+    assert not book.refused(1)  # reported once
+
+
 def test_health_uses_liveness_over_report_age() -> None:
     clock = Clock()
     table = HealthTable(clock, timeout=5.0)
@@ -52,7 +89,10 @@ def test_health_uses_liveness_over_report_age() -> None:
         table.register(r, "h", r)
     book = PulseBook(clock, {1: "rank 1", 2: "rank 2"})
     table.liveness = book.silence
+    book.pinged()
+    book.answered(Pong(2, 2, 1, "", 0.0))
     clock.now += 10.0  # no reports for 10 s (rank 0 busy in one long step) ...
+    book.pinged()
     book.answered(Pong(1, 1, 1, "executing step 1", 10.0))  # ... but rank 1 answers its pings
     states = {h.rank: h.state for h in table.snapshot()}
     assert states == {0: UNRESPONSIVE, 1: "ok", 2: UNRESPONSIVE}
@@ -70,9 +110,9 @@ def test_real_sockets_answer_until_the_responder_stops() -> None:
     try:
         activity.set("executing step 5")
         deadline = time.monotonic() + 5
-        while book.silence(1) > 0.2 and time.monotonic() < deadline:
+        while book.silence(1) is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert book.silence(1) < 0.2
+        assert book.silence(1) is not None and book.silence(1) < 0.2  # type: ignore[operator]
         time.sleep(0.2)
         assert "executing step 5" in book.describe(1.0)
         responder.stop()
