@@ -6,12 +6,15 @@ follower therefore runs a tiny UDP responder thread (no MPI, no MLX); rank 0 pin
 times a second and records the answers. A rank whose process is stopped or gone stops answering, while
 ranks that merely wait in a collective keep answering and say what they are doing.
 
-This module is the pure part: the datagram formats (msgpack, bounded, authenticated by a per-rank
-token that travelled over MPI at start-up) and `PulseBook`, rank 0's record of the answers.
+This module is the pure part: the datagram formats (msgpack, bounded, each signed with an HMAC under a
+per-rank secret that travelled over MPI at start-up and never crosses the wire) and `PulseBook`, rank
+0's record of the answers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,17 +22,30 @@ from dataclasses import dataclass
 import msgpack
 
 MAX_PULSE_BYTES = 512
-TOKEN_BYTES = 16
+TOKEN_BYTES = 16  # the per-rank secret, shared over MPI only; never sent on the wire
+MAC_BYTES = 16
 PING, PONG = 1, 2
+
+
+def _mac(token: bytes, *fields: object) -> bytes:
+    return hmac.new(token, msgpack.packb(list(fields), use_bin_type=True), hashlib.sha256).digest()[:MAC_BYTES]
 
 
 @dataclass(slots=True, frozen=True)
 class Ping:
-    token: bytes  # the follower's secret, so strangers' datagrams get no answer
     nonce: int
+    mac: bytes  # HMAC of the nonce under the follower's secret: strangers' datagrams get no answer
+
+    @classmethod
+    def sign(cls, token: bytes, nonce: int) -> Ping:
+        return cls(nonce, _mac(token, PING, nonce))
+
+    def valid(self, token: bytes) -> bool:
+        return hmac.compare_digest(self.mac, _mac(token, PING, self.nonce))
 
     def encode(self) -> bytes:
-        return msgpack.packb([PING, self.token, self.nonce], use_bin_type=True)
+        data: bytes = msgpack.packb([PING, self.nonce, self.mac], use_bin_type=True)
+        return data
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,26 +55,35 @@ class Pong:
     nonce: int
     activity: str  # what the rank's engine thread is doing: "waiting for rank 0", "step 57"
     activity_s: float  # for how long
+    mac: bytes = b""  # HMAC of all of the above: nobody else can make a hung rank look alive
+
+    def _fields(self) -> tuple[object, ...]:
+        return (PONG, self.rank, self.pid, self.nonce, self.activity[:120], self.activity_s)
+
+    def signed(self, token: bytes) -> Pong:
+        return Pong(self.rank, self.pid, self.nonce, self.activity[:120], self.activity_s, _mac(token, *self._fields()))
+
+    def valid(self, token: bytes) -> bool:
+        return hmac.compare_digest(self.mac, _mac(token, *self._fields()))
 
     def encode(self) -> bytes:
-        data: bytes = msgpack.packb(
-            [PONG, self.rank, self.pid, self.nonce, self.activity[:120], self.activity_s], use_bin_type=True
-        )
+        data: bytes = msgpack.packb([*self._fields(), self.mac], use_bin_type=True)
         return data
 
 
 def decode(data: bytes) -> Ping | Pong | None:
-    """A datagram, or None when it is not one of ours (never raises: anyone can send UDP)."""
+    """A datagram, or None when it is not one of ours (never raises: anyone can send UDP). The caller
+    checks the MAC with the secret it holds."""
     if len(data) > MAX_PULSE_BYTES:
         return None
     try:
         w = msgpack.unpackb(data, raw=False, max_bin_len=64, max_str_len=256, max_array_len=8)
-        if not isinstance(w, list):
+        if not isinstance(w, list) or not w or not isinstance(w[-1], bytes) or len(w[-1]) != MAC_BYTES:
             return None
-        if len(w) == 3 and w[0] == PING and isinstance(w[1], bytes) and len(w[1]) == TOKEN_BYTES:
-            return Ping(w[1], int(w[2]))
-        if len(w) == 6 and w[0] == PONG and isinstance(w[4], str):
-            return Pong(int(w[1]), int(w[2]), int(w[3]), w[4], float(w[5]))
+        if len(w) == 3 and w[0] == PING and isinstance(w[1], int):
+            return Ping(w[1], w[2])
+        if len(w) == 7 and w[0] == PONG and isinstance(w[4], str) and isinstance(w[5], (int, float)):
+            return Pong(int(w[1]), int(w[2]), int(w[3]), w[4], float(w[5]), w[6])
     except Exception:
         return None
     return None

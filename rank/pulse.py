@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.pulse import MAX_PULSE_BYTES, Ping, Pong, PulseBook, decode
+from cluster.pulse import MAX_PULSE_BYTES, TOKEN_BYTES, Ping, Pong, PulseBook, decode
 
 log = logging.getLogger("orchard.pulse")
 
@@ -56,9 +56,13 @@ def local_addresses() -> list[str]:
 
 
 class PulseResponder:
+    MAX_ANSWERS_PER_SECOND = 50  # rank 0 asks 10 times a second
+
     def __init__(self, rank: int, activity: Activity) -> None:
         self.rank, self.pid, self.activity = rank, os.getpid(), activity
-        self.token = secrets.token_bytes(16)
+        self.token = secrets.token_bytes(TOKEN_BYTES)
+        self._last_nonce = 0
+        self._window_start, self._answers = 0.0, 0
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         base = int(os.environ.get("ORCHARD_PULSE_PORT", "0"))
         port = base + int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")) if base else 0
@@ -92,11 +96,18 @@ class PulseResponder:
             except OSError:
                 continue
             ping = decode(data)
-            if not isinstance(ping, Ping) or not secrets.compare_digest(ping.token, self.token):
+            if not isinstance(ping, Ping) or not ping.valid(self.token) or ping.nonce <= self._last_nonce:
+                continue  # a stranger's, or a replay of rank 0's (a sniffer cannot make us reflect)
+            now = time.monotonic()
+            if now - self._window_start >= 1.0:
+                self._window_start, self._answers = now, 0
+            if self._answers >= self.MAX_ANSWERS_PER_SECOND:
                 continue
+            self._answers += 1
+            self._last_nonce = ping.nonce
             label, busy = self.activity.get()
             try:
-                self.sock.sendto(Pong(self.rank, self.pid, ping.nonce, label, busy).encode(), source)
+                self.sock.sendto(Pong(self.rank, self.pid, ping.nonce, label, busy).signed(self.token).encode(), source)
             except OSError:
                 continue
 
@@ -130,6 +141,8 @@ class PulseMonitor:
         """`hello` is what the follower's responder announced; a rank on this host is reached on loopback."""
         try:
             port, token = int(hello["port"]), bytes.fromhex(str(hello["token"]))
+            if len(token) != TOKEN_BYTES:
+                raise ValueError("bad token")
             addresses = ["127.0.0.1"] if same_host else [str(a) for a in hello.get("addresses", [])][:16]
         except (KeyError, TypeError, ValueError):
             log.warning("rank %d announced no usable liveness port; it cannot be told apart when hung", rank)
@@ -163,7 +176,7 @@ class PulseMonitor:
             if pinned and pinned != link.address and quiet < 1.0:
                 continue  # another address of this rank answers: ping that one only while it does
             try:
-                link.sock.send(Ping(link.token, self._nonce).encode())
+                link.sock.send(Ping.sign(link.token, self._nonce).encode())
             except OSError as exc:
                 self._refused(link, exc)
         self.book.pinged()
@@ -190,6 +203,7 @@ class PulseMonitor:
             isinstance(pong, Pong)
             and pong.rank == link.rank
             and self._nonce - self.NONCE_WINDOW <= pong.nonce <= self._nonce
+            and pong.valid(link.token)
         ):
             self.book.answered(pong, link.address)
 

@@ -20,11 +20,15 @@ class Clock:
         return self.now
 
 
-def test_codec_round_trips_and_refuses_garbage() -> None:
-    ping = Ping(b"k" * 16, 7)
-    pong = Pong(2, 4242, 7, "executing step 9", 1.5)
-    assert decode(ping.encode()) == ping
-    assert decode(pong.encode()) == pong
+def test_codec_round_trips_signed_and_refuses_garbage() -> None:
+    key, other = b"k" * 16, b"o" * 16
+    ping = Ping.sign(key, 7)
+    pong = Pong(2, 4242, 7, "executing step 9", 1.5).signed(key)
+    assert decode(ping.encode()) == ping and ping.valid(key) and not ping.valid(other)
+    assert decode(pong.encode()) == pong and pong.valid(key) and not pong.valid(other)
+    assert key not in ping.encode() + pong.encode()  # the secret never crosses the wire
+    forged = Pong(2, 4242, 7, "alive, honest", 1.5, pong.mac)  # a sniffer's edit of a real answer
+    assert not forged.valid(key)
     for junk in (
         b"",
         b"\xc1",
@@ -32,8 +36,8 @@ def test_codec_round_trips_and_refuses_garbage() -> None:
         msgpack.packb([9, 1]),
         msgpack.packb([1, "no", "nonce"]),
         msgpack.packb({"a": 1}),
-        msgpack.packb([1, 2**31, 1]),  # a number where the token goes: no allocation of that size
-        msgpack.packb([1, b"short", 1]),
+        msgpack.packb([1, 2**31, 1]),  # a number where the MAC goes: no allocation of that size
+        msgpack.packb([1, 5, b"short"]),
     ):
         assert decode(junk) is None
 
@@ -124,20 +128,28 @@ def test_real_sockets_answer_until_the_responder_stops() -> None:
         monitor.stop()
 
 
-def test_responder_ignores_pings_without_its_token() -> None:
+def test_responder_ignores_strangers_and_replays() -> None:
     responder = PulseResponder(1, Activity())
     responder.start()
     port = int(responder.hello()["port"])  # type: ignore[call-overload]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.5)
-        s.sendto(Ping(b"wrong" * 3 + b"!", 1).encode(), ("127.0.0.1", port))
+        s.sendto(Ping.sign(b"wrong-secret-16b", 1).encode(), ("127.0.0.1", port))
         s.sendto(b"not msgpack at all", ("127.0.0.1", port))
         try:
             s.recvfrom(1024)
             raise AssertionError("a stranger's ping was answered")
         except TimeoutError:
             pass
-        s.sendto(Ping(responder.token, 3).encode(), ("127.0.0.1", port))
-        data, _ = s.recvfrom(1024)
-        assert decode(data) == Pong(1, responder.pid, 3, "starting", decode(data).activity_s)  # type: ignore[union-attr]
+        real = Ping.sign(responder.token, 3)
+        s.sendto(real.encode(), ("127.0.0.1", port))
+        pong = decode(s.recvfrom(1024)[0])
+        assert isinstance(pong, Pong) and pong.valid(responder.token)
+        assert (pong.rank, pong.pid, pong.nonce, pong.activity) == (1, responder.pid, 3, "starting")
+        s.sendto(real.encode(), ("127.0.0.1", port))  # a replay of rank 0's ping
+        try:
+            s.recvfrom(1024)
+            raise AssertionError("a replayed ping was answered")
+        except TimeoutError:
+            pass
     responder.stop()
