@@ -41,7 +41,8 @@ class Activity:
 
 
 def local_addresses() -> list[str]:
-    """This host's IPv4 addresses other than loopback and link-local, where rank 0 may reach us."""
+    """This host's IPv4 addresses other than loopback, where rank 0 may reach us (link-local ones too: a
+    Thunderbolt bridge between Macs often has only a self-assigned 169.254 address)."""
     import psutil
 
     out = []
@@ -50,7 +51,7 @@ def local_addresses() -> list[str]:
             if a.family != socket.AF_INET:
                 continue
             ip = ipaddress.ip_address(a.address)
-            if not (ip.is_loopback or ip.is_link_local):
+            if not ip.is_loopback:
                 out.append(a.address)
     return sorted(set(out))
 
