@@ -258,19 +258,6 @@ def _tiers(prefix_cache: Any) -> list[Any]:
     return [prefix_cache.index.stats] + ([prefix_cache.ssd] if prefix_cache.ssd is not None else [])
 
 
-def _tell_launcher(variable: str, text: str) -> None:
-    """Leave `text` in the launcher's file named by `variable`. It exists only when rank 0 runs on the
-    launcher's host (the usual case: start the job from the first host); elsewhere, say so and go on."""
-    path = os.environ.get(variable)
-    if not path:
-        return
-    try:
-        with open(path, "w") as f:
-            f.write(text)
-    except OSError as exc:
-        log.warning("cannot leave the launcher %s (%s): %s", path, variable, exc.strerror)
-
-
 def _pulse_monitor(args: Any, ranks: list[dict], names: dict[int, str]) -> Any:
     """Rank 0's liveness pings to every follower (outside MPI), or None for one rank / --pulse-timeout 0."""
     followers = [r for r in ranks if r["rank"] != 0 and r.get("pulse")]
@@ -320,6 +307,7 @@ def _lead(
     from cluster.scheduler import Scheduler, SchedulerConfig
     from rank.cli import api_keys
     from rank.engine import Leader
+    from rank.launch import tell_launcher
     from rank.models import EMBEDDED_NAME
     from rank.report import Reporter
     from rank.tokenizer import ChatTokenizer
@@ -327,7 +315,7 @@ def _lead(
 
     names = {r["rank"]: f"rank {r['rank']} (host {r['host']}, pid {r['pid']})" for r in ranks}
     table = json.dumps([{k: r[k] for k in ("rank", "host", "pid")} for r in ranks])
-    _tell_launcher("ORCHARD_RANKS_FILE", table)  # it names the ranks of a host mpirun loses
+    tell_launcher("ORCHARD_RANKS_FILE", table)  # it names the ranks of a host mpirun loses
 
     tokenizer = ChatTokenizer(model_dir)
     context = int(config.get("max_position_embeddings") or 2048)
@@ -450,7 +438,7 @@ def _lead(
         time.sleep(1.0)  # let error responses reach their clients
     server.stop()
     if code:
-        _tell_launcher("ORCHARD_STATUS_FILE", str(code))
+        tell_launcher("ORCHARD_STATUS_FILE", str(code))
     if code and bus.size > 1:
         log.error("stopping every rank (exit %d)", code)
         bus.transport.abort(code)

@@ -119,7 +119,7 @@ class Leader:
         except Exception as exc:
             dead = self.bus.transport.failed_ranks() if self.bus.size > 1 else []
             if dead:
-                names = ", ".join(self.rank_names.get(r, f"rank {r}") for r in dead)
+                names = ", ".join(self.rank_name(r) for r in dead)
                 for r in dead:
                     self.health.mark_dead(r, f"process died ({exc})")
                 return self._fail(f"{names} died: {exc}")
@@ -137,7 +137,7 @@ class Leader:
         self.bus.send(message)
         missing = self.bus.await_acks(self.step_timeout)
         if missing:
-            names = ", ".join(self.rank_names.get(r, f"rank {r}") for r in missing)
+            names = ", ".join(self.rank_name(r) for r in missing)
             raise EngineError(
                 f"{names} did not receive {label} within {self.step_timeout:g} s (hung or dead)"
             )
@@ -150,7 +150,7 @@ class Leader:
         """For the watchdog's message: who answers liveness pings, and what each follower last received."""
         acks = getattr(self.bus.transport, "last_ack", {})
         parts = [
-            f"{self.rank_names.get(r, f'rank {r}')} last received message {seq}"
+            f"{self.rank_name(r)} last received message {seq}"
             for r, seq in sorted(acks.items())
         ]
         if self.pulses is not None:
@@ -165,12 +165,13 @@ class Leader:
             return []
         # A dead process is also an MPI error, which names it better ("died", ULFM): give that 2 s.
         gone = self.pulses.gone_ranks() if step_seconds >= 2.0 else []
-        hung = [r for r in self.pulses.silent(self.pulse_timeout) if r not in gone]
-        if step_seconds < self.pulse_timeout:
-            hung = []
-        return [f"{self.rank_names.get(r, f'rank {r}')} died" for r in gone] + [
-            f"{self.rank_names.get(r, f'rank {r}')} hung" for r in hung
+        silent = self.pulses.silent(self.pulse_timeout) if step_seconds >= self.pulse_timeout else []
+        return [f"{self.rank_name(r)} died" for r in gone] + [
+            f"{self.rank_name(r)} hung" for r in silent if r not in gone
         ]
+
+    def rank_name(self, rank: int) -> str:
+        return self.rank_names.get(rank, f"rank {rank}")
 
     def _collect_reports(self, now: float) -> None:
         ssd = self.scheduler.prefix_cache.ssd if self.scheduler.prefix_cache is not None else None

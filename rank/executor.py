@@ -206,7 +206,7 @@ class Executor:
         the followers never need the whole distribution)."""
         assert self._head is not None
         head, counts = self._head
-        local = head.as_linear(last) if self._tied else head(last)  # in the model's dtype: half the bytes
+        local = self._lm_head(last, head)  # in the model's dtype: half the bytes of fp32
         if not self.want_logits:
             mx.eval(mx.distributed.send(local, 0, group=self.group))
             return StepOutput(row_ids, None, failed)
@@ -220,10 +220,11 @@ class Executor:
         mx.eval(logits)  # where MLX releases the GIL (see below)
         return StepOutput(row_ids, logits, failed)
 
-    def _lm_head(self, h: mx.array) -> mx.array:
-        if self._tied:
-            return self.model.model.embed_tokens.as_linear(h)
-        return self.model.lm_head(h)
+    def _lm_head(self, h: mx.array, head: Any = None) -> mx.array:
+        """The output projection: the model's own, or `head` (this rank's rows of it)."""
+        if head is None:
+            head = self.model.model.embed_tokens if self._tied else self.model.lm_head
+        return head.as_linear(h) if self._tied else head(h)
 
     def _release(self, seq_ids: tuple[int, ...]) -> None:
         if not seq_ids:

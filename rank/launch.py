@@ -11,6 +11,7 @@ one into mpirun's SIGTERM (stop now).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -22,6 +23,8 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("orchard.launch")
 
 
 def mpirun_command(
@@ -76,9 +79,29 @@ def launch(np: int | None, hostfile: str | None, rank_args: list[str], extra: li
             os.unlink(path)
 
 
+def tell_launcher(variable: str, text: str) -> None:
+    """Rank 0's side: leave `text` in the launcher's file named by `variable`. It exists only when rank 0
+    runs on the launcher's host (the usual case: start the job from the first host); elsewhere, say so
+    and go on."""
+    path = os.environ.get(variable)
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        log.warning("cannot leave the launcher %s (%s): %s", path, variable, exc.strerror)
+
+
 # PRRTE's two wordings: "Remote daemon: [prterun-x@0,2] on node studio-2" (lost while running) and
 # "Remote host:   studio-2" (a daemon that died before it had reported back).
 LOST_DAEMON = re.compile(r"Remote (?:daemon:\s*\S+\s+on node|host:)\s+(\S+)")
+
+
+def _host_key(name: str) -> str:
+    """PRRTE may drop the domain: "studio-2" for "Studio-2.local" (an IPv4 address stays as it is)."""
+    name = str(name)
+    return name if name.replace(".", "").isdigit() else name.split(".")[0].lower()
 
 
 def lost_host_report(hosts: list[str], ranks_file: Path) -> list[str]:
@@ -88,11 +111,8 @@ def lost_host_report(hosts: list[str], ranks_file: Path) -> list[str]:
     except (OSError, ValueError):
         table = []
     out = []
-    def short(name: str) -> str:  # PRRTE may drop the domain ("studio-2" for "Studio-2.local")
-        return str(name).split(".")[0].lower() if not str(name).replace(".", "").isdigit() else str(name)
-
     for host in dict.fromkeys(hosts):
-        ranks = [r for r in table if short(r.get("host", "")) == short(host)]
+        ranks = [r for r in table if _host_key(r.get("host", "")) == _host_key(host)]
         who = ", ".join(f"rank {r['rank']} (pid {r['pid']})" for r in ranks)
         where = f", where {who} ran" if who else " (which ranks ran there is unknown)"
         out.append(f"lost host {host}{where}: its processes or its link died, so the job ended")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from cluster.engine_client import EngineClient, EngineState
+from rank.launch import tell_launcher
 
 log = logging.getLogger("orchard.watchdog")
 
@@ -82,13 +83,7 @@ class StepWatchdog:
             self.client.set_state(EngineState.FAILED, message)
             n = self.client.fail_live(message)
             log.error("answered %d in-flight request(s) with an error", n)
-            status_file = os.environ.get("ORCHARD_STATUS_FILE")  # the launcher's record of rank 0's exit code
-            if status_file:
-                try:
-                    with open(status_file, "w") as f:
-                        f.write("1")
-                except OSError as exc:  # rank 0 on another host than the launcher: nowhere to leave it
-                    log.warning("cannot write the launcher's status file %s: %s", status_file, exc)
+            tell_launcher("ORCHARD_STATUS_FILE", "1")  # the launcher's record of rank 0's exit code
             time.sleep(self.grace)
             logging.shutdown()
             self.exit_process(1)
