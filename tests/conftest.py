@@ -32,6 +32,19 @@ def tiny3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny3", seed=7, hidden=192, heads=6, kv_heads=3, ffn=384)
 
 
+def _remove_stale_mpi_session_dirs() -> None:
+    """Open MPI leaves /tmp/ompi.<pid> behind when its processes are SIGKILLed (the fault tests do that).
+    A later mpirun whose pid is recycled then fails: "The PMIx server's listener thread failed to start"
+    (seen once here). Only directories of processes that no longer exist are removed."""
+    import shutil
+    import tempfile
+
+    for path in Path(tempfile.gettempdir()).glob("ompi.*"):
+        pid = path.name.split(".", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def job_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[type]:
     started: list[Job] = []
@@ -48,6 +61,7 @@ def job_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[type]:
             mpirun_extra: list[str] | None = None,
             host: str = "127.0.0.1",
         ) -> Job:
+            _remove_stale_mpi_session_dirs()
             job = Job(np, args, logs / f"{name}-{len(started)}.log", env, launcher, mpirun_extra, host)
             started.append(job)
             return job.wait_ready()
