@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="fresh",
         help="Orchard's SSD tier: empty temp dir or off",
     )
+    p.add_argument(
+        "--cpu-kernels",
+        choices=("auto", "on", "off"),
+        default=os.environ.get("ORCHARD_CPU_KERNELS", "auto"),
+        help="Orchard's CPU kernels (rank/cpu_kernels.py), for Orchard and the raw engine alike (mlx_lm.server runs "
+        "stock mlx-lm, as users would run it)",
+    )
     p.add_argument("--orchard-args", default="", help="more flags for python -m rank (one string)")
     p.add_argument("--mlx-lm-args", default="", help="more flags for mlx_lm server (one string)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up requests per server")
@@ -223,6 +230,7 @@ def main() -> int:
     except OrchardError as exc:
         raise SystemExit(f"compare: {exc}") from exc
     args.model_dir = model_dir
+    os.environ["ORCHARD_CPU_KERNELS"] = args.cpu_kernels  # read by Orchard's ranks and the raw engine
     logs = log_dir()
     kv = tempfile.mkdtemp(prefix="orchard-bench-kv-") if args.kv_ssd == "fresh" else "none"
     say(f"model {model_dir}, np {args.np}, workload {args.workload}, logs in {logs}")

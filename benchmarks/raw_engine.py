@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--blas", choices=("auto", "openblas", "none"), default=os.environ.get("ORCHARD_BLAS", "auto")
     )
+    p.add_argument(
+        "--cpu-kernels",
+        choices=("auto", "on", "off"),
+        default=os.environ.get("ORCHARD_CPU_KERNELS", "auto"),
+        help="Orchard's CPU kernels (rank/cpu_kernels.py), as `python -m rank` uses them (default auto, like Orchard)",
+    )
     p.add_argument("--json", help="also write the figures here (rank 0)")
     return p
 
@@ -172,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
+    from rank import cpu_kernels
     from rank.env import blas_in_use
     from rank.models import default_cache_dir, load_model, resolve_model
 
@@ -182,7 +189,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     model, _config = load_model(model_dir, group)
     tp = group.size() if group is not None else 1
-    say(f"loaded {model_dir.name} (TP={tp}, BLAS {blas_in_use()}) in {time.perf_counter() - t0:.1f} s")
+    kernels = "on" if cpu_kernels.install(model, args.cpu_kernels) else "off"
+    say(
+        f"loaded {model_dir.name} (TP={tp}, BLAS {blas_in_use()}, CPU kernels {kernels}) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     tokenizer = load_tokenizer(model_dir)
     prompts = encode_prompts(args, tokenizer)
     mx.random.seed(args.seed)
@@ -198,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     summary = figures(seqs, stats, wall, args, tp)
     summary["model"] = str(model_dir)
+    summary["cpu_kernels"] = kernels
     summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return summary
 

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: Any, group: Any, transport: Any) -> int:
     from cluster.bus import BusCodec, ControlBus
+    from rank import cpu_kernels
     from rank.env import blas_in_use
     from rank.executor import Executor
     from rank.models import default_cache_dir, load_model, resolve_model
@@ -118,13 +119,15 @@ def _run(args: Any, group: Any, transport: Any) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     model_dir = resolve_model(args.model, cache_dir, progress=log.info if rank == 0 else log.debug)
     model, config = load_model(model_dir, group)
+    cpu_fast = cpu_kernels.install(model, args.cpu_kernels)
     log.info(
-        "loaded %s as shard %d/%d in %.1f s (BLAS: %s)",
+        "loaded %s as shard %d/%d in %.1f s (BLAS: %s; CPU kernels: %s)",
         model_dir.name,
         rank,
         size,
         time.monotonic() - t0,
         blas_in_use(),
+        "on" if cpu_fast else "off",
     )
     bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
     from rank.transport import HELLO_TAG

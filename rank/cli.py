@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ORCHARD_BLAS", "auto"),
         help="Linux: preload OpenBLAS for MLX's CPU matmuls (auto: when one is installed; env ORCHARD_BLAS)",
     )
+    m.add_argument(
+        "--cpu-kernels",
+        choices=("auto", "on", "off"),
+        default=os.environ.get("ORCHARD_CPU_KERNELS", "auto"),
+        help="attention through numpy and SiLU through mx.power, whose exps are 20x and 3x faster than "
+        "MLX's exp on CPU (auto: when MLX runs on the CPU; env ORCHARD_CPU_KERNELS)",
+    )
     kv = p.add_argument_group("KV cache")
     kv.add_argument("--kv-block-tokens", type=int, default=32, help="tokens per prefix-cache block")
     kv.add_argument(

@@ -1,0 +1,93 @@
+"""The CPU kernels against MLX's own: attention on every mask and shape the engine produces (a prompt
+prefilled from position 0, a later chunk of a prompt whose queries are the last L of T keys, a batched
+decode step with left padding, grouped-query heads, half precision), SwiGLU, and a whole real model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from rank import cpu_kernels
+
+
+def _qkv(
+    batch: int, heads: int, kv: int, q_len: int, t_len: int, dtype: mx.Dtype = mx.float32, seed: int = 0
+):
+    rng = np.random.default_rng(seed)
+    q = mx.array(rng.standard_normal((batch, heads, q_len, 16), dtype=np.float32)).astype(dtype)
+    k = mx.array(rng.standard_normal((batch, kv, t_len, 16), dtype=np.float32)).astype(dtype)
+    v = mx.array(rng.standard_normal((batch, kv, t_len, 16), dtype=np.float32)).astype(dtype)
+    return q, k, v
+
+
+def _check(q: mx.array, k: mx.array, v: mx.array, mask, atol: float = 1e-5) -> None:
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    got = cpu_kernels.attention(q, k, v, 0.25, mask)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=atol)
+
+
+@pytest.mark.parametrize("block_scores", [cpu_kernels.BLOCK_SCORES, 3 * 40 * 7])  # one block; many
+def test_causal_prefill_matches_mlx(monkeypatch: pytest.MonkeyPatch, block_scores: int) -> None:
+    monkeypatch.setattr(cpu_kernels, "BLOCK_SCORES", block_scores)
+    monkeypatch.setattr(cpu_kernels, "QUERY_BLOCK", 7 if block_scores < 10**4 else 256)
+    _check(*_qkv(1, 6, 2, 40, 40), "causal")  # a whole prompt
+    _check(*_qkv(1, 6, 2, 25, 90), "causal")  # a later chunk: 65 positions already in the cache
+    _check(*_qkv(2, 4, 4, 9, 30), None)
+
+
+def test_boolean_and_additive_masks_match_mlx() -> None:
+    from mlx_lm.models.base import create_causal_mask
+
+    q, k, v = _qkv(3, 6, 3, 1, 50)  # a decode step of 3 sequences, left-padded by 0, 7 and 20
+    mask = create_causal_mask(1, offset=49, left_padding=mx.array([0, 7, 20]))
+    _check(q, k, v, mask)
+    additive = mx.where(mask, 0.0, -1e9).astype(mx.float32)
+    _check(q, k, v, additive)
+    q, k, v = _qkv(1, 4, 2, 12, 12)
+    _check(q, k, v, create_causal_mask(12))
+
+
+def test_half_precision_is_returned_in_its_dtype() -> None:
+    _check(*_qkv(1, 4, 2, 20, 20, dtype=mx.float16), "causal", atol=2e-3)
+
+
+def test_swiglu_matches_mlx_lm() -> None:
+    from mlx_lm.models.activations import swiglu
+
+    gate = mx.array(np.concatenate([np.linspace(-120, 120, 2001), [0.0, -1e-8, 1e-8]]).astype(np.float32))
+    x = mx.array(np.random.default_rng(1).standard_normal(gate.shape).astype(np.float32))
+    want, got = np.array(swiglu(gate, x)), np.array(cpu_kernels.swiglu(gate, x))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-30)
+    assert np.isfinite(got).all()
+
+
+def test_install_routes_only_large_attention_and_can_be_turned_off(tiny_model, monkeypatch) -> None:
+    """Installed on a real model, logits equal MLX's; small attention calls still go to MLX's kernel."""
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model))
+    module = __import__(type(model).__module__, fromlist=["x"])
+    tokens = mx.array([[1 + (i * 7) % 90 for i in range(300)]], dtype=mx.int32)
+    assert not cpu_kernels.install(model, "off")
+    want = model(tokens)
+    calls: list[int] = []
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    assert cpu_kernels.install(model, "on")
+    assert module.swiglu is cpu_kernels.swiglu
+    try:
+        got = model(tokens)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4)
+        assert calls and set(calls) == {300}
+        calls.clear()
+        model(tokens[:, :8])  # 8 x 8 scores a head: below the threshold, MLX's kernel
+        assert calls == []
+    finally:
+        cpu_kernels.install(model, "off")
+    from mlx_lm.models.activations import swiglu
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    assert module.scaled_dot_product_attention is scaled_dot_product_attention
+    assert module.swiglu is swiglu
