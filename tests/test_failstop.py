@@ -108,7 +108,8 @@ def test_hung_rank_among_three_is_named_before_the_step_timeout(job_factory, tin
 
 def test_long_steps_are_not_hangs(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     """A step may take longer than the pulse timeout as long as every rank answers its pings."""
-    args = tiny_args(tiny_model, "--pulse-timeout", "0.5", "--prefill-chunk", "4096")
+    # MLX's own CPU kernels (--cpu-kernels off) keep the step long: with ours it can end under 0.5 s.
+    args = tiny_args(tiny_model, "--pulse-timeout", "0.5", "--prefill-chunk", "4096", "--cpu-kernels", "off")
     job = job_factory.start(2, args, "long-steps")
     prompt = "orchard " * 240  # one prefill chunk of ~1,900 tokens: seconds on this CPU, over 0.5 s anywhere
     r = httpx.post(
