@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.requests import Admission, FinishReason, GenerationRequest, RequestEvent
@@ -39,8 +41,9 @@ Command = GenerationRequest | Cancel | ClearCache
 
 
 class EngineClient:
-    def __init__(self, max_waiting: int) -> None:
+    def __init__(self, max_waiting: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_waiting = max_waiting
+        self.clock = clock  # the engine's: arrival is stamped here, not when the engine next looks
         self._lock = threading.Lock()
         self._inbox: deque[Command] = deque()
         self._wake = threading.Event()
@@ -66,6 +69,10 @@ class EngineClient:
             if self._waiting >= self.max_waiting:
                 return Admission.QUEUE_FULL
             self._waiting += 1
+            if request.arrival == 0.0:
+                # A request that arrives mid-step waits for the step to end before the engine sees it:
+                # that wait is part of its time to first token.
+                request.arrival = self.clock()
             self._inbox.append(request)
             self._live[request.request_id] = request
         self._wake.set()

@@ -64,3 +64,18 @@ def test_histogram_is_cumulative() -> None:
         h.observe(v)
     buckets, total, count = h.snapshot()
     assert buckets == [(0.1, 1), (1.0, 3), (float("inf"), 4)] and count == 4 and total == 6.05
+
+
+def test_arrival_is_stamped_at_submission() -> None:
+    """A request submitted while the engine is inside a long step waits for it: that wait counts toward
+    its time to first token, so the client stamps arrival, not the engine when it next looks."""
+    from cluster.engine_client import EngineClient, EngineState
+
+    clock = Clock()
+    client = EngineClient(max_waiting=4, clock=clock)
+    client.state = EngineState.READY
+    req = GenerationRequest("r1", (1, 2), SamplingParams(), sink=lambda e: None)
+    client.submit(req)
+    assert req.arrival == 100.0
+    clock.t += 3  # the engine takes it after a 3 s step
+    assert [c.arrival for c in client.take()] == [100.0]
