@@ -111,7 +111,18 @@ class Leader:
                 last_sent = self.clock()
                 self._deliver(self._step(plan))
                 self._leave()
-                self._publish(self.clock() - last_sent)
+                took = self.clock() - last_sent
+                self._publish(took)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "step %d: %.0f ms, %d admitted, %d prompt tokens in %d chunks, %d decoded",
+                        plan.step,
+                        took * 1000,
+                        len(plan.admit),
+                        sum(c.end - c.start for c in plan.prefill),
+                        len(plan.prefill),
+                        len(plan.decode_ids),
+                    )
         except BusError as exc:
             return self._fail(f"control bus failure: {exc}")
         except EngineError as exc:
