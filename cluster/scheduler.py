@@ -31,6 +31,10 @@ class SchedulerConfig:
     max_batch: int = 8  # sequences being prefilled or decoded at once
     prefill_chunk: int = 256  # prompt tokens per step, shared by all prefilling sequences
     context_length: int = 2048
+    # ... and while no sequence decodes, when no stream's inter-token latency depends on short steps:
+    # fewer, larger steps prefill faster (a 1,555-token prompt on a 2-core CPU: 3.7 s in 256-token
+    # chunks, 3.3 s in one). 0: always prefill_chunk.
+    idle_prefill_chunk: int = 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -142,6 +146,8 @@ class Scheduler:
                 s.prefix for s in self._active if s.admitted and s.state is SeqState.PREFILL and s.prefix
             )
         budget = cfg.prefill_chunk
+        if cfg.idle_prefill_chunk > budget and not any(s.state is SeqState.RUNNING for s in self._active):
+            budget = cfg.idle_prefill_chunk
         admits, prefill, stores = [], [], []
         decode_ids, decode_tokens = [], []
         for seq in self._active:

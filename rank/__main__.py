@@ -348,7 +348,12 @@ def _lead(
     client = EngineClient(max_waiting=args.max_queue)
     prefix_cache = _prefix_cache(args, model_dir, executor, bus, ssd_dir)
     scheduler = Scheduler(
-        SchedulerConfig(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, context_length=context),
+        SchedulerConfig(
+            max_batch=args.max_batch,
+            prefill_chunk=args.prefill_chunk,
+            context_length=context,
+            idle_prefill_chunk=args.idle_prefill_chunk,
+        ),
         decode=tokenizer.decode,
         eos_token_ids=tokenizer.eos_token_ids,
         clock=time.monotonic,

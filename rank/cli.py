@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-batch", type=int, default=8, help="sequences prefilled or decoded at once")
     lim.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per engine step")
     lim.add_argument(
+        "--idle-prefill-chunk",
+        type=int,
+        default=1024,
+        help="prompt tokens per step while no sequence is decoding (no stream to keep waiting; 0: "
+        "always --prefill-chunk)",
+    )
+    lim.add_argument(
         "--max-queue",
         type=int,
         default=_D.max_waiting,
@@ -197,6 +204,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.idle_prefill_chunk < 0:
+        raise ConfigError("--idle-prefill-chunk must be 0 or more")
     if not 0 < args.port < 65536:
         raise ConfigError("--port must be 1..65535")
     if args.pulse_timeout < 0:

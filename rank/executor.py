@@ -245,11 +245,12 @@ class Executor:
 
     def _arrange_batch(self, decode_ids: tuple[int, ...]) -> None:
         """Join newly prefilled sequences, then put the rows in the plan's order."""
+        joining = [sid for sid in decode_ids if sid in self.prefilling]
         for sid in decode_ids:
-            if sid in self.prefilling:
-                self._join(sid, self.prefilling.pop(sid))
-            elif sid not in self.prompts:
+            if sid not in self.prompts:
                 raise EngineError(f"decode of unknown sequence {sid}")
+        if joining:
+            self._join(joining, [self.prefilling.pop(sid) for sid in joining])
         if list(decode_ids) != self.batch_ids:
             pos = {sid: i for i, sid in enumerate(self.batch_ids)}
             if set(pos) != set(decode_ids):
@@ -261,11 +262,13 @@ class Executor:
                 c.offset, c.left_padding = c.offset[order], c.left_padding[order]
             self.batch_ids = list(decode_ids)
 
-    def _join(self, sid: int, caches: list[KVCache]) -> None:
-        merged = [BatchKVCache.merge([c]) for c in caches]
+    def _join(self, seq_ids: list[int], caches: list[list[KVCache]]) -> None:
+        """Sequences that finished prefilling become rows of the batch. All of a step's at once: every
+        extend copies the whole batch, so one at a time cost a copy of every row per newcomer."""
+        merged = [BatchKVCache.merge(list(layer)) for layer in zip(*caches, strict=True)]
         if self.batch is None:
             self.batch = merged
         else:
             for mine, theirs in zip(self.batch, merged, strict=True):
                 mine.extend(theirs)
-        self.batch_ids.append(sid)
+        self.batch_ids.extend(seq_ids)

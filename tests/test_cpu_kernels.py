@@ -28,8 +28,10 @@ def _check(q: mx.array, k: mx.array, v: mx.array, mask, atol: float = 1e-5) -> N
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=atol)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("block_scores", [cpu_kernels.BLOCK_SCORES, 3 * 40 * 7])  # one block; many
-def test_causal_prefill_matches_mlx(monkeypatch: pytest.MonkeyPatch, block_scores: int) -> None:
+def test_causal_prefill_matches_mlx(monkeypatch: pytest.MonkeyPatch, block_scores: int, workers: int) -> None:
+    monkeypatch.setattr(cpu_kernels, "_workers", lambda: workers)
     monkeypatch.setattr(cpu_kernels, "BLOCK_SCORES", block_scores)
     monkeypatch.setattr(cpu_kernels, "QUERY_BLOCK", 7 if block_scores < 10**4 else 256)
     _check(*_qkv(1, 6, 2, 40, 40), "causal")  # a whole prompt
@@ -37,7 +39,9 @@ def test_causal_prefill_matches_mlx(monkeypatch: pytest.MonkeyPatch, block_score
     _check(*_qkv(2, 4, 4, 9, 30), None)
 
 
-def test_boolean_and_additive_masks_match_mlx() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_boolean_and_additive_masks_match_mlx(monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    monkeypatch.setattr(cpu_kernels, "_workers", lambda: workers)
     from mlx_lm.models.base import create_causal_mask
 
     q, k, v = _qkv(3, 6, 3, 1, 50)  # a decode step of 3 sequences, left-padded by 0, 7 and 20

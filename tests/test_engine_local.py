@@ -49,7 +49,7 @@ class LocalEngine:
             index = BlockIndex(block, cache_blocks, self.executor.block_bytes)
             self.prefix = PrefixCache(index, root_hash("tiny", "tp1"))
         sched = Scheduler(
-            SchedulerConfig(max_batch, chunk, 2048),
+            SchedulerConfig(max_batch, chunk, 2048, idle_prefill_chunk=0),  # every prompt in `chunk` steps
             self.tokenizer.decode,
             [],
             clock=time.monotonic,

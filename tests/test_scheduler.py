@@ -16,8 +16,8 @@ def decode(ids: Sequence[int]) -> str:
     return "".join(chr(96 + (i % 26)) for i in ids)  # token 1 -> "a", 2 -> "b", ...
 
 
-def make(max_batch: int = 4, chunk: int = 16, context: int = 1000) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_batch, chunk, context), decode, [EOS], clock=lambda: 0.0)
+def make(max_batch: int = 4, chunk: int = 16, context: int = 1000, idle: int = 0) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_batch, chunk, context, idle), decode, [EOS], clock=lambda: 0.0)
 
 
 def request(rid: str, prompt_len: int, max_tokens: int = 5, stop: tuple[str, ...] = ()) -> GenerationRequest:
@@ -93,6 +93,24 @@ def test_prefill_budget_is_shared() -> None:
     plan = s.schedule()
     assert sum(p.end - p.start for p in plan.prefill) == 10
     assert [(p.start, p.end) for p in plan.prefill] == [(0, 7), (0, 3)]
+
+
+def test_idle_prefill_chunk_only_while_nothing_decodes() -> None:
+    """With no stream decoding, prompts prefill in larger steps; once one decodes, steps are short again."""
+    s = make(max_batch=4, chunk=10, idle=40)
+    s.add(request("a", 50))
+    plan = s.schedule()
+    assert [(p.start, p.end) for p in plan.prefill] == [(0, 40)]
+    s.update(plan, {})
+    plan = s.schedule()
+    assert [(p.start, p.end) for p in plan.prefill] == [(40, 50)]
+    s.update(plan, {plan.prefill[0].seq_id: SampledToken(1)})  # "a" decodes from now on
+    s.add(request("b", 50))
+    plan = s.schedule()
+    assert [(p.start, p.end) for p in plan.prefill] == [(0, 10)] and len(plan.decode_ids) == 1
+    s = make(chunk=10, idle=5)  # an idle chunk below the chunk is ignored
+    s.add(request("c", 50))
+    assert [(p.start, p.end) for p in s.schedule().prefill] == [(0, 10)]
 
 
 def test_eos_stop_string_and_cancel() -> None:
