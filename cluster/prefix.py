@@ -68,19 +68,23 @@ class PrefixCache:
 
     def store(
         self, seq_id: int, tokens: tuple[int, ...], st: PrefixState, computed: int
-    ) -> StoreBlocks | None:
-        """Blocks the sequence's KV now covers (after a chunk ending at `computed`) and the cache lacks."""
+    ) -> list[StoreBlocks]:
+        """Blocks the sequence's KV now covers (after a chunk ending at `computed`) and the cache lacks,
+        as runs of consecutive blocks (one that some other sequence stored meanwhile splits a run; this
+        may be the sequence's last prefill step, so every run is stored now)."""
+        runs: list[StoreBlocks] = []
         first = st.covered
         ids: list[int] = []
-        for i in range(first, computed // self.block_tokens):
+        for i in range(st.covered, computed // self.block_tokens):
             chunk = tokens[i * self.block_tokens : (i + 1) * self.block_tokens]
             existing = self.index.lookup(st.hashes[i], chunk)
             if existing is not None:
                 if ids:
-                    break  # keep each StoreBlocks contiguous; the rest is stored next step
+                    runs.append(StoreBlocks(seq_id, first, tuple(ids)))
+                    ids = []
                 self.index.ref([existing])
                 st.blocks.append(existing)
-                first += 1
+                first = i + 1
                 continue
             block = self.index.insert(st.hashes[i], chunk, self._evict)
             if block is None:
@@ -90,7 +94,9 @@ class PrefixCache:
             ids.append(block.block_id)
             if self.ssd is not None:
                 self.ssd.saved_in_ram(block)
-        return StoreBlocks(seq_id, first, tuple(ids)) if ids else None
+        if ids:
+            runs.append(StoreBlocks(seq_id, first, tuple(ids)))
+        return runs
 
     def release(self, st: PrefixState) -> None:
         self.index.unref(st.blocks)

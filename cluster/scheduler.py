@@ -172,9 +172,7 @@ class Scheduler:
             prefill.append(PrefillChunk(seq.seq_id, seq.computed, end))
             budget -= end - seq.computed
             if cache is not None and seq.prefix is not None:
-                store = cache.store(seq.seq_id, tokens, seq.prefix, end)
-                if store is not None:
-                    stores.append(store)
+                stores += cache.store(seq.seq_id, tokens, seq.prefix, end)
         release, self._release = tuple(self._release), []
         self._step += 1
         ssd_load: tuple[tuple[int, bytes], ...] = ()

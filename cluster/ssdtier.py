@@ -10,14 +10,38 @@ with a warning; serving goes on from RAM.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
-from typing import Any
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from cluster.kvindex import Block, BlockHash, BlockIndex, TierStats
 from cluster.manifest import Manifest
 
 log = logging.getLogger("orchard.kv")
+
+_R = TypeVar("_R")
+
+
+def _manifest_errors_disable(default: Any) -> Callable[[Callable[..., _R]], Callable[..., _R]]:
+    """The manifest lives on the tier's disk: when it cannot be written (disk full, I/O error), the tier
+    is disabled like after a failed block write, and serving goes on from RAM. Without this a full disk
+    surfaced as an engine failure in the step loop."""
+
+    def wrap(method: Callable[..., _R]) -> Callable[..., _R]:
+        @functools.wraps(method)
+        def guarded(self: SsdTier, *args: Any, **kwargs: Any) -> _R:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                if self.enabled:
+                    self.disable(f"its manifest failed: {exc} (disk full or I/O error)")
+                return default  # type: ignore[no-any-return]
+
+        return guarded
+
+    return wrap
 
 
 class SsdTier:
@@ -41,6 +65,7 @@ class SsdTier:
         self._loading: dict[int, Block] = {}
 
     # -- writing ---------------------------------------------------------------------------------
+    @_manifest_errors_disable(None)
     def saved_in_ram(self, block: Block) -> None:
         """A new RAM block: write it to every rank's disk unless it is there already."""
         if not self.enabled or self.manifest.known(block.hash):
@@ -55,6 +80,7 @@ class SsdTier:
         self._save.append((block.block_id, block.hash))
         self.stats.stored += 1
 
+    @_manifest_errors_disable(None)
     def write_results(self, rank: int, results: Sequence[tuple[BlockHash, bool]]) -> None:
         for h, ok in results:
             if ok:
@@ -72,6 +98,7 @@ class SsdTier:
     def loading(self, h: BlockHash) -> bool:
         return any(b.hash == h for b in self._loading.values())
 
+    @_manifest_errors_disable(False)
     def fetch(
         self, tokens: Sequence[int], hashes: Sequence[BlockHash], first: int, evicted: list[int]
     ) -> bool:
@@ -105,12 +132,20 @@ class SsdTier:
                 self.corrupt += 1
                 self.index.remove(block)
                 evicted.append(block_id)
-                self.manifest.delete([block.hash])
+                self._forget(block.hash)
                 self._delete.append(block.hash)
                 continue
             self.index.ready([block])
             self.index.unref([block])
             self.stats.hit_tokens += self.index.block_tokens
+        self._count()
+
+    @_manifest_errors_disable(None)
+    def _forget(self, h: BlockHash) -> None:
+        self.manifest.delete([h])
+
+    @_manifest_errors_disable(None)
+    def _count(self) -> None:
         self.stats.blocks = self.manifest.persisted_count()
 
     def forget_on_ranks(self, hashes: set[BlockHash]) -> None:
@@ -128,6 +163,7 @@ class SsdTier:
         self._load, self._save, self._delete = [], [], []
         return out
 
+    @_manifest_errors_disable(0)
     def clear(self) -> int:
         """Forget every block, pending writes too (a write that lands later is an orphan file, removed at
         the next start-up)."""

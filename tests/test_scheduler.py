@@ -164,3 +164,21 @@ def test_thousands_of_requests_all_finish_and_invariants_hold() -> None:
     assert len(done) == 2000
     by_id = {r.request_id: r for r in reqs}
     assert all(e.completion_tokens == by_id[e.request_id].sampling.max_tokens for e in done)
+
+
+def test_store_splits_runs_around_blocks_others_stored() -> None:
+    """A prompt prefilled in one step whose middle block some other sequence stored meanwhile: both runs
+    around it are stored now (there may be no later step to store the rest)."""
+    from cluster.kvindex import BlockIndex
+    from cluster.prefix import PrefixCache
+
+    index = BlockIndex(block_tokens=4, capacity_blocks=16, block_bytes=1)
+    cache = PrefixCache(index, b"r" * 16)
+    tokens = tuple(range(1, 22))  # 5 full blocks and one token
+    st = cache.state_for(tokens)
+    other = index.insert(st.hashes[2], tokens[8:12], [])  # block 2, stored by another sequence
+    assert other is not None
+    index.ready([other])
+    runs = cache.store(7, tokens, st, len(tokens))
+    assert [(r.first, len(r.block_ids)) for r in runs] == [(0, 2), (3, 2)]
+    assert st.covered == 5 and st.blocks[2] is other

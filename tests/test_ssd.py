@@ -60,6 +60,25 @@ def test_manifest_persists_only_on_every_ack(tmp_path: Path) -> None:
     assert m.victims(max_bytes=10_000, ttl=5.0) == [H1]  # unused for longer than the TTL
 
 
+def test_a_failing_manifest_disables_the_tier(tmp_path: Path) -> None:
+    """The manifest shares the tier's disk: when it cannot be written the tier turns off (as on a failed
+    block write) instead of raising into the step loop."""
+    from cluster.kvindex import BlockIndex
+    from cluster.ssdtier import SsdTier
+
+    index = BlockIndex(block_tokens=4, capacity_blocks=8, block_bytes=100)
+    m = Manifest(tmp_path / "m.sqlite", world_size=1)
+    tier = SsdTier(m, index, max_bytes=10_000)
+    block = index.insert(H1, (1, 2, 3, 4), [])
+    assert block is not None
+    m.db.close()  # every later statement fails, as on a full disk
+    tier.saved_in_ram(block)
+    assert not tier.enabled and "disk full or I/O error" in tier.disabled_reason
+    assert tier.fetch((1, 2, 3, 4, 5), [H1], 0, []) is False
+    tier.load_results(set(), [])
+    assert tier.clear() == 0
+
+
 pytestmark_cluster = pytest.mark.cluster
 NO_EOS = {"2": -100}
 PROMPT = "The orchard keeps its memories on disk so a restart does not forget them. " * 5
