@@ -69,6 +69,9 @@ class Executor:
         args = model.args
         self._tied = bool(getattr(args, "tie_word_embeddings", True)) or not hasattr(model, "lm_head")
         self.group = group if group is not None and group.size() > 1 else None
+        from rank.cpu_kernels import packs
+
+        self._packs = packs(model)  # a step's prefill chunks in one pass (needs the CPU kernels)
         self._head = self._head_rows() if self.group is not None else None
 
     @property
@@ -89,17 +92,21 @@ class Executor:
         hidden: list[mx.array] = []
         for chunk in plan.prefill:
             cache = self.prefilling[chunk.seq_id]
-            tokens = self.prompts[chunk.seq_id][chunk.start : chunk.end]
             if cache[0].offset != chunk.start:
                 raise EngineError(
                     f"sequence {chunk.seq_id}: prefill at {chunk.start}, cache at {cache[0].offset}"
                 )
-            h = self.model.model(mx.array(tokens, dtype=mx.int32)[None], cache=cache)
-            self.prefill_tokens += len(tokens)
-            if chunk.end == len(self.prompts[chunk.seq_id]):
-                row_ids.append(chunk.seq_id)
-                hidden.append(h[:, -1, :])
-            mx.eval(h)  # bounds the graph; on followers this runs the chunk's collectives
+            self.prefill_tokens += chunk.end - chunk.start
+        if len(plan.prefill) > 1 and self._packs:
+            self._prefill_packed(plan, row_ids, hidden)
+        else:
+            for chunk in plan.prefill:
+                tokens = self.prompts[chunk.seq_id][chunk.start : chunk.end]
+                h = self.model.model(mx.array(tokens, dtype=mx.int32)[None], cache=self.prefilling[chunk.seq_id])
+                if chunk.end == len(self.prompts[chunk.seq_id]):
+                    row_ids.append(chunk.seq_id)
+                    hidden.append(h[:, -1, :])
+                mx.eval(h)  # bounds the graph; on followers this runs the chunk's collectives
         for store in plan.store:
             self._store(store.seq_id, store.first, store.block_ids)
         self._steps += 1
@@ -133,6 +140,26 @@ class Executor:
         # uvicorn's thread for the length of the step.
         mx.eval(logits)
         return StepOutput(row_ids, logits, failed)
+
+    def _prefill_packed(self, plan: StepPlan, row_ids: list[int], hidden: list[mx.array]) -> None:
+        """Every chunk of the step in one forward pass, end to end in one row (rank.cpu_kernels.PackedCache)."""
+        from rank.cpu_kernels import PackedCache
+
+        chunks = plan.prefill
+        lengths = [c.end - c.start for c in chunks]
+        tokens = [t for c in chunks for t in self.prompts[c.seq_id][c.start : c.end]]
+        caches = [
+            PackedCache([self.prefilling[c.seq_id][layer] for c in chunks], lengths)
+            for layer in range(self.num_layers)
+        ]
+        h = self.model.model(mx.array(tokens, dtype=mx.int32)[None], cache=caches)
+        end = 0
+        for c, n in zip(chunks, lengths, strict=True):
+            end += n
+            if c.end == len(self.prompts[c.seq_id]):
+                row_ids.append(c.seq_id)
+                hidden.append(h[:, end - 1, :])
+        mx.eval(h)
 
     def _ssd_load(self, loads: tuple[tuple[int, bytes], ...]) -> tuple[int, ...]:
         failed = []

@@ -95,3 +95,39 @@ def test_install_routes_only_large_attention_and_can_be_turned_off(tiny_model, m
 
     assert module.scaled_dot_product_attention is scaled_dot_product_attention
     assert module.swiglu is swiglu
+
+
+def test_packed_prefill_equals_one_pass_per_sequence(tiny_model) -> None:
+    """A step's prompt chunks of several sequences in one forward pass (rows of one batch, right-padded)
+    give the logits and the KV caches that one pass per sequence gives, and decoding goes on the same."""
+    from mlx_lm import load
+
+    from cluster.messages import Admit, PrefillChunk, StepPlan
+    from rank.executor import Executor
+
+    model, _ = load(str(tiny_model))
+    prompts = {1: tuple(range(3, 43)), 2: tuple(range(50, 150)), 3: (7, 8, 9, 10, 11)}
+    plans = [
+        StepPlan(1, admit=(Admit(2, prompts[2], ()),), prefill=(PrefillChunk(2, 0, 30),)),
+        StepPlan(
+            2,
+            admit=(Admit(1, prompts[1], ()), Admit(3, prompts[3], ())),
+            prefill=(PrefillChunk(1, 0, 40), PrefillChunk(2, 30, 100), PrefillChunk(3, 0, 5)),
+        ),
+        StepPlan(3, decode_ids=(1, 2, 3), decode_tokens=(5, 6, 7)),
+    ]
+    results = []
+    try:
+        for setting in ("off", "on"):
+            cpu_kernels.install(model, setting)
+            executor = Executor(model, want_logits=True)
+            assert executor._packs == (setting == "on")
+            outs = [executor.execute(p) for p in plans]
+            keys = [np.array(executor.batch[layer].keys) for layer in (0, len(model.layers) - 1)]
+            results.append(([o.row_ids for o in outs], [np.array(o.logits) for o in outs[1:]], keys))
+    finally:
+        cpu_kernels.install(model, "off")
+    (ids_a, logits_a, keys_a), (ids_b, logits_b, keys_b) = results
+    assert ids_a == ids_b == [[], [1, 2, 3], [1, 2, 3]]
+    for a, b in zip(logits_a + keys_a, logits_b + keys_b, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4)
