@@ -129,10 +129,11 @@ def _attentions(model: Any) -> list[Any]:
 
 
 class Segments:
-    """The positions of a packed row: segment i is `lengths[i]` tokens of a sequence at `offsets[i]`."""
+    """The positions of a packed row: segment i is `lengths[i]` tokens of a sequence at `offsets[i]`;
+    then, with `batch_offsets`, one token of each row of the decode batch, each at its own position."""
 
-    def __init__(self, offsets: list[int], lengths: list[int]) -> None:
-        self.offsets, self.lengths = offsets, lengths
+    def __init__(self, offsets: list[int], lengths: list[int], batch_offsets: mx.array | None = None) -> None:
+        self.offsets, self.lengths, self.batch_offsets = offsets, lengths, batch_offsets
 
     def spans(self) -> list[tuple[int, int]]:
         out, pos = [], 0
@@ -140,6 +141,16 @@ class Segments:
             out.append((pos, pos + n))
             pos += n
         return out
+
+    def batch_span(self) -> tuple[int, int]:
+        start = sum(self.lengths)
+        rows = 0 if self.batch_offsets is None else self.batch_offsets.shape[0]
+        return start, start + rows
+
+
+def _rows(x: mx.array) -> mx.array:
+    """(1, H, B, D) <-> (B, H, 1, D): decode tokens of a packed row as the rows of a batch, and back."""
+    return x.transpose(2, 1, 0, 3)
 
 
 class SegmentRoPE(nn.Module):
@@ -156,6 +167,9 @@ class SegmentRoPE(nn.Module):
             self.inner(x[:, :, lo:hi], offset=off)
             for (lo, hi), off in zip(offset.spans(), offset.offsets, strict=True)
         ]
+        if offset.batch_offsets is not None:
+            lo, hi = offset.batch_span()
+            parts.append(_rows(self.inner(_rows(x[:, :, lo:hi]), offset=offset.batch_offsets)))
         return mx.concatenate(parts, axis=2)
 
 
@@ -166,18 +180,23 @@ class PackedCache:
     1 token, 137 ms for 20, 213 ms for 50). Each segment keeps its own `KVCache`, positions (through
     `SegmentRoPE`) and causal attention."""
 
-    def __init__(self, caches: list[Any], lengths: list[int]) -> None:
-        self.caches = caches
-        self.offset = Segments([c.offset for c in caches], lengths)
+    def __init__(self, caches: list[Any], lengths: list[int], batch: Any = None) -> None:
+        self.caches, self.batch = caches, batch
+        self.offset = Segments([c.offset for c in caches], lengths, batch.offset if batch is not None else None)
+        # the decode rows' mask, made before their cache grows (as mlx-lm's models do)
+        self.batch_mask = batch.make_mask(1, return_array=True) if batch is not None else None
 
     def make_mask(self, *args: Any, **kwargs: Any) -> None:
-        return None  # each segment's causal mask is applied in `attend`
+        return None  # each segment's mask is applied in `attend`
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list[mx.array], list[mx.array]]:
         fetched = [
             c.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
             for c, (lo, hi) in zip(self.caches, self.offset.spans(), strict=True)
         ]
+        if self.batch is not None:
+            lo, hi = self.offset.batch_span()
+            fetched.append(self.batch.update_and_fetch(_rows(keys[:, :, lo:hi]), _rows(values[:, :, lo:hi])))
         return [k for k, _ in fetched], [v for _, v in fetched]
 
     def attend(
@@ -189,12 +208,21 @@ class PackedCache:
         fallback: Callable[..., mx.array],
     ) -> mx.array:
         parts = []
-        for (lo, hi), k, v in zip(self.offset.spans(), keys, values, strict=True):
+        spans = self.offset.spans()
+        for (lo, hi), k, v in zip(spans, keys[: len(spans)], values[: len(spans)], strict=True):
             q = queries[:, :, lo:hi]
             if q.shape[1] * (hi - lo) * k.shape[2] < MIN_SCORES:
                 parts.append(fallback(q, k, v, cache=None, scale=scale, mask="causal"))
             else:
                 parts.append(attention(q, k, v, scale, "causal"))
+        if self.batch is not None:
+            lo, hi = self.offset.batch_span()
+            q, k, v = _rows(queries[:, :, lo:hi]), keys[-1], values[-1]
+            if q.shape[0] * q.shape[1] * k.shape[2] < MIN_SCORES:
+                o = fallback(q, k, v, cache=None, scale=scale, mask=self.batch_mask)
+            else:
+                o = attention(q, k, v, scale, self.batch_mask)
+            parts.append(_rows(o))
         return mx.concatenate(parts, axis=2)
 
 

@@ -97,7 +97,12 @@ class Executor:
                     f"sequence {chunk.seq_id}: prefill at {chunk.start}, cache at {cache[0].offset}"
                 )
             self.prefill_tokens += chunk.end - chunk.start
-        if len(plan.prefill) > 1 and self._packs:
+        packed = self._packs and (len(plan.prefill) > 1 or bool(plan.prefill and plan.decode_ids))
+        if packed:
+            # the decode rows ride in the same pass (their batch is arranged first; a sequence is never
+            # prefilled and decoded in one step)
+            if plan.decode_ids:
+                self._arrange_batch(plan.decode_ids)
             self._prefill_packed(plan, row_ids, hidden)
         else:
             for chunk in plan.prefill:
@@ -120,7 +125,7 @@ class Executor:
                 if block_id in self.blocks:
                     self.ssd.save(h, *self.blocks[block_id])
             self.ssd.delete(list(plan.ssd_delete))
-        if plan.decode_ids:
+        if plan.decode_ids and not packed:
             self._arrange_batch(plan.decode_ids)
             inputs = mx.array(plan.decode_tokens, dtype=mx.int32)[:, None]
             h = self.model.model(inputs, cache=self.batch)
@@ -142,23 +147,32 @@ class Executor:
         return StepOutput(row_ids, logits, failed)
 
     def _prefill_packed(self, plan: StepPlan, row_ids: list[int], hidden: list[mx.array]) -> None:
-        """Every chunk of the step in one forward pass, end to end in one row (rank.cpu_kernels.PackedCache)."""
+        """Every chunk of the step, then the decode rows' tokens, in one forward pass, end to end in one row
+        (rank.cpu_kernels.PackedCache): one read of the weights for the whole step."""
         from rank.cpu_kernels import PackedCache
 
         chunks = plan.prefill
         lengths = [c.end - c.start for c in chunks]
         tokens = [t for c in chunks for t in self.prompts[c.seq_id][c.start : c.end]]
+        decoding = bool(plan.decode_ids)
         caches = [
-            PackedCache([self.prefilling[c.seq_id][layer] for c in chunks], lengths)
+            PackedCache(
+                [self.prefilling[c.seq_id][layer] for c in chunks],
+                lengths,
+                self.batch[layer] if decoding and self.batch is not None else None,
+            )
             for layer in range(self.num_layers)
         ]
-        h = self.model.model(mx.array(tokens, dtype=mx.int32)[None], cache=caches)
+        h = self.model.model(mx.array(tokens + list(plan.decode_tokens), dtype=mx.int32)[None], cache=caches)
         end = 0
         for c, n in zip(chunks, lengths, strict=True):
             end += n
             if c.end == len(self.prompts[c.seq_id]):
                 row_ids.append(c.seq_id)
                 hidden.append(h[:, end - 1, :])
+        if decoding:
+            row_ids.extend(plan.decode_ids)
+            hidden.append(h[0, end:, :])
         mx.eval(h)
 
     def _ssd_load(self, loads: tuple[tuple[int, bytes], ...]) -> tuple[int, ...]:

@@ -106,7 +106,7 @@ def test_packed_prefill_equals_one_pass_per_sequence(tiny_model) -> None:
     from rank.executor import Executor
 
     model, _ = load(str(tiny_model))
-    prompts = {1: tuple(range(3, 43)), 2: tuple(range(50, 150)), 3: (7, 8, 9, 10, 11)}
+    prompts = {1: tuple(range(3, 43)), 2: tuple(range(50, 150)), 3: (7, 8, 9, 10, 11), 4: tuple(range(9, 99))}
     plans = [
         StepPlan(1, admit=(Admit(2, prompts[2], ()),), prefill=(PrefillChunk(2, 0, 30),)),
         StepPlan(
@@ -115,6 +115,15 @@ def test_packed_prefill_equals_one_pass_per_sequence(tiny_model) -> None:
             prefill=(PrefillChunk(1, 0, 40), PrefillChunk(2, 30, 100), PrefillChunk(3, 0, 5)),
         ),
         StepPlan(3, decode_ids=(1, 2, 3), decode_tokens=(5, 6, 7)),
+        # a prompt chunk and the decode rows in one pass (rows reordered on the way)
+        StepPlan(
+            4,
+            admit=(Admit(4, prompts[4], ()),),
+            prefill=(PrefillChunk(4, 0, 90),),
+            decode_ids=(3, 1, 2),
+            decode_tokens=(8, 9, 10),
+        ),
+        StepPlan(5, decode_ids=(1, 2, 3, 4), decode_tokens=(11, 12, 13, 14)),
     ]
     results = []
     try:
@@ -128,6 +137,6 @@ def test_packed_prefill_equals_one_pass_per_sequence(tiny_model) -> None:
     finally:
         cpu_kernels.install(model, "off")
     (ids_a, logits_a, keys_a), (ids_b, logits_b, keys_b) = results
-    assert ids_a == ids_b == [[], [1, 2, 3], [1, 2, 3]]
+    assert ids_a == ids_b == [[], [1, 2, 3], [1, 2, 3], [4, 3, 1, 2], [1, 2, 3, 4]]
     for a, b in zip(logits_a + keys_a, logits_b + keys_b, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4)
