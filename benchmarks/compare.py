@@ -48,6 +48,8 @@ from jobs import (
     stop_all,
 )
 
+from rank.cli import add_cpu_kernels_argument
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = (
     ("output tok/s", "output_tok_s"),
@@ -198,11 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="fresh",
         help="Orchard's SSD tier: empty temp dir or off",
     )
-    p.add_argument(
-        "--cpu-kernels",
-        choices=("auto", "on", "off"),
-        default=os.environ.get("ORCHARD_CPU_KERNELS", "auto"),
-        help="Orchard's CPU kernels (rank/cpu_kernels.py), for Orchard and the raw engine alike (mlx_lm.server runs "
+    add_cpu_kernels_argument(
+        p,
+        "Orchard's CPU kernels (rank/cpu_kernels.py), for Orchard and the raw engine alike (mlx_lm.server runs "
         "stock mlx-lm, as users would run it)",
     )
     p.add_argument("--orchard-args", default="", help="more flags for python -m rank (one string)")

@@ -31,6 +31,8 @@ from typing import Any
 from jobs import reexec_with_rank_environment
 from serve_bench import Result, make_prompts, summarise
 
+from rank.cli import add_cpu_kernels_argument
+
 
 @dataclass(slots=True)
 class Sequence:
@@ -80,11 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--blas", choices=("auto", "openblas", "none"), default=os.environ.get("ORCHARD_BLAS", "auto")
     )
-    p.add_argument(
-        "--cpu-kernels",
-        choices=("auto", "on", "off"),
-        default=os.environ.get("ORCHARD_CPU_KERNELS", "auto"),
-        help="Orchard's CPU kernels (rank/cpu_kernels.py), as `python -m rank` uses them (default auto, like Orchard)",
+    add_cpu_kernels_argument(
+        p,
+        "Orchard's CPU kernels (rank/cpu_kernels.py), as `python -m rank` uses them (default auto, like Orchard)",
     )
     p.add_argument("--json", help="also write the figures here (rank 0)")
     return p

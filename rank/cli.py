@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from cluster.bus import DEFAULT_MAX_MESSAGE_BYTES
 from cluster.config import ServingLimits
 from cluster.errors import ConfigError
 
 _D = ServingLimits()
+
+
+def add_cpu_kernels_argument(p: Any, help_text: str) -> None:
+    """`--cpu-kernels`, for `python -m rank` and the benchmarks that must run what it runs."""
+    p.add_argument(
+        "--cpu-kernels",
+        choices=("auto", "on", "off"),
+        default=os.environ.get("ORCHARD_CPU_KERNELS", "auto"),
+        help=help_text,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ORCHARD_BLAS", "auto"),
         help="Linux: preload OpenBLAS for MLX's CPU matmuls (auto: when one is installed; env ORCHARD_BLAS)",
     )
-    m.add_argument(
-        "--cpu-kernels",
-        choices=("auto", "on", "off"),
-        default=os.environ.get("ORCHARD_CPU_KERNELS", "auto"),
-        help="attention through numpy and SiLU through mx.power, whose exps are 20x and 3x faster than "
-        "MLX's exp on CPU (auto: when MLX runs on the CPU; env ORCHARD_CPU_KERNELS)",
+    add_cpu_kernels_argument(
+        m,
+        "attention through numpy and SiLU through mx.power, whose exps are 20x and 3x faster than MLX's "
+        "exp on CPU (auto: when MLX runs on the CPU; env ORCHARD_CPU_KERNELS)",
     )
     kv = p.add_argument_group("KV cache")
     kv.add_argument("--kv-block-tokens", type=int, default=32, help="tokens per prefix-cache block")
@@ -167,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mpirun-args",
         metavar="ARGS",
         help="more mpirun flags for --np/--hostfile, one string after '=' "
-        "(e.g. --mpirun-args=\"--mca btl_tcp_if_include bridge0 --mca oob_tcp_if_include bridge0\")",
+        '(e.g. --mpirun-args="--mca btl_tcp_if_include bridge0 --mca oob_tcp_if_include bridge0")',
     )
     job.add_argument(
         "--hostfile", help="start one rank per slot of this Open MPI hostfile (e.g. hostfiles/studio.txt)"

@@ -63,7 +63,10 @@ def install(model: Any, setting: str | None = None) -> bool:
     """Route `model`'s attention and SwiGLU through this module's kernels when wanted; returns whether it did.
 
     mlx-lm's model files call the module-level `scaled_dot_product_attention` and `swiglu` they import;
-    replacing those names in the model's module is the one seam they offer. "off" puts MLX's back."""
+    replacing those names in the model's module is the one seam they offer; "off" puts MLX's back.
+    Packed steps (`PackedCache`) are installed whatever the setting, MLX's attention doing the work when
+    the kernels are off: a step's passes, and so its collectives, must be the same on every rank, even
+    where one rank runs on Metal and another on a CPU."""
     module = sys.modules.get(type(model).__module__)
     if module is None or not hasattr(module, "scaled_dot_product_attention"):
         return False
@@ -73,14 +76,13 @@ def install(model: Any, setting: str | None = None) -> bool:
             originals.setdefault(name, getattr(module, name))
             setattr(module, name, originals[name])
     for attn in _attentions(model):
-        if isinstance(attn.rope, SegmentRoPE):
-            attn.rope = attn.rope.inner
-    if not wanted(setting):
+        if not isinstance(attn.rope, SegmentRoPE):
+            attn.rope = SegmentRoPE(attn.rope)
+    kernels = wanted(setting)
+    module.scaled_dot_product_attention = _wrap(originals["scaled_dot_product_attention"], kernels)
+    if not kernels:
         return False
-    for attn in _attentions(model):
-        attn.rope = SegmentRoPE(attn.rope)
     numpy_blas_single_threaded()
-    module.scaled_dot_product_attention = _wrap(originals["scaled_dot_product_attention"])
     if "swiglu" in originals:
         module.swiglu = swiglu
     return True
@@ -118,7 +120,7 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
 
 
 def packs(model: Any) -> bool:
-    """Whether `model` can prefill several sequences in one pass (`PackedCache`): these kernels are in."""
+    """Whether `model` can run a step's sequences in one pass (`PackedCache`): `install` was called."""
     module = sys.modules.get(type(model).__module__)
     attention_packs = getattr(getattr(module, "scaled_dot_product_attention", None), "orchard_packs", False)
     return bool(attention_packs) and all(isinstance(a.rope, SegmentRoPE) for a in _attentions(model))
@@ -182,7 +184,9 @@ class PackedCache:
 
     def __init__(self, caches: list[Any], lengths: list[int], batch: Any = None) -> None:
         self.caches, self.batch = caches, batch
-        self.offset = Segments([c.offset for c in caches], lengths, batch.offset if batch is not None else None)
+        self.offset = Segments(
+            [c.offset for c in caches], lengths, batch.offset if batch is not None else None
+        )
         # the decode rows' mask, made before their cache grows (as mlx-lm's models do)
         self.batch_mask = batch.make_mask(1, return_array=True) if batch is not None else None
 
@@ -206,19 +210,20 @@ class PackedCache:
         values: list[mx.array],
         scale: float,
         fallback: Callable[..., mx.array],
+        numpy_attention: bool,
     ) -> mx.array:
         parts = []
         spans = self.offset.spans()
         for (lo, hi), k, v in zip(spans, keys[: len(spans)], values[: len(spans)], strict=True):
             q = queries[:, :, lo:hi]
-            if q.shape[1] * (hi - lo) * k.shape[2] < MIN_SCORES:
+            if not numpy_attention or q.shape[1] * (hi - lo) * k.shape[2] < MIN_SCORES:
                 parts.append(fallback(q, k, v, cache=None, scale=scale, mask="causal"))
             else:
                 parts.append(attention(q, k, v, scale, "causal"))
         if self.batch is not None:
             lo, hi = self.offset.batch_span()
             q, k, v = _rows(queries[:, :, lo:hi]), keys[-1], values[-1]
-            if q.shape[0] * q.shape[1] * k.shape[2] < MIN_SCORES:
+            if not numpy_attention or q.shape[0] * q.shape[1] * k.shape[2] < MIN_SCORES:
                 o = fallback(q, k, v, cache=None, scale=scale, mask=self.batch_mask)
             else:
                 o = attention(q, k, v, scale, self.batch_mask)
@@ -226,7 +231,7 @@ class PackedCache:
         return mx.concatenate(parts, axis=2)
 
 
-def _wrap(fallback: Callable[..., mx.array]) -> Callable[..., mx.array]:
+def _wrap(fallback: Callable[..., mx.array], numpy_attention: bool) -> Callable[..., mx.array]:
     def scaled_dot_product_attention(
         queries: mx.array,
         keys: mx.array,
@@ -237,10 +242,11 @@ def _wrap(fallback: Callable[..., mx.array]) -> Callable[..., mx.array]:
         sinks: mx.array | None = None,
     ) -> mx.array:
         if isinstance(cache, PackedCache):
-            return cache.attend(queries, keys, values, scale, fallback)
+            return cache.attend(queries, keys, values, scale, fallback, numpy_attention)
         b, h, q_len, _ = queries.shape
         if (
-            sinks is not None
+            not numpy_attention
+            or sinks is not None
             or hasattr(cache, "bits")
             or not isinstance(keys, mx.array)
             or b * h * q_len * keys.shape[2] < MIN_SCORES

@@ -91,10 +91,11 @@ def test_install_routes_only_large_attention_and_can_be_turned_off(tiny_model, m
     finally:
         cpu_kernels.install(model, "off")
     from mlx_lm.models.activations import swiglu
-    from mlx_lm.models.base import scaled_dot_product_attention
 
-    assert module.scaled_dot_product_attention is scaled_dot_product_attention
-    assert module.swiglu is swiglu
+    assert module.swiglu is swiglu  # off: MLX's SiLU, and MLX's attention behind the packing seam
+    calls.clear()
+    np.testing.assert_allclose(np.array(model(tokens)), np.array(want), atol=1e-6)
+    assert calls == []
 
 
 def test_packed_prefill_equals_one_pass_per_sequence(tiny_model) -> None:
@@ -126,17 +127,24 @@ def test_packed_prefill_equals_one_pass_per_sequence(tiny_model) -> None:
         StepPlan(5, decode_ids=(1, 2, 3, 4), decode_tokens=(11, 12, 13, 14)),
     ]
     results = []
+    module = __import__(type(model).__module__, fromlist=["x"])
+    plain = module.scaled_dot_product_attention
     try:
-        for setting in ("off", "on"):
-            cpu_kernels.install(model, setting)
+        for setting in ("plain", "off", "on"):  # one pass per sequence; packed with MLX's kernels; ours
+            if setting != "plain":
+                cpu_kernels.install(model, setting)
             executor = Executor(model, want_logits=True)
-            assert executor._packs == (setting == "on")
+            assert executor._packs == (setting != "plain")
             outs = [executor.execute(p) for p in plans]
             keys = [np.array(executor.batch[layer].keys) for layer in (0, len(model.layers) - 1)]
             results.append(([o.row_ids for o in outs], [np.array(o.logits) for o in outs[1:]], keys))
     finally:
         cpu_kernels.install(model, "off")
-    (ids_a, logits_a, keys_a), (ids_b, logits_b, keys_b) = results
-    assert ids_a == ids_b == [[], [1, 2, 3], [1, 2, 3], [4, 3, 1, 2], [1, 2, 3, 4]]
-    for a, b in zip(logits_a + keys_a, logits_b + keys_b, strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-4)
+        for attn in cpu_kernels._attentions(model):
+            attn.rope = attn.rope.inner
+        module.scaled_dot_product_attention = plain
+    (ids_a, logits_a, keys_a) = results[0]
+    for ids_b, logits_b, keys_b in results[1:]:
+        assert ids_a == ids_b == [[], [1, 2, 3], [1, 2, 3], [4, 3, 1, 2], [1, 2, 3, 4]]
+        for a, b in zip(logits_a + keys_a, logits_b + keys_b, strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-4)
