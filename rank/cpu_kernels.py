@@ -268,6 +268,8 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
         queries, keys, values = (a.astype(mx.float32) for a in (queries, keys, values))
     causal = isinstance(mask, str)
     if isinstance(mask, mx.array):
+        if mask.dtype != mx.bool_ and mask.dtype != mx.float32:
+            mask = mask.astype(mx.float32)  # an additive mask in the model's dtype (numpy has no bfloat16)
         mx.eval(queries, keys, values, mask)  # here MLX releases the GIL; numpy's conversion would not
         mask_np: np.ndarray | str | None = np.asarray(mask)
     else:

@@ -55,6 +55,11 @@ def test_boolean_and_additive_masks_match_mlx(monkeypatch: pytest.MonkeyPatch, w
 
 def test_half_precision_is_returned_in_its_dtype() -> None:
     _check(*_qkv(1, 4, 2, 20, 20, dtype=mx.float16), "causal", atol=2e-3)
+    from mlx_lm.models.base import create_causal_mask
+
+    q, k, v = _qkv(2, 4, 2, 1, 30, dtype=mx.bfloat16)
+    additive = mx.where(create_causal_mask(1, offset=29, left_padding=mx.array([0, 9])), 0.0, -1e9)
+    _check(q, k, v, additive.astype(mx.bfloat16), atol=2e-2)
 
 
 def test_swiglu_matches_mlx_lm() -> None:
