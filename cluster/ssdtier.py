@@ -107,12 +107,15 @@ class SsdTier:
             return False
         bt = self.index.block_tokens
         usable = (len(tokens) - 1) // bt
-        found: list[Block] = []
-        for i in range(first, usable):
+        on_disk: list[tuple[BlockHash, tuple[int, ...]]] = []
+        for i in range(first, usable):  # every manifest read first: a failing one leaves RAM untouched
             chunk = tuple(tokens[i * bt : (i + 1) * bt])
             if self.manifest.tokens(hashes[i]) != chunk:
                 break
-            block = self.index.insert(hashes[i], chunk, evicted)
+            on_disk.append((hashes[i], chunk))
+        found: list[Block] = []
+        for h, chunk in on_disk:
+            block = self.index.insert(h, chunk, evicted)
             if block is None:
                 break  # RAM full of blocks in use
             found.append(block)
@@ -121,8 +124,12 @@ class SsdTier:
             self._loading[block.block_id] = block
             self._load.append((block.block_id, block.hash))
         if found:
-            self.manifest.touch(b.hash for b in found)
+            self._touch([b.hash for b in found])
         return bool(found)
+
+    @_manifest_errors_disable(None)
+    def _touch(self, hashes: list[BlockHash]) -> None:
+        self.manifest.touch(hashes)
 
     def load_results(self, failed: set[int], evicted: list[int]) -> None:
         """Every rank ran the reads: usable blocks become ready; a block any rank failed goes everywhere."""

@@ -16,7 +16,7 @@ Two places of a llama layer are made of exps:
 
 Macs (Metal) never take these paths: they are installed only when MLX's default device is the CPU. They
 are on by default there; `--cpu-kernels off` (ORCHARD_CPU_KERNELS=off) turns them off. Quantized KV caches
-and attention sinks keep MLX's kernels.
+and attention sinks keep MLX's kernels; models with sliding windows or sinks are never packed.
 """
 
 from __future__ import annotations
@@ -116,14 +116,32 @@ def numpy_blas_single_threaded() -> bool:
 @functools.partial(mx.compile, shapeless=True)  # as mlx-lm's own: every batch and chunk shape, one trace
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """silu(gate) * x, with the sigmoid's exp as a power of 2 (see the module's docstring)."""
-    return gate / (1.0 + mx.power(2.0, gate * -1.4426950408889634)) * x
+    g = gate.astype(mx.float32)  # the exponent rounded to bf16 would cost SiLU 3% of precision
+    return (g / (1.0 + mx.power(2.0, g * -1.4426950408889634))).astype(x.dtype) * x
 
 
 def packs(model: Any) -> bool:
     """Whether `model` can run a step's sequences in one pass (`PackedCache`): `install` was called."""
     module = sys.modules.get(type(model).__module__)
     attention_packs = getattr(getattr(module, "scaled_dot_product_attention", None), "orchard_packs", False)
-    return bool(attention_packs) and all(isinstance(a.rope, SegmentRoPE) for a in _attentions(model))
+    attentions = _attentions(model)
+    return (
+        bool(attention_packs)
+        and bool(attentions)
+        and all(isinstance(a.rope, SegmentRoPE) for a in attentions)
+        and not _windows_or_sinks(model, attentions)
+    )
+
+
+def _windows_or_sinks(model: Any, attentions: list[Any]) -> bool:
+    """Sliding-window layers and attention sinks need masks a packed row does not carry: such models
+    run one pass per sequence (the same on every rank: it depends on the model only)."""
+    inner = getattr(model, "model", model)
+    if getattr(inner, "swa_idx", None) is not None or getattr(inner, "sliding_window", None):
+        return True
+    if any(getattr(layer, "use_sliding", False) for layer in getattr(inner, "layers", ())):
+        return True
+    return any(hasattr(a, "sinks") for a in attentions)
 
 
 def _attentions(model: Any) -> list[Any]:
@@ -322,7 +340,9 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
                 np.copyto(s5, -np.inf, where=~block_mask)
             else:
                 s5 += block_mask
-        s -= s.max(axis=-1, keepdims=True)
+        peak = s.max(axis=-1, keepdims=True)
+        peak[peak == -np.inf] = 0.0  # a row that sees no key: finite (all weights equal), as MLX's
+        s -= peak
         # exp(-80) is still a normal float: below it, exp returns subnormals, which make both the exp
         # and the matmul with them several times slower on x86; their weight is nil anyway.
         np.maximum(s, _FLOOR, out=s)

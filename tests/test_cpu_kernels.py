@@ -53,6 +53,29 @@ def test_boolean_and_additive_masks_match_mlx(monkeypatch: pytest.MonkeyPatch, w
     _check(q, k, v, create_causal_mask(12))
 
 
+def test_a_row_that_sees_no_key_stays_finite() -> None:
+    q, k, v = _qkv(1, 2, 2, 1, 10)
+    mask = mx.array(np.zeros((1, 1, 1, 10), dtype=bool))
+    assert np.isfinite(np.array(cpu_kernels.attention(q, k, v, 0.25, mask))).all()
+
+
+def test_models_with_windows_or_sinks_are_not_packed(tiny_model) -> None:
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model))
+    try:
+        cpu_kernels.install(model, "off")
+        assert cpu_kernels.packs(model)
+        model.model.swa_idx = 0  # a sliding-window layer: its mask is not carried by a packed row
+        assert not cpu_kernels.packs(model)
+        model.model.swa_idx = None
+        model.model.layers[0].self_attn.sinks = mx.zeros((4,))
+        assert not cpu_kernels.packs(model)
+    finally:
+        for attn in cpu_kernels._attentions(model):
+            attn.rope = attn.rope.inner
+
+
 def test_half_precision_is_returned_in_its_dtype() -> None:
     _check(*_qkv(1, 4, 2, 20, 20, dtype=mx.float16), "causal", atol=2e-3)
     from mlx_lm.models.base import create_causal_mask
@@ -70,6 +93,15 @@ def test_swiglu_matches_mlx_lm() -> None:
     want, got = np.array(swiglu(gate, x)), np.array(cpu_kernels.swiglu(gate, x))
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-30)
     assert np.isfinite(got).all()
+    # half precision: as close to the exact SiLU of the rounded input as the output's own rounding
+    small = mx.array(np.linspace(-8, 8, 4001).astype(np.float32))
+    for dtype, tol in ((mx.bfloat16, 8e-3), (mx.float16, 1e-3)):
+        g = small.astype(dtype)
+        rounded = np.array(g.astype(mx.float32), dtype=np.float64)
+        exact = rounded / (1 + np.exp(-rounded))
+        half = np.array(cpu_kernels.swiglu(g, mx.ones_like(g)).astype(mx.float32))
+        seen = np.abs(exact) > 1e-3
+        assert np.max(np.abs(half - exact)[seen] / np.abs(exact)[seen]) < tol
 
 
 def test_install_routes_only_large_attention_and_can_be_turned_off(tiny_model, monkeypatch) -> None:

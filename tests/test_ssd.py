@@ -72,6 +72,10 @@ def test_a_failing_manifest_disables_the_tier(tmp_path: Path) -> None:
     block = index.insert(H1, (1, 2, 3, 4), [])
     assert block is not None
     m.db.close()  # every later statement fails, as on a full disk
+    evicted: list[int] = []
+    assert tier.fetch((1, 2, 3, 4, 5, 6, 7, 8, 9), [H2, H3], 0, evicted) is False  # a read that fails
+    assert index.lookup(H2, (1, 2, 3, 4)) is None and not tier.loading(H2)  # ... leaves RAM untouched
+    tier.enabled = True
     tier.saved_in_ram(block)
     assert not tier.enabled and "disk full or I/O error" in tier.disabled_reason
     assert tier.fetch((1, 2, 3, 4, 5), [H1], 0, []) is False
