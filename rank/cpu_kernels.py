@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -153,19 +154,11 @@ class Segments:
     then, with `batch_offsets`, one token of each row of the decode batch, each at its own position."""
 
     def __init__(self, offsets: list[int], lengths: list[int], batch_offsets: mx.array | None = None) -> None:
-        self.offsets, self.lengths, self.batch_offsets = offsets, lengths, batch_offsets
-
-    def spans(self) -> list[tuple[int, int]]:
-        out, pos = [], 0
-        for n in self.lengths:
-            out.append((pos, pos + n))
-            pos += n
-        return out
-
-    def batch_span(self) -> tuple[int, int]:
-        start = sum(self.lengths)
-        rows = 0 if self.batch_offsets is None else self.batch_offsets.shape[0]
-        return start, start + rows
+        self.offsets, self.batch_offsets = offsets, batch_offsets
+        ends = list(itertools.accumulate(lengths))
+        self.spans = list(zip([0, *ends[:-1]], ends, strict=True))  # [lo, hi) of each segment in the row
+        start = ends[-1] if ends else 0
+        self.batch_span = (start, start + (0 if batch_offsets is None else batch_offsets.shape[0]))
 
 
 def _rows(x: mx.array) -> mx.array:
@@ -185,10 +178,10 @@ class SegmentRoPE(nn.Module):
             return self.inner(x, offset=offset)
         parts = [
             self.inner(x[:, :, lo:hi], offset=off)
-            for (lo, hi), off in zip(offset.spans(), offset.offsets, strict=True)
+            for (lo, hi), off in zip(offset.spans, offset.offsets, strict=True)
         ]
         if offset.batch_offsets is not None:
-            lo, hi = offset.batch_span()
+            lo, hi = offset.batch_span
             parts.append(_rows(self.inner(_rows(x[:, :, lo:hi]), offset=offset.batch_offsets)))
         return mx.concatenate(parts, axis=2)
 
@@ -214,10 +207,10 @@ class PackedCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list[mx.array], list[mx.array]]:
         fetched = [
             c.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
-            for c, (lo, hi) in zip(self.caches, self.offset.spans(), strict=True)
+            for c, (lo, hi) in zip(self.caches, self.offset.spans, strict=True)
         ]
         if self.batch is not None:
-            lo, hi = self.offset.batch_span()
+            lo, hi = self.offset.batch_span
             fetched.append(self.batch.update_and_fetch(_rows(keys[:, :, lo:hi]), _rows(values[:, :, lo:hi])))
         return [k for k, _ in fetched], [v for _, v in fetched]
 
@@ -230,23 +223,36 @@ class PackedCache:
         fallback: Callable[..., mx.array],
         numpy_attention: bool,
     ) -> mx.array:
-        parts = []
-        spans = self.offset.spans()
-        for (lo, hi), k, v in zip(spans, keys[: len(spans)], values[: len(spans)], strict=True):
-            q = queries[:, :, lo:hi]
-            if not numpy_attention or q.shape[1] * (hi - lo) * k.shape[2] < MIN_SCORES:
-                parts.append(fallback(q, k, v, cache=None, scale=scale, mask="causal"))
-            else:
-                parts.append(attention(q, k, v, scale, "causal"))
+        spans = self.offset.spans
+        parts = [
+            _attend(queries[:, :, lo:hi], k, v, scale, "causal", fallback, numpy_attention)
+            for (lo, hi), k, v in zip(spans, keys[: len(spans)], values[: len(spans)], strict=True)
+        ]
         if self.batch is not None:
-            lo, hi = self.offset.batch_span()
-            q, k, v = _rows(queries[:, :, lo:hi]), keys[-1], values[-1]
-            if not numpy_attention or q.shape[0] * q.shape[1] * k.shape[2] < MIN_SCORES:
-                o = fallback(q, k, v, cache=None, scale=scale, mask=self.batch_mask)
-            else:
-                o = attention(q, k, v, scale, self.batch_mask)
-            parts.append(_rows(o))
+            lo, hi = self.offset.batch_span
+            q = _rows(queries[:, :, lo:hi])
+            parts.append(
+                _rows(_attend(q, keys[-1], values[-1], scale, self.batch_mask, fallback, numpy_attention))
+            )
         return mx.concatenate(parts, axis=2)
+
+
+def _attend(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: Any,
+    fallback: Callable[..., mx.array],
+    numpy_attention: bool,
+    cache: Any = None,
+) -> mx.array:
+    """`attention` when these kernels are on and the call is large enough to pay for leaving MLX's graph;
+    MLX's own kernel (`fallback`, mlx-lm's function) otherwise."""
+    b, h, q_len, _ = queries.shape
+    if numpy_attention and b * h * q_len * keys.shape[2] >= MIN_SCORES:
+        return attention(queries, keys, values, scale, mask)
+    return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask)
 
 
 def _wrap(fallback: Callable[..., mx.array], numpy_attention: bool) -> Callable[..., mx.array]:
@@ -261,16 +267,9 @@ def _wrap(fallback: Callable[..., mx.array], numpy_attention: bool) -> Callable[
     ) -> mx.array:
         if isinstance(cache, PackedCache):
             return cache.attend(queries, keys, values, scale, fallback, numpy_attention)
-        b, h, q_len, _ = queries.shape
-        if (
-            not numpy_attention
-            or sinks is not None
-            or hasattr(cache, "bits")
-            or not isinstance(keys, mx.array)
-            or b * h * q_len * keys.shape[2] < MIN_SCORES
-        ):
+        if sinks is not None or hasattr(cache, "bits") or not isinstance(keys, mx.array):
             return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-        return attention(queries, keys, values, scale, mask)
+        return _attend(queries, keys, values, scale, mask, fallback, numpy_attention, cache)
 
     scaled_dot_product_attention.orchard_packs = True  # type: ignore[attr-defined]
     return scaled_dot_product_attention

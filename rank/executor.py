@@ -21,6 +21,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from cluster.errors import EngineError
 from cluster.messages import StepPlan
+from rank.cpu_kernels import PackedCache, packs
 
 
 def _load_malloc_trim() -> Any:
@@ -69,8 +70,6 @@ class Executor:
         args = model.args
         self._tied = bool(getattr(args, "tie_word_embeddings", True)) or not hasattr(model, "lm_head")
         self.group = group if group is not None and group.size() > 1 else None
-        from rank.cpu_kernels import packs
-
         self._packs = packs(model)  # a step's prefill chunks in one pass (needs the CPU kernels)
         self._head = self._head_rows() if self.group is not None else None
 
@@ -149,8 +148,6 @@ class Executor:
     def _prefill_packed(self, plan: StepPlan, row_ids: list[int], hidden: list[mx.array]) -> None:
         """Every chunk of the step, then the decode rows' tokens, in one forward pass, end to end in one row
         (rank.cpu_kernels.PackedCache): one read of the weights for the whole step."""
-        from rank.cpu_kernels import PackedCache
-
         chunks = plan.prefill
         lengths = [c.end - c.start for c in chunks]
         tokens = [t for c in chunks for t in self.prompts[c.seq_id][c.start : c.end]]
