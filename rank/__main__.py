@@ -190,7 +190,7 @@ def _serve(
     responder: Any = None,
 ) -> int:
     from cluster.errors import BusError
-    from rank.engine import follow
+    from rank.follower import follow
     from rank.ssdsync import sync_followers
 
     if rank != 0:

@@ -1,5 +1,5 @@
-"""The step loops. Rank 0 (`Leader`) plans, broadcasts, executes, samples and answers; every other rank
-(`follow`) receives and executes. The leader's loop is the only code on rank 0 that calls MPI or MLX.
+"""Rank 0's step loop (`Leader`): plans, broadcasts, executes, samples and answers. The followers' loop is
+rank/follower.py. The leader's loop is the only code on rank 0 that calls MPI or MLX.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from cluster.requests import FinishReason, GenerationRequest, RequestEvent
 from cluster.scheduler import Emit, Scheduler
 from cluster.stats import EngineSnapshot, ServingStats
 from rank.executor import Executor
-from rank.pulse import Activity
 from rank.report import Reporter
 from rank.sampler import Sampler
 from rank.transport import SSD_LOAD_TAG
@@ -320,32 +319,3 @@ def _safe_send(req: GenerationRequest, event: RequestEvent) -> None:
         req.sink(event)
     except Exception:  # a broken sink (closed loop) must never take the engine down
         log.debug("dropping event for %s: sink failed", req.request_id, exc_info=True)
-
-
-def follow(executor: Executor, bus: ControlBus, reporter: Reporter, activity: Activity | None = None) -> int:
-    """A follower's whole life: execute what rank 0 broadcasts until it says stop, and report health.
-    `activity` tells rank 0's liveness pings what this loop is doing."""
-    step, step_ms = 0, 0.0
-    activity = activity or Activity()
-    while True:
-        activity.set("waiting for rank 0's next message")
-        message = bus.receive()
-        if isinstance(message, Shutdown):
-            bus.close()
-            if message.exit_code:
-                log.error("rank 0 stopped the job: %s", message.reason)
-            return message.exit_code
-        if isinstance(message, StepPlan):
-            start = time.monotonic()
-            activity.set(f"executing step {message.step}")
-            out = executor.execute(message)
-            step, step_ms = message.step, (time.monotonic() - start) * 1000
-            if message.ssd_load:  # rank 0 waits for every rank's read result before using the blocks
-                bus.transport.send_to_leader(msgpack.packb(list(out.ssd_failed)), SSD_LOAD_TAG)
-        now = time.monotonic()
-        written = tuple(executor.ssd.take_results()) if executor.ssd is not None else ()
-        if written or reporter.due(now):
-            reporter.last_sent = now
-            kv_blocks = len(executor.blocks)
-            report = reporter.build(step, step_ms, kv_blocks, kv_blocks * executor.block_bytes, written)
-            bus.transport.send_report(report.encode())

@@ -1,0 +1,46 @@
+"""A follower's step loop: execute what rank 0 broadcasts, report health, never decide anything."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgpack
+
+from cluster.bus import ControlBus
+from cluster.messages import Shutdown, StepPlan
+from rank.executor import Executor
+from rank.pulse import Activity
+from rank.report import Reporter
+from rank.transport import SSD_LOAD_TAG
+
+log = logging.getLogger("orchard.engine")
+
+
+def follow(executor: Executor, bus: ControlBus, reporter: Reporter, activity: Activity | None = None) -> int:
+    """A follower's whole life: execute what rank 0 broadcasts until it says stop, and report health.
+    `activity` tells rank 0's liveness pings what this loop is doing."""
+    step, step_ms = 0, 0.0
+    activity = activity or Activity()
+    while True:
+        activity.set("waiting for rank 0's next message")
+        message = bus.receive()
+        if isinstance(message, Shutdown):
+            bus.close()
+            if message.exit_code:
+                log.error("rank 0 stopped the job: %s", message.reason)
+            return message.exit_code
+        if isinstance(message, StepPlan):
+            start = time.monotonic()
+            activity.set(f"executing step {message.step}")
+            out = executor.execute(message)
+            step, step_ms = message.step, (time.monotonic() - start) * 1000
+            if message.ssd_load:  # rank 0 waits for every rank's read result before using the blocks
+                bus.transport.send_to_leader(msgpack.packb(list(out.ssd_failed)), SSD_LOAD_TAG)
+        now = time.monotonic()
+        written = tuple(executor.ssd.take_results()) if executor.ssd is not None else ()
+        if written or reporter.due(now):
+            reporter.last_sent = now
+            kv_blocks = len(executor.blocks)
+            report = reporter.build(step, step_ms, kv_blocks, kv_blocks * executor.block_bytes, written)
+            bus.transport.send_report(report.encode())
