@@ -16,24 +16,24 @@ Two places of a llama layer are made of exps:
 
 Macs (Metal) never take these paths: they are installed only when MLX's default device is the CPU. They
 are on by default there; `--cpu-kernels off` (ORCHARD_CPU_KERNELS=off) turns them off. Quantized KV caches
-and attention sinks keep MLX's kernels; models with sliding windows or sinks are never packed.
+and attention sinks keep MLX's kernels. `rank.mlx_patch` puts them in mlx-lm's way (with the packed-step
+seam of `rank.packing`, which every device gets).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
 import os
-import sys
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+
+from rank import mlx_patch
+from rank.packing import Attend
 
 # Below this many scores (batch x heads x queries x keys) MLX's own kernel is used: its exps cost about
 # what breaking the graph does (measured: equal at 4.6 Ki scores, numpy 2.3x faster at 22 Ki).
@@ -44,7 +44,6 @@ QUERY_BLOCK = 256
 # Scores held at once, per KV head: bounds the temporary memory of a long context (16 Mi floats, 64 MiB).
 BLOCK_SCORES = 1 << 24
 
-_ORIGINALS = "_orchard_mlx_kernels"  # the model module's own functions, kept to put them back
 _FLOOR = np.float32(-80.0)
 # Up to this many query rows per KV head (group x block rows), scores are computed as K q^T.
 _THIN_ROWS = 8
@@ -63,30 +62,14 @@ def wanted(setting: str | None = None) -> bool:
 def install(model: Any, setting: str | None = None) -> bool:
     """Route `model`'s attention and SwiGLU through this module's kernels when wanted; returns whether it did.
 
-    mlx-lm's model files call the module-level `scaled_dot_product_attention` and `swiglu` they import;
-    replacing those names in the model's module is the one seam they offer; "off" puts MLX's back.
-    Packed steps (`PackedCache`) are installed whatever the setting, MLX's attention doing the work when
-    the kernels are off: a step's passes, and so its collectives, must be the same on every rank, even
-    where one rank runs on Metal and another on a CPU."""
-    module = sys.modules.get(type(model).__module__)
-    if module is None or not hasattr(module, "scaled_dot_product_attention"):
-        return False
-    originals: dict[str, Any] = module.__dict__.setdefault(_ORIGINALS, {})
-    for name in ("scaled_dot_product_attention", "swiglu"):
-        if hasattr(module, name):
-            originals.setdefault(name, getattr(module, name))
-            setattr(module, name, originals[name])
-    for attn in _attentions(model):
-        if not isinstance(attn.rope, SegmentRoPE):
-            attn.rope = SegmentRoPE(attn.rope)
+    The packed-step seam is installed whatever the setting, MLX's attention doing the work when the
+    kernels are off: a step's passes, and so its collectives, must be the same on every rank, even where
+    one rank runs on Metal and another on a CPU. "off" puts MLX's attention and SiLU back."""
     kernels = wanted(setting)
-    module.scaled_dot_product_attention = _wrap(originals["scaled_dot_product_attention"], kernels)
-    if not kernels:
-        return False
-    numpy_blas_single_threaded()
-    if "swiglu" in originals:
-        module.swiglu = swiglu
-    return True
+    patched = mlx_patch.install(model, attention_for if kernels else None, swiglu if kernels else None)
+    if patched.attention:
+        numpy_blas_single_threaded()
+    return patched.attention
 
 
 def numpy_blas_single_threaded() -> bool:
@@ -121,157 +104,26 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return (g / (1.0 + mx.power(2.0, g * -1.4426950408889634))).astype(x.dtype) * x
 
 
-def packs(model: Any) -> bool:
-    """Whether `model` can run a step's sequences in one pass (`PackedCache`): `install` was called."""
-    module = sys.modules.get(type(model).__module__)
-    attention_packs = getattr(getattr(module, "scaled_dot_product_attention", None), "orchard_packs", False)
-    attentions = _attentions(model)
-    return (
-        bool(attention_packs)
-        and bool(attentions)
-        and all(isinstance(a.rope, SegmentRoPE) for a in attentions)
-        and not _windows_or_sinks(model, attentions)
-    )
+def attention_for(fallback: Attend) -> Attend:
+    """mlx-lm's attention function `fallback` with the calls large enough to pay for leaving MLX's graph
+    done by `attention`; quantized caches, sinks and small calls keep MLX's kernel."""
 
-
-def _windows_or_sinks(model: Any, attentions: list[Any]) -> bool:
-    """Sliding-window layers and attention sinks need masks a packed row does not carry: such models
-    run one pass per sequence (the same on every rank: it depends on the model only)."""
-    inner = getattr(model, "model", model)
-    if getattr(inner, "swa_idx", None) is not None or getattr(inner, "sliding_window", None):
-        return True
-    if any(getattr(layer, "use_sliding", False) for layer in getattr(inner, "layers", ())):
-        return True
-    return any(hasattr(a, "sinks") for a in attentions)
-
-
-def _attentions(model: Any) -> list[Any]:
-    return [layer.self_attn for layer in model.layers if hasattr(getattr(layer, "self_attn", None), "rope")]
-
-
-class Segments:
-    """The positions of a packed row: segment i is `lengths[i]` tokens of a sequence at `offsets[i]`;
-    then, with `batch_offsets`, one token of each row of the decode batch, each at its own position."""
-
-    def __init__(self, offsets: list[int], lengths: list[int], batch_offsets: mx.array | None = None) -> None:
-        self.offsets, self.batch_offsets = offsets, batch_offsets
-        ends = list(itertools.accumulate(lengths))
-        self.spans = list(zip([0, *ends[:-1]], ends, strict=True))  # [lo, hi) of each segment in the row
-        start = ends[-1] if ends else 0
-        self.batch_span = (start, start + (0 if batch_offsets is None else batch_offsets.shape[0]))
-
-
-def _rows(x: mx.array) -> mx.array:
-    """(1, H, B, D) <-> (B, H, 1, D): decode tokens of a packed row as the rows of a batch, and back."""
-    return x.transpose(2, 1, 0, 3)
-
-
-class SegmentRoPE(nn.Module):
-    """A layer's RoPE that also takes `Segments` for an offset: each segment rotated from its own."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def __call__(self, x: mx.array, offset: Any = 0) -> mx.array:
-        if not isinstance(offset, Segments):
-            return self.inner(x, offset=offset)
-        parts = [
-            self.inner(x[:, :, lo:hi], offset=off)
-            for (lo, hi), off in zip(offset.spans, offset.offsets, strict=True)
-        ]
-        if offset.batch_offsets is not None:
-            lo, hi = offset.batch_span
-            parts.append(_rows(self.inner(_rows(x[:, :, lo:hi]), offset=offset.batch_offsets)))
-        return mx.concatenate(parts, axis=2)
-
-
-class PackedCache:
-    """One layer's caches of several sequences whose next prompt chunks are prefilled together, end to
-    end in one row. One forward pass reads the weights once for all of them: on a CPU a pass over a short
-    chunk costs nearly a whole read of the weights (embedded model at a 1,500-token context: 63 ms for
-    1 token, 137 ms for 20, 213 ms for 50). Each segment keeps its own `KVCache`, positions (through
-    `SegmentRoPE`) and causal attention."""
-
-    def __init__(self, caches: list[Any], lengths: list[int], batch: Any = None) -> None:
-        self.caches, self.batch = caches, batch
-        self.offset = Segments(
-            [c.offset for c in caches], lengths, batch.offset if batch is not None else None
-        )
-        # the decode rows' mask, made before their cache grows (as mlx-lm's models do)
-        self.batch_mask = batch.make_mask(1, return_array=True) if batch is not None else None
-
-    def make_mask(self, *args: Any, **kwargs: Any) -> None:
-        return None  # each segment's mask is applied in `attend`
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list[mx.array], list[mx.array]]:
-        fetched = [
-            c.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
-            for c, (lo, hi) in zip(self.caches, self.offset.spans, strict=True)
-        ]
-        if self.batch is not None:
-            lo, hi = self.offset.batch_span
-            fetched.append(self.batch.update_and_fetch(_rows(keys[:, :, lo:hi]), _rows(values[:, :, lo:hi])))
-        return [k for k, _ in fetched], [v for _, v in fetched]
-
-    def attend(
-        self,
-        queries: mx.array,
-        keys: list[mx.array],
-        values: list[mx.array],
-        scale: float,
-        fallback: Callable[..., mx.array],
-        numpy_attention: bool,
-    ) -> mx.array:
-        spans = self.offset.spans
-        parts = [
-            _attend(queries[:, :, lo:hi], k, v, scale, "causal", fallback, numpy_attention)
-            for (lo, hi), k, v in zip(spans, keys[: len(spans)], values[: len(spans)], strict=True)
-        ]
-        if self.batch is not None:
-            lo, hi = self.offset.batch_span
-            q = _rows(queries[:, :, lo:hi])
-            parts.append(
-                _rows(_attend(q, keys[-1], values[-1], scale, self.batch_mask, fallback, numpy_attention))
-            )
-        return mx.concatenate(parts, axis=2)
-
-
-def _attend(
-    queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
-    scale: float,
-    mask: Any,
-    fallback: Callable[..., mx.array],
-    numpy_attention: bool,
-    cache: Any = None,
-) -> mx.array:
-    """`attention` when these kernels are on and the call is large enough to pay for leaving MLX's graph;
-    MLX's own kernel (`fallback`, mlx-lm's function) otherwise."""
-    b, h, q_len, _ = queries.shape
-    if numpy_attention and b * h * q_len * keys.shape[2] >= MIN_SCORES:
-        return attention(queries, keys, values, scale, mask)
-    return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask)
-
-
-def _wrap(fallback: Callable[..., mx.array], numpy_attention: bool) -> Callable[..., mx.array]:
     def scaled_dot_product_attention(
         queries: mx.array,
-        keys: mx.array,
-        values: mx.array,
+        keys: Any,
+        values: Any,
         cache: Any,
         scale: float,
         mask: Any,
         sinks: mx.array | None = None,
     ) -> mx.array:
-        if isinstance(cache, PackedCache):
-            return cache.attend(queries, keys, values, scale, fallback, numpy_attention)
-        if sinks is not None or hasattr(cache, "bits") or not isinstance(keys, mx.array):
-            return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-        return _attend(queries, keys, values, scale, mask, fallback, numpy_attention, cache)
+        # (a packed row's segments come with no cache: the quick test first)
+        if sinks is None and (cache is None or (isinstance(keys, mx.array) and not hasattr(cache, "bits"))):
+            b, h, q_len, _ = queries.shape
+            if b * h * q_len * keys.shape[2] >= MIN_SCORES:
+                return attention(queries, keys, values, scale, mask)
+        return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
-    scaled_dot_product_attention.orchard_packs = True  # type: ignore[attr-defined]
     return scaled_dot_product_attention
 
 

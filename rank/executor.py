@@ -20,8 +20,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from cluster.errors import EngineError
-from cluster.messages import StepPlan
-from rank.cpu_kernels import PackedCache, packs
+from cluster.messages import PrefillChunk, StepPlan
+from rank.packing import RowLayout, packs, pass_caches
 
 
 def _load_malloc_trim() -> Any:
@@ -51,6 +51,14 @@ class StepOutput:
     ssd_failed: tuple[int, ...] = ()  # blocks of this plan's `ssd_load` this rank could not read
 
 
+@dataclass(slots=True)
+class _Rows:
+    """A step's output rows as its passes produce them: sequence ids and their last hidden states."""
+
+    ids: list[int]
+    hidden: list[mx.array]
+
+
 class Executor:
     def __init__(
         self, model: Any, want_logits: bool, block_tokens: int = 32, ssd: Any = None, group: Any = None
@@ -70,7 +78,7 @@ class Executor:
         args = model.args
         self._tied = bool(getattr(args, "tie_word_embeddings", True)) or not hasattr(model, "lm_head")
         self.group = group if group is not None and group.size() > 1 else None
-        self._packs = packs(model)  # a step's prefill chunks in one pass (needs the CPU kernels)
+        self._packs = packs(model)  # a step in one pass (rank.packing; rank.mlx_patch installs its seam)
         self._head = self._head_rows() if self.group is not None else None
 
     @property
@@ -87,8 +95,6 @@ class Executor:
                 raise EngineError(f"sequence {admit.seq_id} admitted twice")
             self.prompts[admit.seq_id] = admit.tokens
             self.prefilling[admit.seq_id] = self._cache_from_blocks(admit.cached)
-        row_ids: list[int] = []
-        hidden: list[mx.array] = []
         for chunk in plan.prefill:
             cache = self.prefilling[chunk.seq_id]
             if cache[0].offset != chunk.start:
@@ -96,21 +102,18 @@ class Executor:
                     f"sequence {chunk.seq_id}: prefill at {chunk.start}, cache at {cache[0].offset}"
                 )
             self.prefill_tokens += chunk.end - chunk.start
-        packed = self._packs and (len(plan.prefill) > 1 or bool(plan.prefill and plan.decode_ids))
+        # A step is its prompt chunks, then its decode rows. Packed (rank.packing), they all run in one
+        # pass, the batch arranged first (a sequence is never prefilled and decoded in one step);
+        # otherwise each chunk runs in a pass of its own, and the batch in one after the step's stores.
+        packed = self._packs and len(plan.prefill) + bool(plan.decode_ids) > 1
+        rows = _Rows([], [])
         if packed:
-            # the decode rows ride in the same pass (their batch is arranged first; a sequence is never
-            # prefilled and decoded in one step)
             if plan.decode_ids:
                 self._arrange_batch(plan.decode_ids)
-            self._prefill_packed(plan, row_ids, hidden)
+            self._forward(plan.prefill, plan.decode_ids, plan.decode_tokens, rows)
         else:
             for chunk in plan.prefill:
-                tokens = self.prompts[chunk.seq_id][chunk.start : chunk.end]
-                h = self.model.model(mx.array(tokens, dtype=mx.int32)[None], cache=self.prefilling[chunk.seq_id])
-                if chunk.end == len(self.prompts[chunk.seq_id]):
-                    row_ids.append(chunk.seq_id)
-                    hidden.append(h[:, -1, :])
-                mx.eval(h)  # bounds the graph; on followers this runs the chunk's collectives
+                self._forward((chunk,), (), (), rows)
         for store in plan.store:
             self._store(store.seq_id, store.first, store.block_ids)
         self._steps += 1
@@ -126,12 +129,10 @@ class Executor:
             self.ssd.delete(list(plan.ssd_delete))
         if plan.decode_ids and not packed:
             self._arrange_batch(plan.decode_ids)
-            inputs = mx.array(plan.decode_tokens, dtype=mx.int32)[:, None]
-            h = self.model.model(inputs, cache=self.batch)
-            row_ids.extend(plan.decode_ids)
-            hidden.append(h[:, -1, :])
-        if not hidden:
+            self._forward((), plan.decode_ids, plan.decode_tokens, rows)
+        if not rows.hidden:
             return StepOutput([], None, failed)
+        row_ids, hidden = rows.ids, rows.hidden
         last = mx.concatenate(hidden, axis=0) if len(hidden) > 1 else hidden[0]
         if self.group is not None:
             return self._vocab_parallel(row_ids, last, failed)
@@ -145,32 +146,36 @@ class Executor:
         mx.eval(logits)
         return StepOutput(row_ids, logits, failed)
 
-    def _prefill_packed(self, plan: StepPlan, row_ids: list[int], hidden: list[mx.array]) -> None:
-        """Every chunk of the step, then the decode rows' tokens, in one forward pass, end to end in one row
-        (rank.cpu_kernels.PackedCache): one read of the weights for the whole step."""
-        chunks = plan.prefill
-        lengths = [c.end - c.start for c in chunks]
+    def _forward(
+        self,
+        chunks: tuple[PrefillChunk, ...],
+        decode_ids: tuple[int, ...],
+        decode_tokens: tuple[int, ...],
+        rows: _Rows,
+    ) -> None:
+        """One forward pass over `chunks` end to end, then one token for each decode row (the batch is
+        arranged in `decode_ids` order); adds the step's output rows: the last position of each chunk
+        that ends its prompt, then every decode row. A pass of prompt chunks is evaluated here: that
+        bounds the graph, and on followers runs the pass's collectives."""
+        layout = RowLayout.of([c.end - c.start for c in chunks], len(decode_ids))
         tokens = [t for c in chunks for t in self.prompts[c.seq_id][c.start : c.end]]
-        decoding = bool(plan.decode_ids)
-        caches = [
-            PackedCache(
-                [self.prefilling[c.seq_id][layer] for c in chunks],
-                lengths,
-                self.batch[layer] if decoding and self.batch is not None else None,
-            )
-            for layer in range(self.num_layers)
-        ]
-        h = self.model.model(mx.array(tokens + list(plan.decode_tokens), dtype=mx.int32)[None], cache=caches)
-        end = 0
-        for c, n in zip(chunks, lengths, strict=True):
-            end += n
+        tokens += decode_tokens
+        inputs = mx.array(tokens, dtype=mx.int32)
+        # a lone decode batch is B rows of one token; anything else, one row
+        inputs = inputs[None] if chunks else inputs[:, None]
+        cache = pass_caches([self.prefilling[c.seq_id] for c in chunks], layout, self.batch)
+        h = self.model.model(inputs, cache=cache)
+        positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, 1, D): one hidden state a position
+        for c, (_, end) in zip(chunks, layout.spans, strict=True):
             if c.end == len(self.prompts[c.seq_id]):
-                row_ids.append(c.seq_id)
-                hidden.append(h[:, end - 1, :])
-        if decoding:
-            row_ids.extend(plan.decode_ids)
-            hidden.append(h[0, end:, :])
-        mx.eval(h)
+                rows.ids.append(c.seq_id)
+                rows.hidden.append(positions[end - 1 : end])
+        if decode_ids:
+            lo, hi = layout.batch_span
+            rows.ids.extend(decode_ids)
+            rows.hidden.append(positions[lo:hi])
+        if chunks:
+            mx.eval(h)
 
     def _ssd_load(self, loads: tuple[tuple[int, bytes], ...]) -> tuple[int, ...]:
         failed = []
@@ -230,6 +235,7 @@ class Executor:
 
         source = self.model.model.embed_tokens if self._tied else self.model.lm_head
         vocab = int(source["weight"].shape[0])
+        assert self.group is not None
         n, r = self.group.size(), self.group.rank()
         bounds = [vocab * i // n for i in range(n + 1)]
         head = copy.copy(source)  # the same module type (plain or quantized), holding only our rows
@@ -252,7 +258,8 @@ class Executor:
         mx.eval(local)
         rows = local.shape[0]
         parts = [local] + [
-            mx.distributed.recv((rows, counts[i]), local.dtype, i, group=self.group) for i in range(1, len(counts))
+            mx.distributed.recv((rows, counts[i]), local.dtype, i, group=self.group)
+            for i in range(1, len(counts))
         ]
         logits = mx.concatenate(parts, axis=1).astype(mx.float32)
         mx.eval(logits)  # where MLX releases the GIL (see below)
@@ -296,8 +303,8 @@ class Executor:
             order = mx.array([pos[sid] for sid in decode_ids], dtype=mx.int32)
             assert self.batch is not None
             for c in self.batch:
-                c.keys, c.values = c.keys[order], c.values[order]
-                c.offset, c.left_padding = c.offset[order], c.left_padding[order]
+                c.keys, c.values = c.keys[order], c.values[order]  # type: ignore[index]
+                c.offset, c.left_padding = c.offset[order], c.left_padding[order]  # type: ignore[index]
             self.batch_ids = list(decode_ids)
 
     def _join(self, seq_ids: list[int], caches: list[list[KVCache]]) -> None:

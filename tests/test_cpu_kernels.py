@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rank import cpu_kernels
+from rank import cpu_kernels, packing
 
 
 def _qkv(
@@ -65,14 +65,14 @@ def test_models_with_windows_or_sinks_are_not_packed(tiny_model) -> None:
     model, _ = load(str(tiny_model))
     try:
         cpu_kernels.install(model, "off")
-        assert cpu_kernels.packs(model)
+        assert packing.packs(model)
         model.model.swa_idx = 0  # a sliding-window layer: its mask is not carried by a packed row
-        assert not cpu_kernels.packs(model)
+        assert not packing.packs(model)
         model.model.swa_idx = None
         model.model.layers[0].self_attn.sinks = mx.zeros((4,))
-        assert not cpu_kernels.packs(model)
+        assert not packing.packs(model)
     finally:
-        for attn in cpu_kernels._attentions(model):
+        for attn in packing.attentions(model):
             attn.rope = attn.rope.inner
 
 
@@ -177,7 +177,7 @@ def test_packed_prefill_equals_one_pass_per_sequence(tiny_model) -> None:
             results.append(([o.row_ids for o in outs], [np.array(o.logits) for o in outs[1:]], keys))
     finally:
         cpu_kernels.install(model, "off")
-        for attn in cpu_kernels._attentions(model):
+        for attn in packing.attentions(model):
             attn.rope = attn.rope.inner
         module.scaled_dot_product_attention = plain
     (ids_a, logits_a, keys_a) = results[0]

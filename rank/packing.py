@@ -1,0 +1,189 @@
+"""Packed steps: several sequences' prompt chunks, then the decode batch's rows, in one forward pass.
+
+One pass reads the weights once for every sequence in it: on a CPU a pass over a short chunk costs nearly
+a whole read of the weights (embedded model at a 1,500-token context: 63 ms for 1 token, 137 ms for 20,
+213 ms for 50), so a step whose chunks and decode rows run end to end in one row costs about one pass.
+Each segment of the row keeps its own cache, positions (`SegmentRoPE`) and causal attention (`PackedCache`),
+so its numbers are those of a pass of its own.
+
+A step's passes, and so its collectives, must be the same on every rank: whether a model packs depends on
+the model and on the seam `rank.mlx_patch` installs, never on the device (MLX's attention does the work
+where the CPU kernels are off). Models with sliding windows or attention sinks need masks a packed row
+does not carry: they never pack, and run one pass per sequence.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# mlx-lm's `scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None)`.
+Attend = Callable[..., mx.array]
+
+_SEAM = "orchard_packs"  # marks the attention function built by `attention_seam`
+
+
+@dataclass(frozen=True, slots=True)
+class RowLayout:
+    """Where a pass's segments lie along its positions: [lo, hi) of each prompt chunk, end to end, then
+    `batch_span`, one position for each decode row. A pass of one chunk, or of the batch alone, has the
+    same layout with nothing else in it, so the executor reads its rows the same way for every pass."""
+
+    spans: tuple[tuple[int, int], ...]
+    batch_span: tuple[int, int]
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], rows: int) -> RowLayout:
+        bounds = list(itertools.accumulate(lengths, initial=0))
+        return cls(tuple(itertools.pairwise(bounds)), (bounds[-1], bounds[-1] + rows))
+
+
+class Segments:
+    """The `offset` a `PackedCache` shows a layer's RoPE: segment i starts at `offsets[i]`; with
+    `batch_offsets`, each decode row is at its own position."""
+
+    __slots__ = ("batch_offsets", "batch_span", "offsets", "spans")
+
+    def __init__(self, layout: RowLayout, offsets: list[int], batch_offsets: mx.array | None = None) -> None:
+        self.offsets, self.batch_offsets = offsets, batch_offsets
+        self.spans, self.batch_span = layout.spans, layout.batch_span
+
+
+def _rows(x: mx.array) -> mx.array:
+    """(1, H, B, D) <-> (B, H, 1, D): decode tokens of a packed row as the rows of a batch, and back."""
+    return x.transpose(2, 1, 0, 3)
+
+
+class SegmentRoPE(nn.Module):
+    """A layer's RoPE that also takes `Segments` for an offset: each segment rotated from its own."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x: mx.array, offset: Any = 0) -> mx.array:
+        if not isinstance(offset, Segments):
+            return self.inner(x, offset=offset)
+        parts = [
+            self.inner(x[:, :, lo:hi], offset=off)
+            for (lo, hi), off in zip(offset.spans, offset.offsets, strict=True)
+        ]
+        if offset.batch_offsets is not None:
+            lo, hi = offset.batch_span
+            parts.append(_rows(self.inner(_rows(x[:, :, lo:hi]), offset=offset.batch_offsets)))
+        return mx.concatenate(parts, axis=2)
+
+
+class PackedCache:
+    """One layer's view of a packed pass: the caches of the sequences whose chunks are in the row (one
+    `KVCache` each) and, optionally, the decode batch's `BatchKVCache` for the row's last positions."""
+
+    def __init__(self, caches: list[Any], layout: RowLayout, batch: Any = None) -> None:
+        self.caches, self.batch = caches, batch
+        self.offset = Segments(
+            layout, [c.offset for c in caches], batch.offset if batch is not None else None
+        )
+        # the decode rows' mask, made before their cache grows (as mlx-lm's models do)
+        self.batch_mask = batch.make_mask(1, return_array=True) if batch is not None else None
+
+    def make_mask(self, *args: Any, **kwargs: Any) -> None:
+        return None  # each segment's mask is applied in `attend`
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+        fetched = [
+            c.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
+            for c, (lo, hi) in zip(self.caches, self.offset.spans, strict=True)
+        ]
+        if self.batch is not None:
+            lo, hi = self.offset.batch_span
+            fetched.append(self.batch.update_and_fetch(_rows(keys[:, :, lo:hi]), _rows(values[:, :, lo:hi])))
+        return [k for k, _ in fetched], [v for _, v in fetched]
+
+    def attend(
+        self, queries: mx.array, keys: list[mx.array], values: list[mx.array], scale: float, attend: Attend
+    ) -> mx.array:
+        """Each segment's causal attention over its own keys, the decode rows' under the batch's mask."""
+        spans = self.offset.spans
+        parts = [
+            attend(queries[:, :, lo:hi], k, v, None, scale, "causal")
+            for (lo, hi), k, v in zip(spans, keys[: len(spans)], values[: len(spans)], strict=True)
+        ]
+        if self.batch is not None:
+            lo, hi = self.offset.batch_span
+            parts.append(
+                _rows(attend(_rows(queries[:, :, lo:hi]), keys[-1], values[-1], None, scale, self.batch_mask))
+            )
+        return mx.concatenate(parts, axis=2)
+
+
+def pass_caches(chunk_caches: list[list[Any]], layout: RowLayout, batch: list[Any] | None) -> list[Any]:
+    """Each layer's cache for a pass over `chunk_caches` (one list of layer caches per chunk, in the row's
+    order) and then, when `layout` has decode rows, the `batch`: a lone chunk or the batch alone passes
+    through with its own caches, anything more is packed."""
+    rows = layout.batch_span[1] - layout.batch_span[0]
+    if not rows and len(chunk_caches) == 1:
+        return chunk_caches[0]
+    if rows and not chunk_caches:
+        assert batch is not None
+        return batch
+    return [
+        PackedCache(list(layer), layout, batch[i] if rows and batch is not None else None)
+        for i, layer in enumerate(zip(*chunk_caches, strict=True))
+    ]
+
+
+def attention_seam(attend: Attend) -> Attend:
+    """mlx-lm's attention function as a packed pass needs it: a `PackedCache` attends segment by segment,
+    anything else goes to `attend` (mlx-lm's own function, or the CPU kernels in front of it)."""
+
+    def scaled_dot_product_attention(
+        queries: mx.array,
+        keys: Any,
+        values: Any,
+        cache: Any,
+        scale: float,
+        mask: Any,
+        sinks: mx.array | None = None,
+    ) -> mx.array:
+        if isinstance(cache, PackedCache):
+            return cache.attend(queries, keys, values, scale, attend)
+        return attend(queries, keys, values, cache, scale, mask, sinks)
+
+    setattr(scaled_dot_product_attention, _SEAM, True)
+    return scaled_dot_product_attention
+
+
+def packs(model: Any) -> bool:
+    """Whether `model` can run a step's sequences in one pass: `rank.mlx_patch` installed the seam
+    (`attention_seam` and `SegmentRoPE` on every attention layer) and no layer needs a window or sinks."""
+    module = sys.modules.get(type(model).__module__)
+    seam = getattr(getattr(module, "scaled_dot_product_attention", None), _SEAM, False)
+    layers = attentions(model)
+    return (
+        bool(seam)
+        and bool(layers)
+        and all(isinstance(a.rope, SegmentRoPE) for a in layers)
+        and not _windows_or_sinks(model, layers)
+    )
+
+
+def attentions(model: Any) -> list[Any]:
+    """The model's attention modules that take a position offset through a `rope`."""
+    return [layer.self_attn for layer in model.layers if hasattr(getattr(layer, "self_attn", None), "rope")]
+
+
+def _windows_or_sinks(model: Any, layers: list[Any]) -> bool:
+    """Sliding-window layers and attention sinks need masks a packed row does not carry: such models
+    run one pass per sequence (the same on every rank: it depends on the model only)."""
+    inner = getattr(model, "model", model)
+    if getattr(inner, "swa_idx", None) is not None or getattr(inner, "sliding_window", None):
+        return True
+    if any(getattr(layer, "use_sliding", False) for layer in getattr(inner, "layers", ())):
+        return True
+    return any(hasattr(a, "sinks") for a in layers)
