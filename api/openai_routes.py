@@ -7,12 +7,22 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.errors import APIError, error_body
+from api.prompts import (
+    Prompt,
+    chat_prompt,
+    chat_size,
+    ids_prompt,
+    prompt_pool,
+    prompt_pool_lifespan,
+    text_prompt,
+)
 from api.render import ChatRender, Render, TextRender
 from api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from api.service import Service
@@ -25,7 +35,7 @@ from cluster.requests import (
     TokenLogprob,
 )
 
-router = APIRouter()
+router = APIRouter(lifespan=prompt_pool_lifespan)
 
 
 def _svc(request: Request) -> Service:
@@ -65,22 +75,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         )
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
-    try:
-        prompt = svc.tokenizer.encode_chat(messages)
-    except Exception as exc:  # a template that raises on this conversation (role order, ...)
-        raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from exc
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    sampling = _sampling(svc, body, len(prompt), max_tokens, logprobs)
+    checked = _check_sampling(svc, body, max_tokens)
+    include_usage = _include_usage(body)
+    pool = prompt_pool(request.app)
+    prompt = await pool.run(chat_size(body.messages), chat_prompt, svc.tokenizer, body.messages)
+    sampling = _sampling(svc, body, checked, len(prompt.ids), max_tokens, logprobs)
     return await _generate(
         request,
         svc,
         "chat",
-        prompt,
+        prompt.ids,
         sampling,
         body.stream,
-        _include_usage(body),
+        include_usage,
         "",
         body.return_tokens_as_token_ids,
     )
@@ -97,18 +106,19 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise APIError(400, "best_of > 1 is not supported", param="best_of", code="unsupported_parameter")
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-    prompt, echo = _completion_prompt(svc, body.prompt)
-    sampling = _sampling(svc, body, len(prompt), body.max_tokens, body.logprobs)
-    echo_text = echo if body.echo else ""
+    checked = _check_sampling(svc, body, body.max_tokens)
+    include_usage = _include_usage(body)
+    prompt = await _completion_prompt(request, svc, body.prompt, body.echo)
+    sampling = _sampling(svc, body, checked, len(prompt.ids), body.max_tokens, body.logprobs)
     return await _generate(
         request,
         svc,
         "text",
-        prompt,
+        prompt.ids,
         sampling,
         body.stream,
-        _include_usage(body),
-        echo_text,
+        include_usage,
+        prompt.text,
         body.return_tokens_as_token_ids,
     )
 
@@ -129,71 +139,40 @@ def _include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _message_dict(m: Any, index: int) -> dict[str, Any]:
-    content = m.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.type != "text" or part.text is None:
-                raise APIError(
-                    400,
-                    f"content part type {part.type!r} is not supported (text only)",
-                    param=f"messages.{index}.content",
-                )
-            texts.append(part.text)
-        content = "\n".join(texts)
-    out: dict[str, Any] = {"role": m.role, "content": content or ""}
-    if m.name:
-        out["name"] = m.name
-    return out
-
-
-def _completion_prompt(svc: Service, prompt: Any) -> tuple[list[int], str]:
+async def _completion_prompt(request: Request, svc: Service, prompt: Any, echo: bool) -> Prompt:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise APIError(
                 400, "batched prompts are not supported: send one prompt per request", param="prompt"
             )
         prompt = prompt[0]
+    pool = prompt_pool(request.app)
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
-        return svc.tokenizer.encode(prompt), prompt
+        return await pool.run(len(prompt), text_prompt, svc.tokenizer, prompt, echo)
     ids = list(prompt)
     if not ids:
         raise APIError(400, "prompt is empty", param="prompt")
-    vocab = svc.vocab_size
-    bad = next((t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab), None)
-    if bad is not None:
-        raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-    return ids, svc.tokenizer.decode(ids)
+    return await pool.run(4 * len(ids), ids_prompt, svc.tokenizer, ids, svc.vocab_size, echo)
 
 
-def _sampling(
-    svc: Service, body: SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: int | None
-) -> SamplingParams:
-    cfg, lim = svc.config, svc.config.limits
-    if prompt_len > svc.config.prompt_limit:
-        raise APIError(
-            400,
-            f"the prompt has {prompt_len} tokens, over this server's limit of {cfg.prompt_limit}",
-            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded",
-        )
-    room = cfg.context_length - prompt_len
+@dataclass(slots=True, frozen=True)
+class _Checked:
+    """What `_check_sampling` validated before the prompt was rendered."""
+
+    stop: tuple[str, ...]
+    logit_bias: tuple[tuple[int, float], ...]
+
+
+def _check_sampling(svc: Service, body: SamplingFields, max_tokens: int | None) -> _Checked:
+    """The limits that need no prompt, checked before the costly render."""
+    lim = svc.config.limits
     if max_tokens is not None and max_tokens > lim.max_tokens:
         raise APIError(
             400,
             f"max_tokens {max_tokens} is over this server's limit of {lim.max_tokens}",
             param="max_tokens",
-        )
-    if room < 1 or (max_tokens is not None and max_tokens > room):
-        raise APIError(
-            400,
-            f"this model's maximum context length is {cfg.context_length} tokens; the prompt has {prompt_len} "
-            f"and {max_tokens or 1} more were requested",
-            param="max_tokens" if max_tokens else "messages",
-            code="context_length_exceeded",
         )
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > lim.max_stop_strings:
@@ -211,6 +190,35 @@ def _sampling(
         bias.append((tid, float(value)))
     if len(bias) > 300:
         raise APIError(400, "logit_bias may hold at most 300 tokens", param="logit_bias")
+    return _Checked(tuple(stops), tuple(bias))
+
+
+def _sampling(
+    svc: Service,
+    body: SamplingFields,
+    checked: _Checked,
+    prompt_len: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> SamplingParams:
+    """The limits that depend on the prompt's length, then the engine's sampling settings."""
+    cfg, lim = svc.config, svc.config.limits
+    if prompt_len > svc.config.prompt_limit:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens, over this server's limit of {cfg.prompt_limit}",
+            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    room = cfg.context_length - prompt_len
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        raise APIError(
+            400,
+            f"this model's maximum context length is {cfg.context_length} tokens; the prompt has {prompt_len} "
+            f"and {max_tokens or 1} more were requested",
+            param="max_tokens" if max_tokens else "messages",
+            code="context_length_exceeded",
+        )
     temperature = 1.0 if body.temperature is None else body.temperature
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     return SamplingParams(
@@ -220,8 +228,8 @@ def _sampling(
         min_p=body.min_p or 0.0,
         seed=None if body.seed is None else body.seed % (2**63),
         max_tokens=max_tokens if max_tokens is not None else min(lim.default_max_tokens, room),
-        stop=tuple(stops),
-        logit_bias=tuple(bias),
+        stop=checked.stop,
+        logit_bias=checked.logit_bias,
         logprobs=logprobs,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
@@ -272,7 +280,7 @@ def _admission_error(admission: Admission) -> APIError:
         return APIError(
             429, "the server's queue is full; retry shortly", code="queue_full", headers={"Retry-After": "1"}
         )
-    if admission is Admission.DRAINING:
+    if admission in (Admission.PAUSED, Admission.SHUTTING_DOWN):  # one 503 "draining" for clients
         return APIError(
             503,
             "the server is draining and admits no new requests",

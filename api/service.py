@@ -10,14 +10,7 @@ from typing import Any, Protocol
 from api.errors import APIError
 from cluster.config import ServingConfig
 from cluster.engine_client import EngineClient
-from cluster.health import HealthTable
-from cluster.stats import ServingStats
-
-
-class KvTier(Protocol):
-    """A KV cache tier as operators see it (`cluster.kvindex.TierStats`, `cluster.ssdtier.SsdTier`)."""
-
-    def to_json(self) -> dict[str, object]: ...
+from cluster.snapshot import JobFacts, JobSnapshot
 
 
 class TextCodec(Protocol):
@@ -39,10 +32,21 @@ class Service:
     tokenizer: TextCodec
     config: ServingConfig
     vocab_size: int
-    stats: ServingStats | None = None
-    health: HealthTable | None = None
-    kv_tiers: list[KvTier] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+
+    def snapshot(self) -> JobSnapshot:
+        """What /health, /metrics and /admin/* show: the engine's last published snapshot, never its live
+        statistics. Overlaid live: the engine's lifecycle state with its failure, and the operator's
+        admission pause, which `EngineClient` owns and HTTP or a watchdog change at once (a drain or a
+        failure must show before the engine's next publish, which a hung engine never makes)."""
+        c = self.client
+        snap: JobSnapshot | None = c.snapshot
+        if snap is None:  # the engine has not published yet
+            cfg = self.config
+            snap = JobSnapshot.starting(
+                JobFacts(cfg.model_name, cfg.world_size, cfg.context_length, self.started)
+            )
+        return snap.with_lifecycle(c.state.value, c.admission_paused, c.failure)
 
     def model_card(self) -> dict[str, Any]:
         return {

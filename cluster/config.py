@@ -14,7 +14,6 @@ class ServingLimits:
     max_waiting: int = 256  # requests queued beyond the running batch; more get 429
     request_timeout: float = 600.0  # seconds from arrival to the last token; then 504 / error event
     max_stop_strings: int = 4
-    max_logprobs: int = 20
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,8 +1,10 @@
 """The thread-safe door between the HTTP thread and the engine thread.
 
 `submit` decides admission synchronously (so the API can answer 429/503 at once) and queues the request;
-the engine thread drains the inbox between steps. Nothing here blocks the event loop for long: a lock
-held for a few list operations.
+the engine thread takes the inbox between steps. The door keeps no request state of its own: the inbox
+holds what the engine has not taken yet, and everything taken lives in the scheduler's `requests`, which
+`attach` lets the door read (membership and counts only). Nothing here blocks the event loop for long: a
+lock held for a few list operations.
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ import enum
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from cluster.requests import Admission, FinishReason, GenerationRequest, RequestEvent
-from cluster.stats import EngineSnapshot, RequestRow
+
+if TYPE_CHECKING:
+    from cluster.scheduler import Scheduler
+    from cluster.snapshot import JobSnapshot
 
 
 class EngineState(str, enum.Enum):
     STARTING = "starting"
     READY = "ready"
-    DRAINING = "draining"
+    # Stopping the job (SIGTERM): in-flight requests may finish, new ones get 503. The wire value is the
+    # one /health has always shown. Not to be confused with an operator's admission pause (/admin/drain).
+    SHUTTING_DOWN = "draining"
     STOPPED = "stopped"
     FAILED = "failed"
 
@@ -29,7 +38,6 @@ class EngineState(str, enum.Enum):
 @dataclass(slots=True, frozen=True)
 class Cancel:
     request_id: str
-    reason: str = "cancelled"
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,79 +54,79 @@ class EngineClient:
         self.clock = clock  # the engine's: arrival is stamped here, not when the engine next looks
         self._lock = threading.Lock()
         self._inbox: deque[Command] = deque()
+        self._inbox_ids: set[str] = set()  # requests in the inbox
+        self._scheduler: Scheduler | None = None
         self._wake = threading.Event()
-        self._waiting = 0  # submitted, not yet started or dropped by the engine
-        self._live: dict[
-            str, GenerationRequest
-        ] = {}  # submitted and not finished: failed together on a fault
         self.state = EngineState.STARTING
         self.failure: str | None = None
-        self.snapshot = EngineSnapshot()  # replaced whole by the engine thread: readers never see a torn one
-        self.queue_rows: tuple[RequestRow, ...] = ()  # likewise, refreshed a few times a second
-        self.admission_paused = False  # an operator's drain: 503 for new requests, the job keeps running
+        self.snapshot: JobSnapshot | None = None  # the engine's published view, replaced whole (never torn)
+        self.admission_paused = False  # an operator's pause: 503 for new requests, the job keeps running
+
+    def attach(self, scheduler: Scheduler) -> None:
+        """The engine's scheduler, whose queue and requests the door counts as its own backlog."""
+        self._scheduler = scheduler
 
     # -- HTTP side -------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Admission:
         with self._lock:
-            if self.state is EngineState.DRAINING or (
-                self.admission_paused and self.state is EngineState.READY
-            ):
-                return Admission.DRAINING
+            if self.state is EngineState.SHUTTING_DOWN:
+                return Admission.SHUTTING_DOWN
             if self.state is not EngineState.READY:
                 return Admission.UNAVAILABLE
-            if self._waiting >= self.max_waiting:
+            if self.admission_paused:
+                return Admission.PAUSED
+            if self.waiting >= self.max_waiting:
                 return Admission.QUEUE_FULL
-            self._waiting += 1
             if request.arrival == 0.0:
                 # A request that arrives mid-step waits for the step to end before the engine sees it:
                 # that wait is part of its time to first token.
                 request.arrival = self.clock()
             self._inbox.append(request)
-            self._live[request.request_id] = request
+            self._inbox_ids.add(request.request_id)
         self._wake.set()
         return Admission.ACCEPTED
 
     def clear_cache(self, tier: str) -> None:
-        with self._lock:
-            self._inbox.append(ClearCache(tier))
-        self._wake.set()
+        self._command(ClearCache(tier))
+
+    def cancel(self, request_id: str) -> None:
+        self._command(Cancel(request_id))
 
     def is_live(self, request_id: str) -> bool:
-        return request_id in self._live
-
-    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        """Submitted and not finished (queued here or known to the scheduler)."""
         with self._lock:
-            self._inbox.append(Cancel(request_id, reason))
-        self._wake.set()
+            return request_id in self._inbox_ids or (
+                self._scheduler is not None and request_id in self._scheduler.requests
+            )
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        """Requests not started yet: in the inbox or in the scheduler's queue."""
+        return len(self._inbox_ids) + (self._scheduler.num_waiting if self._scheduler is not None else 0)
 
     # -- engine side -----------------------------------------------------------------------------
-    def take(self) -> list[Command]:
+    @contextmanager
+    def taking(self) -> Iterator[list[Command]]:
+        """The inbox's commands, in order. The door stays locked until the block ends, so a request the
+        engine is handing to its scheduler is never in neither place (an operator's cancel would 404)."""
         with self._lock:
             items = list(self._inbox)
             self._inbox.clear()
             self._wake.clear()
-        return items
+            yield items
+            self._inbox_ids.clear()
 
     def wait(self, timeout: float) -> None:
         self._wake.wait(timeout)
 
-    def finished(self, request_id: str) -> None:
-        with self._lock:
-            self._live.pop(request_id, None)
-
-    @property
-    def live(self) -> int:
-        return len(self._live)
-
     def fail_live(self, message: str) -> int:
         """Answer every unfinished request with an error (any thread; used when the engine is stuck)."""
         with self._lock:
-            victims = list(self._live.values())
-            self._live.clear()
+            victims: list[Any] = [c for c in self._inbox if isinstance(c, GenerationRequest)]
+            self._inbox.clear()
+            self._inbox_ids.clear()
+            if self._scheduler is not None:
+                victims += list(self._scheduler.requests.values())
         for req in victims:
             try:
                 req.sink(
@@ -133,10 +141,9 @@ class EngineClient:
                 pass
         return len(victims)
 
-    def left_queue(self, n: int = 1) -> None:
-        """The engine started (or dropped) n waiting requests."""
-        with self._lock:
-            self._waiting -= n
+    def publish(self, snapshot: JobSnapshot) -> None:
+        """The engine's newest view of the job; readers take whichever one is current, whole."""
+        self.snapshot = snapshot
 
     def set_state(self, state: EngineState, failure: str | None = None) -> None:
         with self._lock:
@@ -145,4 +152,9 @@ class EngineClient:
             self.state = state
             if failure:
                 self.failure = failure
+        self._wake.set()
+
+    def _command(self, command: Cancel | ClearCache) -> None:
+        with self._lock:
+            self._inbox.append(command)
         self._wake.set()

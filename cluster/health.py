@@ -1,7 +1,7 @@
 """Per-rank health: what each rank reports about itself, and rank 0's judgement of it.
 
-Followers send a `RankReport` to rank 0 at most once per report interval (point to point, msgpack);
-rank 0 builds its own. `HealthTable` (rank 0) turns reports into one `RankHealth` per rank with a state:
+Followers post a `RankReport` (a bus message, cluster/messages.py) to rank 0 at most once per report
+interval; rank 0 builds its own. `HealthTable` (rank 0) turns reports into one `RankHealth` per rank with a state:
 ok, slow (step time far above the rank's own median), unresponsive (no report within the timeout) or
 dead (a fault was detected on it). Pure logic with an injected clock.
 """
@@ -16,68 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+from cluster.messages import RankReport
 
-from cluster.errors import BusDecodeError
+__all__ = ["DEAD", "OK", "SLOW", "UNRESPONSIVE", "HealthTable", "RankHealth", "RankReport"]
 
 OK, SLOW, UNRESPONSIVE, DEAD = "ok", "slow", "unresponsive", "dead"
-
-
-@dataclass(slots=True, frozen=True)
-class RankReport:
-    rank: int
-    host: str
-    pid: int
-    step: int = 0  # the last step this rank executed
-    step_ms: float = 0.0  # how long that step took on this rank
-    active_bytes: int = 0  # MLX active memory
-    peak_bytes: int = 0  # MLX peak memory
-    rss_bytes: int = 0
-    kv_blocks: int = 0
-    kv_bytes: int = 0
-    last_error: str = ""
-    ssd_written: tuple[tuple[bytes, bool], ...] = ()  # SSD writes finished since the last report
-
-    def encode(self) -> bytes:
-        return msgpack.packb(
-            [
-                self.rank,
-                self.host,
-                self.pid,
-                self.step,
-                self.step_ms,
-                self.active_bytes,
-                self.peak_bytes,
-                self.rss_bytes,
-                self.kv_blocks,
-                self.kv_bytes,
-                self.last_error,
-                [[h, ok] for h, ok in self.ssd_written],
-            ],
-            use_bin_type=True,
-        )
-
-    @classmethod
-    def decode(cls, data: bytes) -> RankReport:
-        try:
-            w = msgpack.unpackb(data, raw=False)
-            rank, host, pid, step, step_ms, active, peak, rss, blocks, kvb, err, written = w
-            return cls(
-                int(rank),
-                str(host),
-                int(pid),
-                int(step),
-                float(step_ms),
-                int(active),
-                int(peak),
-                int(rss),
-                int(blocks),
-                int(kvb),
-                str(err),
-                tuple((bytes(h), bool(ok)) for h, ok in written),
-            )
-        except Exception as exc:
-            raise BusDecodeError(f"malformed rank report: {exc}") from exc
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,7 +65,7 @@ class HealthTable:
         # Seconds since a rank last answered a liveness ping (cluster/pulse.py), when rank 0 pings it.
         # It outranks the report age: reports travel over MPI and stall with every rank during a long
         # or hung step, pings do not.
-        self.liveness: Callable[[int], float] | None = None
+        self.liveness: Callable[[int], float | None] | None = None
 
     def register(self, rank: int, host: str, pid: int) -> None:
         with self._lock:

@@ -1,15 +1,20 @@
-"""Typed messages of the control bus. Every rank executes a `StepPlan` exactly as rank 0 sent it.
+"""Typed messages of the control bus, both directions. Every rank executes a `StepPlan` exactly as rank 0
+sent it; every follower answers with typed replies (`Hello`, `SsdLoadResult`, `SsdMissing`) and health
+reports (`RankReport`).
 
 Wire form: each message is a msgpack array whose first element is its kind tag; `cluster.bus` wraps it
-in the versioned envelope. Field order is the wire order: append fields, never reorder them.
+in the versioned envelope and bounds its size. Field order is the wire order: append fields, never
+reorder them. Nothing here grows without bound with the number of blocks: what can (the SSD start-up
+sync, SSD write results) is split into messages that each fit the bus limit (`chunks`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from cluster.errors import BusDecodeError
+from cluster.pulse import TOKEN_BYTES
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,19 +65,6 @@ class StepPlan:
     ssd_load: tuple[tuple[int, bytes], ...] = ()  # (RAM block id to fill, block hash): read from disk
     ssd_save: tuple[tuple[int, bytes], ...] = ()  # (RAM block id, block hash): write to disk
     ssd_delete: tuple[bytes, ...] = ()
-
-    def is_empty(self) -> bool:
-        return not (
-            self.release
-            or self.admit
-            or self.prefill
-            or self.decode_ids
-            or self.store
-            or self.evict
-            or self.ssd_load
-            or self.ssd_save
-            or self.ssd_delete
-        )
 
     def to_wire(self) -> list[Any]:
         return [
@@ -150,26 +142,225 @@ class Shutdown:
 
 @dataclass(slots=True, frozen=True)
 class SsdSync:
-    """Start-up: the blocks rank 0's manifest lists as persisted; each rank checks its files against it."""
+    """Start-up: the blocks rank 0's manifest lists as persisted; each rank checks its files against it.
+    Sent in chunks that each fit the bus limit; `more` is False on the last one."""
 
     KIND: ClassVar[int] = 4
     hashes: tuple[bytes, ...] = ()
+    more: bool = False
+
+    @classmethod
+    def chunks(cls, hashes: list[bytes], max_message_bytes: int) -> list[SsdSync]:
+        return [cls(part, more) for part, more in _hash_chunks(hashes, max_message_bytes)]
 
     def to_wire(self) -> list[Any]:
-        return [self.KIND, list(self.hashes)]
+        return [self.KIND, list(self.hashes), self.more]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> SsdSync:
-        _, hashes = w
-        if not isinstance(hashes, list):
-            raise BusDecodeError("ssd sync: hashes is not an array")
-        return cls(tuple(_hash(h) for h in hashes))
+        _, hashes, more = w
+        return cls(_hashes(hashes, "ssd sync"), _bool(more))
 
 
-BusMessage = StepPlan | Heartbeat | Shutdown | SsdSync
-MESSAGE_TYPES: dict[int, type[StepPlan] | type[Heartbeat] | type[Shutdown] | type[SsdSync]] = {
-    t.KIND: t for t in (StepPlan, Heartbeat, Shutdown, SsdSync)
+# -- follower to rank 0 ------------------------------------------------------------------------------
+
+MAX_HOST_CHARS = 255
+MAX_PULSE_ADDRESSES = 16
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(slots=True, frozen=True)
+class PulseHello:
+    """Where rank 0 can ping a follower's liveness responder (rank/pulse.py), and its secret."""
+
+    port: int
+    token: bytes
+    addresses: tuple[str, ...] = ()
+
+    def to_wire(self) -> list[Any]:
+        return [self.port, self.token, list(self.addresses)]
+
+    @classmethod
+    def from_wire(cls, w: Any) -> PulseHello:
+        if not isinstance(w, list) or len(w) != 3:
+            raise BusDecodeError("hello: pulse info is not a 3-element array")
+        port, token, addresses = w
+        if type(token) is not bytes or len(token) != TOKEN_BYTES:
+            raise BusDecodeError(f"hello: the liveness token is not {TOKEN_BYTES} bytes")
+        if not isinstance(addresses, list) or len(addresses) > MAX_PULSE_ADDRESSES:
+            raise BusDecodeError(f"hello: more than {MAX_PULSE_ADDRESSES} liveness addresses")
+        port = _int(port)
+        if not 0 < port < 65536:
+            raise BusDecodeError(f"hello: liveness port {port} is out of range")
+        return cls(port, token, tuple(_str(a, "a liveness address", 64) for a in addresses))
+
+
+@dataclass(slots=True, frozen=True)
+class Hello:
+    """Start-up: who a rank is (rank 0 names ranks by it) and how to ping it; `pulse` None: not pinged."""
+
+    KIND: ClassVar[int] = 5
+    rank: int
+    host: str
+    pid: int
+    pulse: PulseHello | None = None
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.KIND,
+            self.rank,
+            self.host,
+            self.pid,
+            None if self.pulse is None else self.pulse.to_wire(),
+        ]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> Hello:
+        _, rank, host, pid, pulse = w
+        return cls(
+            _int(rank),
+            _str(host, "hello: host", MAX_HOST_CHARS),
+            _int(pid),
+            None if pulse is None else PulseHello.from_wire(pulse),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class SsdLoadResult:
+    """A follower's answer to a plan with `ssd_load`: the RAM blocks it could not fill from disk (bounded
+    by the plan's own `ssd_load`)."""
+
+    KIND: ClassVar[int] = 6
+    failed: tuple[int, ...] = ()
+
+    def to_wire(self) -> list[Any]:
+        return [self.KIND, list(self.failed)]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> SsdLoadResult:
+        _, failed = w
+        return cls(_ints(failed))
+
+
+@dataclass(slots=True, frozen=True)
+class SsdMissing:
+    """A follower's answer to the SSD start-up sync: listed blocks it lacks. In chunks like `SsdSync`: a
+    follower may lack every listed block."""
+
+    KIND: ClassVar[int] = 7
+    hashes: tuple[bytes, ...] = ()
+    more: bool = False
+
+    @classmethod
+    def chunks(cls, hashes: list[bytes], max_message_bytes: int) -> list[SsdMissing]:
+        return [cls(part, more) for part, more in _hash_chunks(hashes, max_message_bytes)]
+
+    def to_wire(self) -> list[Any]:
+        return [self.KIND, list(self.hashes), self.more]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> SsdMissing:
+        _, hashes, more = w
+        return cls(_hashes(hashes, "ssd missing"), _bool(more))
+
+
+@dataclass(slots=True, frozen=True)
+class RankReport:
+    """What a rank says about itself (cluster/health.py judges it); posted, never waited for."""
+
+    KIND: ClassVar[int] = 8
+    rank: int
+    host: str
+    pid: int
+    step: int = 0  # the last step this rank executed
+    step_ms: float = 0.0  # how long that step took on this rank
+    active_bytes: int = 0  # MLX active memory
+    peak_bytes: int = 0  # MLX peak memory
+    rss_bytes: int = 0
+    kv_blocks: int = 0
+    kv_bytes: int = 0
+    last_error: str = ""
+    ssd_written: tuple[tuple[bytes, bool], ...] = ()  # SSD writes finished since the last report
+
+    def chunks(self, max_message_bytes: int) -> list[RankReport]:
+        """This report as several that each fit the bus limit: the SSD write results split among them
+        (a long step can finish many writes), everything else repeated."""
+        fixed = _RESERVED_BYTES + 128 + len(self.host.encode()) + len(self.last_error.encode())
+        n = max(1, (max_message_bytes - fixed) // _WRITTEN_BYTES)
+        written = self.ssd_written
+        return [replace(self, ssd_written=written[i : i + n]) for i in range(0, len(written), n)] or [self]
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.KIND,
+            self.rank,
+            self.host,
+            self.pid,
+            self.step,
+            self.step_ms,
+            self.active_bytes,
+            self.peak_bytes,
+            self.rss_bytes,
+            self.kv_blocks,
+            self.kv_bytes,
+            self.last_error,
+            [[h, ok] for h, ok in self.ssd_written],
+        ]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> RankReport:
+        _, rank, host, pid, step, step_ms, active, peak, rss, blocks, kvb, err, written = w
+        if not isinstance(step_ms, (int, float)) or isinstance(step_ms, bool):
+            raise BusDecodeError("rank report: step_ms is not a number")
+        if not isinstance(written, list):
+            raise BusDecodeError("rank report: ssd_written is not an array")
+        pairs = []
+        for pair in written:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise BusDecodeError("rank report: an ssd_written entry is not a [hash, ok] pair")
+            pairs.append((_hash(pair[0]), _bool(pair[1])))
+        return cls(
+            _int(rank),
+            _str(host, "rank report: host", MAX_HOST_CHARS),
+            _int(pid),
+            _int(step),
+            float(step_ms),
+            _int(active),
+            _int(peak),
+            _int(rss),
+            _int(blocks),
+            _int(kvb),
+            _str(err, "rank report: last_error", MAX_ERROR_CHARS),
+            tuple(pairs),
+        )
+
+
+BusMessage = StepPlan | Heartbeat | Shutdown | SsdSync  # rank 0 to every rank (broadcast)
+Reply = Hello | SsdLoadResult | SsdMissing  # one follower to rank 0, waited for
+Message = BusMessage | Reply | RankReport
+BROADCAST_TYPES = (StepPlan, Heartbeat, Shutdown, SsdSync)
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    t.KIND: t for t in (*BROADCAST_TYPES, Hello, SsdLoadResult, SsdMissing, RankReport)
 }
+
+# Chunk sizing, in encoded bytes: the envelope and a message's fixed fields stay under _RESERVED_BYTES;
+# a hash costs 18 (msgpack bin 8 header) and an SSD write result 20.
+_RESERVED_BYTES = 64
+_HASH_BYTES = 18
+_WRITTEN_BYTES = 20
+
+
+def _hash_chunks(hashes: list[bytes], max_message_bytes: int) -> list[tuple[tuple[bytes, ...], bool]]:
+    """`hashes` cut into (part, more) pieces that each encode within the limit; always at least one."""
+    n = max(1, (max_message_bytes - _RESERVED_BYTES) // _HASH_BYTES)
+    parts = [tuple(hashes[i : i + n]) for i in range(0, len(hashes), n)] or [()]
+    return [(part, i < len(parts) - 1) for i, part in enumerate(parts)]
+
+
+def _hashes(xs: Any, what: str) -> tuple[bytes, ...]:
+    if not isinstance(xs, list):
+        raise BusDecodeError(f"{what}: hashes is not an array")
+    return tuple(_hash(h) for h in xs)
 
 
 def _hash(x: Any) -> bytes:
@@ -187,4 +378,18 @@ def _ints(xs: Any) -> tuple[int, ...]:
 def _int(x: Any) -> int:
     if type(x) is not int:
         raise BusDecodeError(f"expected an integer on the bus, got {type(x).__name__}")
+    return x
+
+
+def _bool(x: Any) -> bool:
+    if type(x) is not bool:
+        raise BusDecodeError(f"expected a boolean on the bus, got {type(x).__name__}")
+    return x
+
+
+def _str(x: Any, what: str, max_chars: int) -> str:
+    if type(x) is not str:
+        raise BusDecodeError(f"{what} is not a string")
+    if len(x) > max_chars:
+        raise BusDecodeError(f"{what} is longer than {max_chars} characters")
     return x

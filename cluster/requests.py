@@ -1,15 +1,22 @@
-"""What crosses from the HTTP side to the engine and back: requests in, events out.
+"""A request's life on rank 0: what the API submits, the one record the scheduler keeps, the events out.
 
 The engine thread never touches asyncio and the API never touches MLX: the API submits a
-`GenerationRequest` with a thread-safe `sink` callable; the engine calls the sink with `RequestEvent`s.
+`GenerationRequest` with a thread-safe `sink` callable; the scheduler turns it into its `Request`, the one
+place that request's state lives until it finishes; the engine calls the sink with `RequestEvent`s.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cluster.textstream import Decode, IncrementalDetokenizer, StopMatcher
+
+if TYPE_CHECKING:
+    from cluster.prefix import PrefixState
 
 
 class FinishReason(str, enum.Enum):
@@ -72,18 +79,77 @@ class RequestEvent:
 
 
 EventSink = Callable[[RequestEvent], None]
-_ids = itertools.count(1)
 
 
 @dataclass(slots=True)
 class GenerationRequest:
+    """What the API hands the engine door (`EngineClient.submit`), which stamps `arrival`."""
+
     request_id: str
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams
     sink: EventSink
     client: str = ""
     arrival: float = 0.0
-    seq_id: int = field(default_factory=lambda: next(_ids))
+
+
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"  # queued for a batch slot
+    PREFILL = "prefill"  # its prompt is being computed
+    RUNNING = "running"  # decoding
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """Everything rank 0 knows about one request, owned by the scheduler from `add` to its final event.
+
+    Other parts receive it or look it up in `Scheduler.requests`; nobody keeps a map of their own. What
+    later features attach (a grammar matcher, drafted tokens, an adapter slot) goes here as fields too.
+    """
+
+    request_id: str
+    seq_id: int  # the ranks' name for its KV cache (bus messages carry this, not the request id)
+    prompt_tokens: tuple[int, ...]
+    sampling: SamplingParams
+    sink: EventSink
+    client: str
+    detok: IncrementalDetokenizer
+    stop: StopMatcher
+    arrival: float
+    status: RequestStatus = RequestStatus.WAITING
+    computed: int = 0  # prompt positions whose KV is on every rank
+    output: list[int] = field(default_factory=list)
+    admitted: bool = False  # the ranks know its sequence (it must be released)
+    prefix: PrefixState | None = None  # with a prefix cache: block hashes and referenced blocks
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    # The sampler's per-request state (rank/sampler.py): its PRNG key (an MLX array; cluster/ never
+    # imports MLX) and, with penalties, how often each token was generated.
+    rng_key: object | None = None
+    token_counts: Counter[int] | None = None
+
+    @classmethod
+    def from_submission(cls, sub: GenerationRequest, seq_id: int, decode: Decode) -> Request:
+        return cls(
+            request_id=sub.request_id,
+            seq_id=seq_id,
+            prompt_tokens=sub.prompt_tokens,
+            sampling=sub.sampling,
+            sink=sub.sink,
+            client=sub.client,
+            detok=IncrementalDetokenizer(decode),
+            stop=StopMatcher(sub.sampling.stop),
+            arrival=sub.arrival,
+        )
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
 
 
 class Admission(str, enum.Enum):
@@ -91,5 +157,6 @@ class Admission(str, enum.Enum):
 
     ACCEPTED = "accepted"
     QUEUE_FULL = "queue_full"
-    DRAINING = "draining"
+    PAUSED = "paused"  # an operator paused admission (/admin/drain); the job keeps serving
+    SHUTTING_DOWN = "shutting_down"  # the job is stopping (SIGTERM): in-flight requests finish
     UNAVAILABLE = "unavailable"

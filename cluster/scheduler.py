@@ -1,29 +1,30 @@
 """Continuous batching as a step function over plain data.
 
-`schedule()` turns the queue into the next `StepPlan`; `update()` takes the tokens rank 0 sampled for that
-plan and turns them into request events. New requests join between steps, finished ones leave at the
-next plan's `release`; nobody waits for the batch to drain. Modelled on vLLM v1's scheduler
-(`schedule()` / `update_from_output()`), minus paging.
+`schedule()` turns the queue into the next `ScheduledStep` (the `StepPlan` every rank executes, and the
+requests whose rows of logits rank 0 samples); `update()` takes the tokens sampled for those rows and
+returns the request events, finished ones included. New requests join between steps, finished ones leave
+at the next plan's `release`; nobody waits for the batch to drain. Modelled on vLLM v1's scheduler
+(`schedule()` / `update_from_output()`, one `requests` map), minus paging.
 """
 
 from __future__ import annotations
 
-import enum
+import itertools
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from cluster.messages import Admit, PrefillChunk, StepPlan
-from cluster.prefix import PrefixCache, PrefixState
-from cluster.requests import FinishReason, GenerationRequest, RequestEvent, TokenLogprob
-from cluster.textstream import Decode, IncrementalDetokenizer, StopMatcher
-
-
-class SeqState(str, enum.Enum):
-    WAITING = "waiting"
-    PREFILL = "prefill"
-    RUNNING = "running"
-    FINISHED = "finished"
+from cluster.prefix import PrefixCache
+from cluster.requests import (
+    FinishReason,
+    GenerationRequest,
+    Request,
+    RequestEvent,
+    RequestStatus,
+    TokenLogprob,
+)
+from cluster.textstream import Decode
 
 
 @dataclass(slots=True, frozen=True)
@@ -43,27 +44,18 @@ class SampledToken:
     logprob: TokenLogprob | None = None
 
 
-@dataclass(slots=True)
-class Sequence:
-    request: GenerationRequest
-    detok: IncrementalDetokenizer
-    stop: StopMatcher
-    state: SeqState = SeqState.WAITING
-    computed: int = 0  # prompt positions whose KV is on every rank
-    output: list[int] = field(default_factory=list)
-    admitted: bool = False  # the ranks know this sequence (it must be released)
-    prefix: PrefixState | None = None  # with a prefix cache: block hashes and referenced blocks
+@dataclass(slots=True, frozen=True)
+class ScheduledStep:
+    """A plan and what rank 0 needs to finish it: `rows[i]` is the request of row i of the step's logits
+    (prompts completed in this step, in chunk order, then the decode rows), `prefilled` the requests whose
+    chunks the plan computes, with the prompt position each reaches."""
 
-    @property
-    def seq_id(self) -> int:
-        return self.request.seq_id
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_tokens)
+    plan: StepPlan
+    rows: tuple[Request, ...] = ()
+    prefilled: tuple[tuple[Request, int], ...] = ()
 
 
-Emit = tuple[GenerationRequest, RequestEvent]
+Emit = tuple[Request, RequestEvent]
 
 
 class Scheduler:
@@ -72,18 +64,20 @@ class Scheduler:
         config: SchedulerConfig,
         decode: Decode,
         eos_token_ids: Iterable[int],
-        clock: Callable[[], float],
         prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.config = config
         self.prefix_cache = prefix_cache
         self._decode = decode
         self._eos = frozenset(eos_token_ids)
-        self._clock = clock
-        self._waiting: deque[Sequence] = deque()
-        self._active: list[Sequence] = []  # PREFILL and RUNNING, in admission order
-        self._by_request: dict[str, Sequence] = {}
+        # Every unfinished request, by id: the one map of requests on rank 0. Other threads may test
+        # membership and copy its values (single dict operations, atomic under the GIL); only the engine
+        # thread changes it.
+        self.requests: dict[str, Request] = {}
+        self._waiting: deque[Request] = deque()
+        self._active: list[Request] = []  # PREFILL and RUNNING, in admission order
         self._release: list[int] = []
+        self._seq_ids = itertools.count(1)
         self._step = 0
 
     # -- queries ---------------------------------------------------------------------------------
@@ -99,80 +93,83 @@ class Scheduler:
         pending_evictions = self.prefix_cache is not None and self.prefix_cache.has_evictions
         return bool(self._waiting or self._active or self._release or pending_evictions)
 
-    def sequences(self) -> list[Sequence]:
-        return list(self._waiting) + list(self._active)
+    def queue(self) -> list[Request]:
+        """Unfinished requests: the waiting in arrival order, then the running in admission order."""
+        return list(self._waiting) + self._active
 
     # -- inputs ----------------------------------------------------------------------------------
-    def add(self, request: GenerationRequest) -> None:
-        seq = Sequence(
-            request=request,
-            detok=IncrementalDetokenizer(self._decode),
-            stop=StopMatcher(request.sampling.stop),
-        )
+    def add(self, submission: GenerationRequest) -> Request:
+        req = Request.from_submission(submission, next(self._seq_ids), self._decode)
         if self.prefix_cache is not None:
-            seq.prefix = self.prefix_cache.state_for(request.prompt_tokens)
-        self._waiting.append(seq)
-        self._by_request[request.request_id] = seq
+            req.prefix = self.prefix_cache.state_for(req.prompt_tokens)
+        self._waiting.append(req)
+        self.requests[req.request_id] = req
+        return req
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> list[Emit]:
         """Finish a request wherever it is; returns its final event (none if it is unknown or done)."""
-        seq = self._by_request.get(request_id)
-        if seq is None or seq.state is SeqState.FINISHED:
+        req = self.requests.get(request_id)
+        if req is None:
             return []
-        if seq.state is SeqState.WAITING:
-            self._waiting.remove(seq)
-        return [self._finish(seq, reason, "")]
+        return [self._finish(req, reason, "")]
 
-    def fail_all(self, message: str) -> list[Emit]:
+    def fail_all(self, message: str, error_type: str = "server_error") -> list[Emit]:
         out = []
-        for seq in self.sequences():
-            ev = self._finish(seq, FinishReason.ERROR, "")
-            ev[1].error = message
-            out.append(ev)
+        for req in self.queue():
+            emit = self._finish(req, FinishReason.ERROR, "")
+            emit[1].error, emit[1].error_type = message, error_type
+            out.append(emit)
         return out
 
+    def older_than(self, cutoff: float) -> list[Request]:
+        return [r for r in self.requests.values() if r.arrival < cutoff]
+
     # -- the step function -----------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
-        """The next plan: fill free slots, start and prefill sequences within the token budget (loading
+    def schedule(self) -> ScheduledStep:
+        """The next step: fill free slots, start and prefill sequences within the token budget (loading
         cached prefixes, storing new full blocks), decode every running sequence."""
         cfg, cache = self.config, self.prefix_cache
         while self._waiting and len(self._active) < cfg.max_batch:
-            seq = self._waiting.popleft()
-            seq.state = SeqState.PREFILL
-            self._active.append(seq)
+            req = self._waiting.popleft()
+            req.status = RequestStatus.PREFILL
+            self._active.append(req)
         producing: set[bytes] = set()
         if cache is not None:
             producing = cache.producing(
-                s.prefix for s in self._active if s.admitted and s.state is SeqState.PREFILL and s.prefix
+                r.prefix for r in self._active if r.admitted and r.status is RequestStatus.PREFILL and r.prefix
             )
         budget = cfg.prefill_chunk
-        if cfg.idle_prefill_chunk > budget and not any(s.state is SeqState.RUNNING for s in self._active):
+        if cfg.idle_prefill_chunk > budget and not any(r.status is RequestStatus.RUNNING for r in self._active):
             budget = cfg.idle_prefill_chunk
         admits, prefill, stores = [], [], []
-        decode_ids, decode_tokens = [], []
-        for seq in self._active:
-            if seq.state is SeqState.RUNNING:
-                decode_ids.append(seq.seq_id)
-                decode_tokens.append(seq.output[-1])
+        completed: list[Request] = []
+        prefilled: list[tuple[Request, int]] = []
+        decoding: list[Request] = []
+        for req in self._active:
+            if req.status is RequestStatus.RUNNING:
+                decoding.append(req)
                 continue
             if budget <= 0:
                 continue
-            tokens = seq.request.prompt_tokens
-            if not seq.admitted:
+            tokens = req.prompt_tokens
+            if not req.admitted:
                 cached: tuple[int, ...] = ()
-                if cache is not None and seq.prefix is not None:
-                    if cache.should_wait(tokens, seq.prefix, producing):
+                if cache is not None and req.prefix is not None:
+                    if cache.should_wait(tokens, req.prefix, producing):
                         continue  # another sequence is computing this prefix right now
-                    cached = cache.start(tokens, seq.prefix)
-                    seq.computed = len(cached) * cache.block_tokens
-                    producing.update(seq.prefix.hashes[seq.prefix.covered :])
-                seq.admitted = True
-                admits.append(Admit(seq.seq_id, tokens, cached))
-            end = min(seq.prompt_len, seq.computed + budget)
-            prefill.append(PrefillChunk(seq.seq_id, seq.computed, end))
-            budget -= end - seq.computed
-            if cache is not None and seq.prefix is not None:
-                stores += cache.store(seq.seq_id, tokens, seq.prefix, end)
+                    cached = cache.start(tokens, req.prefix)
+                    req.computed = len(cached) * cache.block_tokens
+                    producing.update(req.prefix.hashes[req.prefix.covered :])
+                req.admitted = True
+                admits.append(Admit(req.seq_id, tokens, cached))
+            end = min(req.prompt_len, req.computed + budget)
+            prefill.append(PrefillChunk(req.seq_id, req.computed, end))
+            prefilled.append((req, end))
+            if end == req.prompt_len:
+                completed.append(req)
+            budget -= end - req.computed
+            if cache is not None and req.prefix is not None:
+                stores += cache.store(req.seq_id, tokens, req.prefix, end)
         release, self._release = tuple(self._release), []
         self._step += 1
         ssd_load: tuple[tuple[int, bytes], ...] = ()
@@ -180,93 +177,98 @@ class Scheduler:
         ssd_delete: tuple[bytes, ...] = ()
         if cache is not None and cache.ssd is not None:
             ssd_load, ssd_save, ssd_delete = cache.ssd.take()
-        return StepPlan(
+        plan = StepPlan(
             step=self._step,
             release=release,
             admit=tuple(admits),
             prefill=tuple(prefill),
-            decode_ids=tuple(decode_ids),
-            decode_tokens=tuple(decode_tokens),
+            decode_ids=tuple(r.seq_id for r in decoding),
+            decode_tokens=tuple(r.output[-1] for r in decoding),
             store=tuple(stores),
             evict=cache.take_evictions() if cache is not None else (),
             ssd_load=ssd_load,
             ssd_save=ssd_save,
             ssd_delete=ssd_delete,
         )
+        return ScheduledStep(plan, tuple(completed + decoding), tuple(prefilled))
 
     def clear_prefix_cache(self, tier: str = "ram") -> int:
         """Drop every cached block of a tier that no running sequence uses; the next plan tells the ranks."""
         return self.prefix_cache.clear(tier) if self.prefix_cache is not None else 0
 
-    def update(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> list[Emit]:
-        """Apply the outputs of `plan`; returns the events to deliver."""
+    def update(self, step: ScheduledStep, sampled: Sequence[SampledToken]) -> list[Emit]:
+        """Apply the outputs of `step` (`sampled[i]` is the token of `step.rows[i]`, or nothing when the
+        step produced no logits); returns the events to deliver, each request's final one included."""
         if self.prefix_cache is not None:
             self.prefix_cache.commit()
-        by_id = {s.seq_id: s for s in self._active}
-        for chunk in plan.prefill:
-            seq = by_id.get(chunk.seq_id)
-            if seq is not None and seq.state is SeqState.PREFILL:
-                seq.computed = chunk.end
+        for req, end in step.prefilled:
+            if req.status is RequestStatus.PREFILL:
+                req.computed = end
+        if not sampled:
+            return []
+        if len(sampled) != len(step.rows):
+            raise ValueError(f"{len(sampled)} tokens sampled for {len(step.rows)} rows")
         events: list[Emit] = []
-        for seq_id, tok in sampled.items():
-            seq = by_id.get(seq_id)
-            if seq is None or seq.state is SeqState.FINISHED:
+        for req, tok in zip(step.rows, sampled, strict=True):
+            if req.status is RequestStatus.FINISHED:
                 continue  # cancelled while the step ran
-            if seq.state is SeqState.PREFILL:
-                seq.state = SeqState.RUNNING
-            events.append(self._append(seq, tok))
+            if req.status is RequestStatus.PREFILL:
+                req.status = RequestStatus.RUNNING
+            events.append(self._append(req, tok))
         return events
 
     # -- internals -------------------------------------------------------------------------------
-    def _append(self, seq: Sequence, tok: SampledToken) -> Emit:
-        seq.output.append(tok.token_id)
-        params = seq.request.sampling
+    def _append(self, req: Request, tok: SampledToken) -> Emit:
+        req.output.append(tok.token_id)
+        params = req.sampling
         lp = (tok.logprob,) if tok.logprob is not None else ()
         if tok.token_id in self._eos:
-            return self._finish(seq, FinishReason.STOP, seq.detok.flush(), (tok.token_id,), lp)
-        text = seq.stop.feed(seq.detok.push(tok.token_id))
-        if seq.stop.stopped:
-            return self._finish(seq, FinishReason.STOP, text, (tok.token_id,), lp)
-        total = seq.prompt_len + len(seq.output)
-        if len(seq.output) >= params.max_tokens or total >= self.config.context_length:
-            text += seq.stop.feed(seq.detok.flush())
-            if not seq.stop.stopped:
-                text += seq.stop.flush()
-            reason = FinishReason.STOP if seq.stop.stopped else FinishReason.LENGTH
-            return self._finish(seq, reason, text, (tok.token_id,), lp)
+            return self._finish(req, FinishReason.STOP, req.detok.flush(), (tok.token_id,), lp)
+        text = req.stop.feed(req.detok.push(tok.token_id))
+        if req.stop.stopped:
+            return self._finish(req, FinishReason.STOP, text, (tok.token_id,), lp)
+        total = req.prompt_len + len(req.output)
+        if len(req.output) >= params.max_tokens or total >= self.config.context_length:
+            text += req.stop.feed(req.detok.flush())
+            if not req.stop.stopped:
+                text += req.stop.flush()
+            reason = FinishReason.STOP if req.stop.stopped else FinishReason.LENGTH
+            return self._finish(req, reason, text, (tok.token_id,), lp)
         event = RequestEvent(
-            seq.request.request_id,
+            req.request_id,
             text=text,
             token_ids=(tok.token_id,),
             logprobs=lp,
-            prompt_tokens=seq.prompt_len,
-            completion_tokens=len(seq.output),
+            prompt_tokens=req.prompt_len,
+            completion_tokens=len(req.output),
         )
-        return seq.request, event
+        return req, event
 
     def _finish(
         self,
-        seq: Sequence,
+        req: Request,
         reason: FinishReason,
         text: str,
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] = (),
     ) -> Emit:
-        if seq.state in (SeqState.PREFILL, SeqState.RUNNING):
-            self._active.remove(seq)
-        if seq.admitted:
-            self._release.append(seq.seq_id)
-        if seq.prefix is not None and self.prefix_cache is not None:
-            self.prefix_cache.release(seq.prefix)
-        seq.state = SeqState.FINISHED
-        self._by_request.pop(seq.request.request_id, None)
+        if req.status is RequestStatus.WAITING:
+            self._waiting.remove(req)
+        elif req.status in (RequestStatus.PREFILL, RequestStatus.RUNNING):
+            self._active.remove(req)
+        if req.admitted:
+            self._release.append(req.seq_id)
+        if req.prefix is not None and self.prefix_cache is not None:
+            self.prefix_cache.release(req.prefix)
+        req.status = RequestStatus.FINISHED
+        self.requests.pop(req.request_id, None)
         event = RequestEvent(
-            seq.request.request_id,
+            req.request_id,
             text=text,
             token_ids=tuple(token_ids),
             logprobs=tuple(logprobs),
             finish_reason=reason,
-            prompt_tokens=seq.prompt_len,
-            completion_tokens=len(seq.output),
+            prompt_tokens=req.prompt_len,
+            completion_tokens=len(req.output),
         )
-        return seq.request, event
+        return req, event

@@ -1,53 +1,34 @@
-"""Engine statistics, gathered once per step in one place and read by /health (and later /metrics,
-/admin/state and the TUI): nobody recomputes them."""
+"""Serving statistics, gathered in one place by the engine thread and frozen into the published
+`cluster.snapshot.JobSnapshot`; `/metrics`, `/admin/state` and the TUI read only that, nobody recomputes
+them and nobody reads them live."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from collections import deque
 
+from cluster.snapshot import (
+    HISTORY_SHOWN_S,
+    HISTORY_STEP_S,
+    LATENCY_BUCKETS,
+    HistogramView,
+    LatencyView,
+    RequestRow,
+    ThroughputView,
+    Totals,
+)
 
-@dataclass(slots=True, frozen=True)
-class EngineSnapshot:
-    state: str = "starting"
-    running: int = 0  # sequences prefilling or decoding
-    waiting: int = 0  # admitted to the queue, not started
-    max_batch: int = 0
-    sequences_on_ranks: int = 0  # sequences whose KV the ranks hold (rank 0's executor mirrors all)
-    steps: int = 0
-    generated_tokens: int = 0
-    last_step_ms: float = 0.0
-
-    @property
-    def free_slots(self) -> int:
-        return self.max_batch - self.running
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "running": self.running,
-            "waiting": self.waiting,
-            "max_batch": self.max_batch,
-            "free_slots": self.free_slots,
-            "sequences_on_ranks": self.sequences_on_ranks,
-            "steps": self.steps,
-            "generated_tokens": self.generated_tokens,
-            "last_step_ms": round(self.last_step_ms, 2),
-        }
-
-
-# Latency buckets in seconds (Prometheus convention: base units), from 5 ms to 5 minutes.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+__all__ = ["LATENCY_BUCKETS", "Histogram", "RequestRow", "ServingStats"]
 
 
 class Histogram:
-    """Cumulative-bucket histogram written by the engine thread; readers take `snapshot()`."""
+    """Cumulative-bucket histogram written by the engine thread; readers get its `view()`."""
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.buckets = buckets
         self._counts = [0] * (len(buckets) + 1)
         self.count = 0
         self.sum = 0.0
+        self._view: HistogramView | None = None
 
     def observe(self, value: float) -> None:
         i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
@@ -57,34 +38,26 @@ class Histogram:
 
     def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
         """Cumulative (upper bound, count) pairs ending with +Inf, the sum and the count."""
-        out, running = [], 0
-        for bound, n in zip((*self.buckets, float("inf")), list(self._counts), strict=True):
-            running += n
-            out.append((bound, running))
-        return out, self.sum, self.count
+        view = self.view()
+        return list(zip((*view.bounds, float("inf")), view.cumulative, strict=True)), view.sum, view.count
 
-
-@dataclass(slots=True, frozen=True)
-class RequestRow:
-    """One line of the queue in /admin/state and the TUI."""
-
-    request_id: str
-    state: str
-    age_s: float
-    prompt_tokens: int
-    generated_tokens: int
-    tokens_per_s: float
-    client: str
-
-    def to_json(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+    def view(self) -> HistogramView:
+        """Frozen; the same object until the next observation (a publish between requests is free)."""
+        if self._view is None or self._view.count != self.count:
+            out, running = [], 0
+            for n in self._counts:
+                running += n
+                out.append(running)
+            self._view = HistogramView(self.buckets, tuple(out), self.sum, self.count)
+        return self._view
 
 
 class ServingStats:
-    """Every serving statistic, in one place. Written only by the engine thread; read by /metrics,
-    /admin/state and the TUI through their own snapshots."""
+    """Every serving statistic, in one place. Engine thread only: it writes them (through
+    `cluster.ledger.RequestLedger`) and freezes them into each published snapshot (`*_view`); no other
+    thread may read them, so nothing here takes a lock or copies for a reader."""
 
-    HISTORY_SECONDS = 300
+    HISTORY_SECONDS = 300  # kept; the snapshot shows the last `snapshot.HISTORY_SHOWN_S` of it
 
     def __init__(self) -> None:
         self.ttft = Histogram()
@@ -93,7 +66,11 @@ class ServingStats:
         self.outcomes: dict[str, int] = {}
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        self._history: list[tuple[int, int]] = []  # (unix second, tokens generated in it)
+        self._history: deque[tuple[int, int]] = deque()  # (unix second, tokens generated in it)
+        self._finished = 0  # bumps with every outcome: the totals view is rebuilt only then
+        self._totals: tuple[tuple[int, int, int], Totals] | None = None
+        self._rates: tuple[tuple[int, int], ThroughputView] | None = None
+        self._latency: LatencyView | None = None
 
     def record_tokens(self, now_unix: float, n: int) -> None:
         self.generated_tokens += n
@@ -104,21 +81,55 @@ class ServingStats:
             self._history.append((sec, n))
             cutoff = sec - self.HISTORY_SECONDS
             while self._history and self._history[0][0] < cutoff:
-                self._history.pop(0)
+                self._history.popleft()
 
     def record_outcome(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self._finished += 1
 
     def throughput(self, now_unix: float, window: int = 10) -> float:
         sec = int(now_unix)
-        return sum(n for s, n in self._history if sec - window <= s < sec) / window
+        total = 0
+        for s, n in reversed(self._history):  # newest first: stop at the window's start
+            if s < sec - window:
+                break
+            if s < sec:
+                total += n
+        return total / window
 
-    def history(self, now_unix: float, seconds: int = 180, step: int = 5) -> list[float]:
+    def history(
+        self, now_unix: float, seconds: int = HISTORY_SHOWN_S, step: int = HISTORY_STEP_S
+    ) -> list[float]:
         """Output tokens/s averaged over `step`-second slots, oldest first, for the last `seconds`."""
         end = int(now_unix)
         slots = [0] * (seconds // step)
-        for s, n in list(self._history):
+        for s, n in reversed(self._history):
             idx = (s - (end - seconds)) // step
-            if 0 <= idx < len(slots):
+            if idx < 0:
+                break
+            if idx < len(slots):
                 slots[idx] += n
         return [round(x / step, 2) for x in slots]
+
+    # -- frozen views for the published snapshot: cached until what they show changes ---------------
+    def throughput_view(self, now_unix: float) -> ThroughputView:
+        key = (int(now_unix), self.generated_tokens)  # both figures move only with these
+        if self._rates is None or self._rates[0] != key:
+            view = ThroughputView(
+                round(self.throughput(now_unix), 2), HISTORY_STEP_S, tuple(self.history(now_unix))
+            )
+            self._rates = (key, view)
+        return self._rates[1]
+
+    def totals_view(self) -> Totals:
+        key = (self.prompt_tokens, self.generated_tokens, self._finished)
+        if self._totals is None or self._totals[0] != key:
+            self._totals = (key, Totals(self.prompt_tokens, self.generated_tokens, dict(self.outcomes)))
+        return self._totals[1]
+
+    def latency_view(self) -> LatencyView:
+        ttft, itl, e2e = self.ttft.view(), self.itl.view(), self.e2e.view()
+        c = self._latency
+        if c is None or (c.time_to_first_token, c.inter_token, c.request_duration) != (ttft, itl, e2e):
+            c = self._latency = LatencyView(ttft, itl, e2e)
+        return c

@@ -7,23 +7,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-
-import msgpack
+from typing import Any
 
 from cluster.bus import ControlBus
 from cluster.engine_client import Cancel, ClearCache, EngineClient, EngineState
 from cluster.errors import BusError, EngineError
-from cluster.health import HealthTable, RankReport
+from cluster.health import HealthTable
 from cluster.ledger import RequestLedger
-from cluster.messages import Heartbeat, Shutdown, StepPlan
+from cluster.messages import Heartbeat, Shutdown, SsdLoadResult, StepPlan
 from cluster.pulse import PulseBook
-from cluster.requests import FinishReason, GenerationRequest, RequestEvent
-from cluster.scheduler import Emit, Scheduler
-from cluster.stats import EngineSnapshot, ServingStats
+from cluster.requests import FinishReason, Request, RequestEvent
+from cluster.scheduler import Emit, ScheduledStep, Scheduler
+from cluster.snapshot import JobFacts, RequestRow, capture
+from cluster.stats import ServingStats
 from rank.executor import Executor
 from rank.report import Reporter
 from rank.sampler import Sampler
-from rank.transport import SSD_LOAD_TAG
 from rank.watchdog import StepWatchdog
 
 log = logging.getLogger("orchard.engine")
@@ -37,28 +36,28 @@ class Leader:
         bus: ControlBus,
         client: EngineClient,
         heartbeat_interval: float = 1.0,
-        drain_timeout: float = 30.0,
+        shutdown_timeout: float = 30.0,
         request_timeout: float = 600.0,
         step_timeout: float = 20.0,
         watchdog: StepWatchdog | None = None,
         rank_names: dict[int, str] | None = None,
+        facts: JobFacts | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.executor = executor
         self.scheduler = scheduler
         self.bus = bus
         self.client = client
+        client.attach(scheduler)
         self.sampler = Sampler()
         self.heartbeat_interval = heartbeat_interval
-        self.drain_timeout = drain_timeout
+        self.shutdown_timeout = shutdown_timeout
         self.request_timeout = request_timeout
         self.clock = clock
         self.step_timeout = step_timeout
         self.watchdog = watchdog
         self.rank_names = rank_names or {}
-        self._by_seq: dict[int, GenerationRequest] = {}
-        self._requests: dict[str, GenerationRequest] = {}
-        self._drain_since: float | None = None
+        self._shutdown_since: float | None = None
         self._stop = False
         self.steps = 0
         self.stats = ServingStats()
@@ -67,22 +66,27 @@ class Leader:
         self.reporter = Reporter(0, "", interval=min(1.0, heartbeat_interval))
         self._last_step_ms = 0.0
         self._rows_at = 0.0
+        self._published_at = -1.0
+        self._queue_rows: tuple[RequestRow, ...] = ()
+        self.facts = facts or JobFacts("", bus.size, scheduler.config.context_length, time.time())
         self.pulses: PulseBook | None = None  # liveness answers outside MPI (rank/pulse.py)
         self.pulse_timeout = 5.0
 
     @property
-    def draining(self) -> bool:
-        return self._drain_since is not None or self._stop
+    def shutting_down(self) -> bool:
+        return self._shutdown_since is not None or self._stop
 
     # Called from the signal handler (main thread, between bytecodes): only set flags.
-    def request_drain(self) -> None:
-        if self._drain_since is None:
-            self._drain_since = self.clock()
-        self.client.set_state(EngineState.DRAINING)
+    def begin_shutdown(self) -> None:
+        """Stop admitting; let in-flight requests finish for up to `shutdown_timeout`, then stop the job.
+        (An operator's /admin/drain only pauses admission: `EngineClient.admission_paused`.)"""
+        if self._shutdown_since is None:
+            self._shutdown_since = self.clock()
+        self.client.set_state(EngineState.SHUTTING_DOWN)
 
     def request_stop(self) -> None:
         self._stop = True
-        self.client.set_state(EngineState.DRAINING)
+        self.client.set_state(EngineState.SHUTTING_DOWN)
 
     def run(self) -> int:
         self.client.set_state(EngineState.READY)
@@ -96,22 +100,22 @@ class Leader:
                     break
                 self._collect_reports(now)
                 if not self.scheduler.has_work():
-                    self._publish()
+                    self._publish(now)
                     if now - last_sent >= self.heartbeat_interval:
                         self._send(Heartbeat(self.steps, time.time()), "an idle heartbeat")
                         self._leave()
                         last_sent = now
                     self.client.wait(min(self.heartbeat_interval, 0.25))
                     continue
-                waiting_before = self.scheduler.num_waiting
-                plan = self.scheduler.schedule()
-                self.client.left_queue(waiting_before - self.scheduler.num_waiting)
+                step = self.scheduler.schedule()
+                plan = step.plan
                 self._send(plan, f"step {plan.step}")
                 last_sent = self.clock()
-                self._deliver(self._step(plan))
+                self._deliver(self._step(step))
                 self._leave()
                 took = self.clock() - last_sent
-                self._publish(took)
+                self._last_step_ms = took * 1000
+                self._publish(self.clock())
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "step %d: %.0f ms, %d admitted, %d prompt tokens in %d chunks, %d decoded",
@@ -127,7 +131,7 @@ class Leader:
         except EngineError as exc:
             return self._fail(str(exc))
         except Exception as exc:
-            dead = self.bus.transport.failed_ranks() if self.bus.size > 1 else []
+            dead = self.bus.failed_ranks() if self.bus.size > 1 else []
             if dead:
                 names = ", ".join(self.rank_name(r) for r in dead)
                 for r in dead:
@@ -158,7 +162,7 @@ class Leader:
 
     def describe_ranks(self) -> str:
         """For the watchdog's message: who answers liveness pings, and what each follower last received."""
-        acks = getattr(self.bus.transport, "last_ack", {})
+        acks = self.bus.last_acks()
         parts = [
             f"{self.rank_name(r)} last received message {seq}"
             for r, seq in sorted(acks.items())
@@ -185,8 +189,7 @@ class Leader:
 
     def _collect_reports(self, now: float) -> None:
         ssd = self.scheduler.prefix_cache.ssd if self.scheduler.prefix_cache is not None else None
-        for data in self.bus.transport.poll_reports():
-            report = RankReport.decode(data)
+        for report in self.bus.poll_reports():
             self.health.update(report)
             if ssd is not None and report.ssd_written:
                 ssd.write_results(report.rank, report.ssd_written)
@@ -203,118 +206,111 @@ class Leader:
             self.health.update(report)
         if now - self._rows_at >= 0.25:
             self._rows_at = now
-            queue = ((seq.request, seq.state.value) for seq in self.scheduler.sequences())
-            self.client.queue_rows = self.ledger.rows(queue, now)
+            self._queue_rows = self.ledger.rows(self.scheduler.queue(), now)
 
-    def _publish(self, step_seconds: float | None = None) -> None:
-        if step_seconds is not None:
-            self._last_step_ms = step_seconds * 1000
-        last = self._last_step_ms
-        self.client.snapshot = EngineSnapshot(
-            state=self.client.state.value,
-            running=self.scheduler.num_running,
-            waiting=self.scheduler.num_waiting,
-            max_batch=self.scheduler.config.max_batch,
-            sequences_on_ranks=self.executor.num_sequences,
-            steps=self.steps,
-            generated_tokens=self.stats.generated_tokens,
-            last_step_ms=last,
+    def _publish(self, now: float) -> None:
+        """The job's view for /health, /metrics, /admin/state and the dashboard: at most 10 times a second
+        (a step can take 5 ms; nobody reads faster than that), and on every idle pass."""
+        if now - self._published_at < 0.1 and self.scheduler.has_work():
+            return
+        self._published_at = now
+        pc = self.scheduler.prefix_cache
+        tiers: list[Any] = [] if pc is None else [pc.index.stats] + ([pc.ssd] if pc.ssd is not None else [])
+        self.client.publish(
+            capture(
+                facts=self.facts,
+                engine_state=self.client.state.value,
+                admission_paused=self.client.admission_paused,
+                failure=self.client.failure,
+                running=self.scheduler.num_running,
+                waiting=self.scheduler.num_waiting,
+                max_batch=self.scheduler.config.max_batch,
+                sequences_on_ranks=self.executor.num_sequences,
+                steps=self.steps,
+                last_step_ms=self._last_step_ms,
+                stats=self.stats,
+                queue=self._queue_rows,
+                tiers=tiers,
+                ranks=self.health.snapshot(),
+                now_unix=time.time(),
+            )
         )
 
-    def _step(self, plan: StepPlan) -> list[Emit]:
+    def _step(self, step: ScheduledStep) -> list[Emit]:
+        plan = step.plan
         out = self.executor.execute(plan)
         if plan.ssd_load and self.scheduler.prefix_cache is not None:
             failed = set(out.ssd_failed)
-            for reply in self.bus.transport.recv_from_followers(SSD_LOAD_TAG, 1 << 20):
-                failed.update(int(b) for b in msgpack.unpackb(reply))
+            for result in self.bus.gather(SsdLoadResult):
+                failed.update(result.failed)
             self.scheduler.prefix_cache.ssd_results(failed)
         self.steps += 1
         if not out.row_ids or out.logits is None:
-            return self.scheduler.update(plan, {})
-        sampled = self.sampler.sample(out.row_ids, out.logits, self._by_seq)
-        return self.scheduler.update(plan, sampled)
+            return self.scheduler.update(step, ())
+        if out.row_ids != [r.seq_id for r in step.rows]:
+            raise EngineError(f"step {plan.step}: the executor's rows differ from the scheduler's")
+        return self.scheduler.update(step, self.sampler.sample(step.rows, out.logits))
 
     def _take_inbox(self, now: float) -> None:
         emits: list[Emit] = []
-        start, added = self.scheduler.num_waiting, 0
-        for cmd in self.client.take():
-            if isinstance(cmd, Cancel):
-                emits += self.scheduler.cancel(cmd.request_id)
-                continue
-            if isinstance(cmd, ClearCache):
-                dropped = self.scheduler.clear_prefix_cache(cmd.tier)
-                log.info("operator cleared the %s tier: %d blocks dropped", cmd.tier, dropped)
-                continue
-            if cmd.arrival == 0.0:
-                cmd.arrival = now
-            self._by_seq[cmd.seq_id] = cmd
-            self.ledger.arrived(cmd)
-            self._requests[cmd.request_id] = cmd
-            self.scheduler.add(cmd)
-            added += 1
-        self.client.left_queue(start + added - self.scheduler.num_waiting)
+        with self.client.taking() as commands:
+            for cmd in commands:
+                if isinstance(cmd, Cancel):
+                    emits += self.scheduler.cancel(cmd.request_id)
+                elif isinstance(cmd, ClearCache):
+                    dropped = self.scheduler.clear_prefix_cache(cmd.tier)
+                    log.info("operator cleared the %s tier: %d blocks dropped", cmd.tier, dropped)
+                else:
+                    if cmd.arrival == 0.0:
+                        cmd.arrival = now
+                    self.ledger.arrived(self.scheduler.add(cmd))
         self._deliver(emits)
 
     def _expire(self, now: float) -> None:
         if not self.request_timeout:
             return
-        late = [r for r in self._requests.values() if now - r.arrival > self.request_timeout]
         emits: list[Emit] = []
-        for req in late:
-            waiting = self.scheduler.num_waiting
-            got = self.scheduler.cancel(req.request_id, FinishReason.ERROR)
-            self.client.left_queue(waiting - self.scheduler.num_waiting)
-            for _, ev in got:
-                ev.error = f"request timed out after {self.request_timeout:g} s"
-                ev.error_type = "timeout"
-            emits += got
+        for req in self.scheduler.older_than(now - self.request_timeout):
+            for emit in self.scheduler.cancel(req.request_id, FinishReason.ERROR):
+                emit[1].error = f"request timed out after {self.request_timeout:g} s"
+                emit[1].error_type = "timeout"
+                emits.append(emit)
         self._deliver(emits)
 
     def _should_exit(self, now: float) -> bool:
         if self._stop:
             return True
-        if self._drain_since is None:
+        if self._shutdown_since is None:
             return False
         if not self.scheduler.has_work() and self.client.waiting == 0:
             return True
-        if now - self._drain_since > self.drain_timeout:
-            waiting = self.scheduler.num_waiting
-            emits = self.scheduler.fail_all("the server is shutting down (drain timeout)")
-            for _, ev in emits:
-                ev.error_type = "unavailable"
-            self.client.left_queue(waiting)
-            self._deliver(emits)
+        if now - self._shutdown_since > self.shutdown_timeout:
+            self._deliver(self.scheduler.fail_all("the server is shutting down (drain timeout)", "unavailable"))
             # Release what the ranks hold so the final state is clean, then stop.
             if self.scheduler.has_work():
-                plan = self.scheduler.schedule()
+                plan = self.scheduler.schedule().plan
                 self.bus.send(plan)
                 self.executor.execute(plan)
             return True
         return False
 
     def _deliver(self, emits: list[Emit]) -> None:
+        if not emits:
+            return
         now, now_unix = self.clock(), time.time()
         for req, event in emits:
             self.ledger.on_event(req, event, now, now_unix)
-            if event.finished:
-                self.client.finished(req.request_id)
-                self._requests.pop(req.request_id, None)
-                self._by_seq.pop(req.seq_id, None)
-                self.sampler.forget((req.seq_id,))
             _safe_send(req, event)
 
     def _fail(self, message: str) -> int:
         log.error("%s; failing all requests and stopping the job", message)
         self.client.set_state(EngineState.FAILED, message)
-        waiting = self.scheduler.num_waiting
         self._deliver(self.scheduler.fail_all(message))
-        self.client.left_queue(waiting)
-        self.client.take()
-        self.client.fail_live(message)
+        self.client.fail_live(message)  # what is still in the inbox
         return 1
 
 
-def _safe_send(req: GenerationRequest, event: RequestEvent) -> None:
+def _safe_send(req: Request, event: RequestEvent) -> None:
     try:
         req.sink(event)
     except Exception:  # a broken sink (closed loop) must never take the engine down

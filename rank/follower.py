@@ -5,14 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
-import msgpack
-
 from cluster.bus import ControlBus
-from cluster.messages import Shutdown, StepPlan
+from cluster.messages import Shutdown, SsdLoadResult, StepPlan
 from rank.executor import Executor
 from rank.pulse import Activity
 from rank.report import Reporter
-from rank.transport import SSD_LOAD_TAG
 
 log = logging.getLogger("orchard.engine")
 
@@ -36,11 +33,10 @@ def follow(executor: Executor, bus: ControlBus, reporter: Reporter, activity: Ac
             out = executor.execute(message)
             step, step_ms = message.step, (time.monotonic() - start) * 1000
             if message.ssd_load:  # rank 0 waits for every rank's read result before using the blocks
-                bus.transport.send_to_leader(msgpack.packb(list(out.ssd_failed)), SSD_LOAD_TAG)
+                bus.reply(SsdLoadResult(out.ssd_failed))
         now = time.monotonic()
         written = tuple(executor.ssd.take_results()) if executor.ssd is not None else ()
         if written or reporter.due(now):
             reporter.last_sent = now
             kv_blocks = len(executor.blocks)
-            report = reporter.build(step, step_ms, kv_blocks, kv_blocks * executor.block_bytes, written)
-            bus.transport.send_report(report.encode())
+            bus.report(reporter.build(step, step_ms, kv_blocks, kv_blocks * executor.block_bytes, written))

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cluster.messages import MAX_PULSE_ADDRESSES, PulseHello
 from cluster.pulse import MAX_PULSE_BYTES, TOKEN_BYTES, Ping, Pong, PulseBook, decode
 
 log = logging.getLogger("orchard.pulse")
@@ -75,9 +76,10 @@ class PulseResponder:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pulse-responder", daemon=True)
 
-    def hello(self) -> dict[str, object]:
-        """What rank 0 needs to reach us, sent to it over MPI at start-up."""
-        return {"port": self.sock.getsockname()[1], "token": self.token.hex(), "addresses": local_addresses()}
+    def hello(self) -> PulseHello:
+        """What rank 0 needs to reach us, sent to it over MPI at start-up (in this rank's `Hello`)."""
+        port = int(self.sock.getsockname()[1])
+        return PulseHello(port, self.token, tuple(local_addresses()[:MAX_PULSE_ADDRESSES]))
 
     def start(self) -> None:
         self._thread.start()
@@ -138,25 +140,18 @@ class PulseMonitor:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pulse-monitor", daemon=True)
 
-    def add(self, rank: int, hello: dict, same_host: bool) -> None:
-        """`hello` is what the follower's responder announced; a rank on this host is reached on loopback."""
-        try:
-            port, token = int(hello["port"]), bytes.fromhex(str(hello["token"]))
-            if len(token) != TOKEN_BYTES:
-                raise ValueError("bad token")
-            addresses = ["127.0.0.1"] if same_host else [str(a) for a in hello.get("addresses", [])][:16]
-        except (KeyError, TypeError, ValueError):
-            log.warning("rank %d announced no usable liveness port; it cannot be told apart when hung", rank)
-            return
-        for address in addresses:
+    def add(self, rank: int, hello: PulseHello, same_host: bool) -> None:
+        """`hello` is what the follower's responder announced (checked by the bus decoder); a rank on this
+        host is reached on loopback."""
+        for address in ["127.0.0.1"] if same_host else hello.addresses:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                sock.connect((address, port))
+                sock.connect((address, hello.port))
             except OSError:
                 sock.close()
                 continue
             sock.setblocking(False)
-            self._links.append(_Link(rank, token, address, sock))
+            self._links.append(_Link(rank, hello.token, address, sock))
 
     def start(self) -> None:
         if self._links:

@@ -8,7 +8,7 @@ import sys
 
 import mlx.core as mx
 
-from cluster.health import RankReport
+from cluster.messages import MAX_ERROR_CHARS, RankReport
 
 
 def rss_bytes() -> int:
@@ -47,6 +47,6 @@ class Reporter:
             rss_bytes=rss_bytes(),
             kv_blocks=kv_blocks,
             kv_bytes=kv_bytes,
-            last_error=self.last_error,
+            last_error=self.last_error[:MAX_ERROR_CHARS],
             ssd_written=ssd_written,
         )

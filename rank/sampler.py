@@ -1,6 +1,7 @@
 """Token selection on rank 0 (followers never sample, so ranks cannot disagree about tokens).
 
-Each request with a seed gets its own PRNG key stream, so the same seed gives the same output whatever
+The sampler keeps no state of its own: a request's PRNG key and generated-token counts live on its
+`Request` (the scheduler's), so they go when it does. Each request with a seed gets its own PRNG key stream, so the same seed gives the same output whatever
 else is in the batch. Filters follow the usual order: logit bias, penalties, temperature, top-k, top-p,
 min-p. Logprobs are those of the model's distribution after bias and penalties, before temperature.
 """
@@ -12,47 +13,36 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from cluster.requests import GenerationRequest, SamplingParams, TokenLogprob
+from cluster.requests import Request, SamplingParams, TokenLogprob
 from cluster.scheduler import SampledToken
 
 
 class Sampler:
     def __init__(self, default_seed: int = 0) -> None:
-        self._keys: dict[int, mx.array] = {}
-        self._fallback = mx.random.key(default_seed)
-        self._generated: dict[int, Counter[int]] = {}  # only for requests with penalties
+        self._fallback = mx.random.key(default_seed)  # splits into the keys of requests without a seed
 
-    def forget(self, seq_ids: Sequence[int]) -> None:
-        for sid in seq_ids:
-            self._keys.pop(sid, None)
-            self._generated.pop(sid, None)
-
-    def _next_key(self, seq_id: int, params: SamplingParams) -> mx.array:
-        key = self._keys.get(seq_id)
+    def _next_key(self, req: Request) -> mx.array:
+        key = req.rng_key
         if key is None:
-            if params.seed is not None:
-                key = mx.random.key(params.seed)
+            if req.sampling.seed is not None:
+                key = mx.random.key(req.sampling.seed)
             else:
                 self._fallback, key = mx.random.split(self._fallback)
         key, sub = mx.random.split(key)
-        self._keys[seq_id] = key
+        req.rng_key = key
         return sub
 
-    def sample(
-        self, row_ids: list[int], logits: mx.array, requests: dict[int, GenerationRequest]
-    ) -> dict[int, SampledToken]:
-        out: dict[int, SampledToken] = {}
-        if all(_plain_greedy(requests[sid].sampling) for sid in row_ids):
-            for sid, tok in zip(row_ids, mx.argmax(logits, axis=-1).tolist(), strict=True):
-                out[sid] = SampledToken(int(tok))
-            return out
-        for i, sid in enumerate(row_ids):
-            out[sid] = self._sample_row(sid, logits[i], requests[sid])
-        return out
+    def sample(self, rows: Sequence[Request], logits: mx.array) -> list[SampledToken]:
+        """One token for each row of `logits`, whose row i belongs to `rows[i]`."""
+        if all(_plain_greedy(req.sampling) for req in rows):
+            return [SampledToken(int(tok)) for tok in mx.argmax(logits, axis=-1).tolist()]
+        return [self._sample_row(logits[i], req) for i, req in enumerate(rows)]
 
-    def _penalise(self, seq_id: int, row: mx.array, req: GenerationRequest) -> mx.array:
+    def _penalise(self, row: mx.array, req: Request) -> mx.array:
         p = req.sampling
-        counts = self._generated.setdefault(seq_id, Counter())
+        if req.token_counts is None:
+            req.token_counts = Counter()
+        counts = req.token_counts
         if counts and (p.presence_penalty or p.frequency_penalty):
             ids = mx.array(list(counts), dtype=mx.int32)
             n = mx.array(list(counts.values()), dtype=row.dtype)
@@ -64,13 +54,13 @@ class Sampler:
             row = row.at[ids].multiply(factor.astype(row.dtype))
         return row
 
-    def _sample_row(self, seq_id: int, row: mx.array, req: GenerationRequest) -> SampledToken:
+    def _sample_row(self, row: mx.array, req: Request) -> SampledToken:
         p = req.sampling
         if p.logit_bias:
             ids = mx.array([t for t, _ in p.logit_bias], dtype=mx.int32)
             row = row.at[ids].add(mx.array([b for _, b in p.logit_bias], dtype=row.dtype))
         if p.penalised:
-            row = self._penalise(seq_id, row, req)
+            row = self._penalise(row, req)
         logprobs = row - mx.logsumexp(row)
         if p.greedy:
             token = int(mx.argmax(row).item())
@@ -89,7 +79,7 @@ class Sampler:
             if p.min_p > 0.0:
                 probs = mx.softmax(scores)
                 scores = mx.where(probs < p.min_p * probs.max(), -mx.inf, scores)
-            token = int(mx.random.categorical(scores, key=self._next_key(seq_id, p)).item())
+            token = int(mx.random.categorical(scores, key=self._next_key(req)).item())
         lp = None
         if p.logprobs is not None:
             top: tuple[tuple[int, float], ...] = ()
@@ -97,8 +87,8 @@ class Sampler:
                 idx = mx.argsort(-logprobs)[: p.logprobs]
                 top = tuple(zip(idx.tolist(), logprobs[idx].tolist(), strict=True))
             lp = TokenLogprob(token, float(logprobs[token].item()), top)
-        if p.penalised:
-            self._generated[seq_id][token] += 1
+        if req.token_counts is not None:
+            req.token_counts[token] += 1
         return SampledToken(token, lp)
 
 

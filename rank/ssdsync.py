@@ -3,21 +3,19 @@
 Rank 0 drops manifest entries whose writes never completed (a crash), broadcasts what it still lists,
 and each rank deletes files the manifest does not list and names listed blocks it lacks; those leave the
 manifest and every rank's disk. After this, a block is usable only if every rank has its slice (the
-checksum is still verified at every read)."""
+checksum is still verified at every read). Both the list and the answers go in chunks that each fit the
+bus limit: a tier can hold millions of blocks, and a follower whose disk was wiped lacks all of them."""
 
 from __future__ import annotations
 
 import logging
 
-import msgpack
-
 from cluster.bus import ControlBus
 from cluster.errors import BusDecodeError
 from cluster.manifest import Manifest
-from cluster.messages import SsdSync
+from cluster.messages import SsdMissing, SsdSync
 from cluster.ssdtier import SsdTier
 from rank.ssd import SsdBlockStore
-from rank.transport import SSD_SYNC_TAG
 
 log = logging.getLogger("orchard.kv")
 
@@ -25,10 +23,12 @@ log = logging.getLogger("orchard.kv")
 def sync_leader(bus: ControlBus, store: SsdBlockStore, manifest: Manifest, tier: SsdTier) -> None:
     unfinished = manifest.drop_unpersisted()
     wanted = manifest.persisted_hashes()
-    bus.send(SsdSync(tuple(wanted)))
+    for chunk in SsdSync.chunks(list(wanted), bus.max_message_bytes):
+        bus.send(chunk)
     missing = set(store.keep_only(set(wanted)))
-    for reply in bus.transport.recv_from_followers(SSD_SYNC_TAG, 16 * len(wanted) + 1024):
-        missing.update(bytes(h) for h in msgpack.unpackb(reply))
+    for answers in bus.gather_chunks(SsdMissing):
+        for answer in answers:
+            missing.update(answer.hashes)
     if missing:
         manifest.delete(missing)
         tier.forget_on_ranks(missing)
@@ -40,8 +40,13 @@ def sync_leader(bus: ControlBus, store: SsdBlockStore, manifest: Manifest, tier:
 
 
 def sync_followers(bus: ControlBus, store: SsdBlockStore) -> None:
-    message = bus.receive()
-    if not isinstance(message, SsdSync):
-        raise BusDecodeError(f"expected the SSD start-up sync, got {type(message).__name__}")
-    missing = store.keep_only(set(message.hashes))
-    bus.transport.send_to_leader(msgpack.packb(missing, use_bin_type=True), SSD_SYNC_TAG)
+    wanted: set[bytes] = set()
+    while True:
+        message = bus.receive()
+        if not isinstance(message, SsdSync):
+            raise BusDecodeError(f"expected the SSD start-up sync, got {type(message).__name__}")
+        wanted.update(message.hashes)
+        if not message.more:
+            break
+    for chunk in SsdMissing.chunks(store.keep_only(wanted), bus.max_message_bytes):
+        bus.reply(chunk)

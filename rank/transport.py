@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-ACK_TAG = 77
-HELLO_TAG = 78
-REPORT_TAG = 79
-SSD_LOAD_TAG = 80
-SSD_SYNC_TAG = 81
-MAX_REPORT_BYTES = 64 * 1024
+from cluster.bus import Channel
+from cluster.errors import BusMessageTooLarge
+
+# Point-to-point streams on the job's own communicator: acknowledgements, and the bus's channels.
+_ACK_TAG = 77
+_TAGS = {Channel.REPLY: 78, Channel.REPORT: 79}
 
 
 class LocalTransport:
@@ -26,40 +26,35 @@ class LocalTransport:
     rank = 0
     size = 1
 
+    def broadcast(self, data: bytes) -> None:
+        return None
+
+    def receive(self, max_bytes: int, expect_soon: bool = False) -> bytes:  # pragma: no cover - never called
+        raise RuntimeError("a single-rank job has no followers")
+
     def acknowledge(self, seq: int) -> None:  # pragma: no cover - a single rank never receives
         return None
 
-    def await_acks(self, seq: int, timeout: float) -> list[int]:
-        return []
-
-    def send_to_leader(self, data: bytes, tag: int) -> None:  # pragma: no cover - rank 0 has no leader
+    def await_acks(self, seq: int, timeout: float, acked: dict[int, int]) -> None:
         return None
 
-    def recv_from_followers(self, tag: int, max_bytes: int) -> list[bytes]:
-        return []
+    def send(self, channel: Channel, data: bytes) -> None:  # pragma: no cover - rank 0 has no leader
+        raise RuntimeError("a single-rank job has no leader to answer")
 
-    def close(self, last_seq: int) -> None:
-        return None
+    def recv(self, channel: Channel, source: int, max_bytes: int) -> bytes:  # pragma: no cover - never called
+        raise RuntimeError("a single-rank job has no followers")
+
+    def poll(self, channel: Channel) -> list[tuple[int, bytes]]:
+        return []
 
     def failed_ranks(self) -> list[int]:
         return []
 
-    def send_report(self, data: bytes) -> None:  # pragma: no cover - rank 0 reports to itself
-        return None
-
-    def poll_reports(self) -> list[bytes]:
-        return []
-
-    def broadcast(self, data: bytes) -> None:
-        return None
-
-    def receive(
-        self, max_bytes: int, expect_soon: bool = False
-    ) -> bytes:  # pragma: no cover - a single rank never receives
-        raise RuntimeError("a single-rank job has no followers")
-
     def abort(self, code: int) -> None:
         raise SystemExit(code)
+
+    def close(self) -> None:
+        return None
 
 
 class MpiTransport:
@@ -75,11 +70,9 @@ class MpiTransport:
         self.spin_seconds = spin_seconds
         self.max_sleep = max_sleep
         self._header = np.zeros(1, dtype=np.int64)
-        self._pending_acks: list[tuple[Any, np.ndarray]] = []  # follower: in-flight Isends and their buffers
-        self._pending_reports: list[tuple[Any, np.ndarray]] = []
+        self._pending: list[tuple[Any, np.ndarray]] = []  # follower: in-flight Isends and their buffers
         self._ack_bufs = {r: np.full(1, -1, dtype=np.int64) for r in range(1, self.size)}
         self._ack_reqs: dict[int, Any] = {}
-        self.last_ack = dict.fromkeys(range(1, self.size), 0)  # leader: newest seq each follower received
 
     def broadcast(self, data: bytes) -> None:
         self._header[0] = len(data)
@@ -100,8 +93,6 @@ class MpiTransport:
                 time.sleep(0.0002)  # stay responsive without holding a core
         n = int(self._header[0])
         if n < 0 or n > max_bytes:
-            from cluster.errors import BusMessageTooLarge
-
             raise BusMessageTooLarge(
                 f"rank 0 announced a {n}-byte bus message, over the limit of {max_bytes}"
             )
@@ -114,49 +105,67 @@ class MpiTransport:
 
     # -- liveness: every follower acknowledges each bus message as soon as it has it ----------------
     def acknowledge(self, seq: int) -> None:
-        self._pending_acks = [(r, b) for r, b in self._pending_acks if not r.Test()]
-        buf = np.array([seq], dtype=np.int64)
-        self._pending_acks.append((self.comm.Isend(buf, dest=0, tag=ACK_TAG), buf))
+        self._post(np.array([seq], dtype=np.int64), _ACK_TAG)
 
-    def _poll_acks(self) -> None:
+    def _poll_acks(self, acked: dict[int, int]) -> None:
         for r, buf in self._ack_bufs.items():
             req = self._ack_reqs.get(r)
             while True:
                 if req is None:
-                    req = self._ack_reqs[r] = self.comm.Irecv(buf, source=r, tag=ACK_TAG)
+                    req = self._ack_reqs[r] = self.comm.Irecv(buf, source=r, tag=_ACK_TAG)
                 if not req.Test():
                     break
-                self.last_ack[r] = int(buf[0])
+                acked[r] = int(buf[0])
                 req = self._ack_reqs[r] = None
 
-    def await_acks(self, seq: int, timeout: float) -> list[int]:
-        """Wait until every follower has received message `seq`; the ranks still missing at the timeout."""
+    def await_acks(self, seq: int, timeout: float, acked: dict[int, int]) -> None:
+        """Wait until every follower has received message `seq` or `timeout` passes."""
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + 0.005
         while True:
-            self._poll_acks()
-            missing = [r for r, got in self.last_ack.items() if got < seq]
-            if not missing or time.monotonic() > deadline:
-                return missing
+            self._poll_acks(acked)
+            if all(got >= seq for got in acked.values()) or time.monotonic() > deadline:
+                return
             if time.monotonic() > spin_until:
                 time.sleep(0.0005)
 
-    def send_report(self, data: bytes) -> None:
-        self._pending_reports = [(r, b) for r, b in self._pending_reports if not r.Test()]
-        buf = np.frombuffer(data, dtype=np.uint8).copy()
-        self._pending_reports.append((self.comm.Isend(buf, dest=0, tag=REPORT_TAG), buf))
+    # -- followers to rank 0 ------------------------------------------------------------------------
+    def send(self, channel: Channel, data: bytes) -> None:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        if channel is Channel.REPORT:
+            self._post(buf.copy(), _TAGS[channel])
+        else:
+            self.comm.Send(buf, dest=0, tag=_TAGS[channel])
 
-    def poll_reports(self) -> list[bytes]:
+    def _post(self, buf: np.ndarray, tag: int) -> None:
+        """Send without waiting; the buffer lives until MPI is done with it."""
+        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+        self._pending.append((self.comm.Isend(buf, dest=0, tag=tag), buf))
+
+    def recv(self, channel: Channel, source: int, max_bytes: int) -> bytes:
+        """Rank 0: the next message from `source` on `channel`; its size is checked before receiving."""
+        from mpi4py import MPI
+
+        status = MPI.Status()
+        self.comm.Probe(source=source, tag=_TAGS[channel], status=status)
+        n = status.Get_count(MPI.BYTE)
+        if not 0 <= n <= max_bytes:
+            raise BusMessageTooLarge(f"rank {source} sent a {n}-byte reply, over the limit of {max_bytes}")
+        buf = np.empty(n, dtype=np.uint8)
+        self.comm.Recv(buf, source=source, tag=_TAGS[channel])
+        return buf.tobytes()
+
+    def poll(self, channel: Channel) -> list[tuple[int, bytes]]:
+        """Everything waiting on `channel`, whatever its size (it has to be received to be cleared)."""
         from mpi4py import MPI
 
         out = []
         status = MPI.Status()
-        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=REPORT_TAG, status=status):
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAGS[channel], status=status):
             n, source = status.Get_count(MPI.BYTE), status.Get_source()
             buf = np.empty(max(n, 0), dtype=np.uint8)
-            self.comm.Recv(buf, source=source, tag=REPORT_TAG)
-            if 0 < n <= MAX_REPORT_BYTES:
-                out.append(buf.tobytes())
+            self.comm.Recv(buf, source=source, tag=_TAGS[channel])
+            out.append((source, buf.tobytes()))
         return out
 
     def failed_ranks(self) -> list[int]:
@@ -172,39 +181,18 @@ class MpiTransport:
         except Exception:  # no ULFM support in this MPI, or nothing failed
             return []
 
-    def close(self, last_seq: int, timeout: float = 5.0) -> None:
-        """Leave no point-to-point request pending: MPI_Finalize (at exit) refuses to end cleanly otherwise."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Leave no point-to-point request pending: MPI_Finalize (at exit) refuses to end cleanly otherwise.
+        Rank 0 calls it once every follower acknowledged the last message (`ControlBus.close`)."""
         deadline = time.monotonic() + timeout
         if self.rank == 0:
-            self.await_acks(last_seq, timeout)
-            self.poll_reports()
+            self.poll(Channel.REPORT)  # the last reports of a job that is ending
             for req in self._ack_reqs.values():
                 if req is not None:
                     req.Cancel()
                     req.Wait()
             self._ack_reqs.clear()
         else:
-            while (self._pending_acks or self._pending_reports) and time.monotonic() < deadline:
-                self._pending_acks = [(r, b) for r, b in self._pending_acks if not r.Test()]
-                self._pending_reports = [(r, b) for r, b in self._pending_reports if not r.Test()]
+            while self._pending and time.monotonic() < deadline:
+                self._pending = [(r, b) for r, b in self._pending if not r.Test()]
                 time.sleep(0.001)
-
-    def send_to_leader(self, data: bytes, tag: int) -> None:
-        """A follower's blocking reply to rank 0 (length, then bytes)."""
-        self.comm.Send(np.array([len(data)], dtype=np.int64), dest=0, tag=tag)
-        self.comm.Send(np.frombuffer(data, dtype=np.uint8), dest=0, tag=tag)
-
-    def recv_from_followers(self, tag: int, max_bytes: int) -> list[bytes]:
-        """Rank 0: one reply from every follower, in rank order; oversize replies are a bus error."""
-        out = []
-        for r in range(1, self.size):
-            n = np.zeros(1, dtype=np.int64)
-            self.comm.Recv(n, source=r, tag=tag)
-            if not 0 <= n[0] <= max_bytes:
-                from cluster.errors import BusMessageTooLarge
-
-                raise BusMessageTooLarge(f"rank {r} announced a {int(n[0])}-byte reply (limit {max_bytes})")
-            buf = np.empty(int(n[0]), dtype=np.uint8)
-            self.comm.Recv(buf, source=r, tag=tag)
-            out.append(buf.tobytes())
-        return out

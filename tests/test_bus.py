@@ -1,15 +1,31 @@
-"""Control-bus codec: round trips, limits, and every failure being a BusError."""
+"""Control bus: codec round trips both ways, limits, every failure being a BusError, and the typed
+replies and reports between real `ControlBus` ends over an in-memory transport."""
 
 from __future__ import annotations
+
+import queue
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.bus import PROTOCOL_VERSION, BusCodec, ControlBus
+from cluster.bus import PROTOCOL_VERSION, BusCodec, Channel, ControlBus
 from cluster.errors import BusDecodeError, BusError, BusMessageTooLarge, BusVersionMismatch
-from cluster.messages import Admit, Heartbeat, PrefillChunk, Shutdown, SsdSync, StepPlan, StoreBlocks
+from cluster.messages import (
+    Admit,
+    Heartbeat,
+    Hello,
+    PrefillChunk,
+    PulseHello,
+    RankReport,
+    Shutdown,
+    SsdLoadResult,
+    SsdMissing,
+    SsdSync,
+    StepPlan,
+    StoreBlocks,
+)
 
 ids = st.integers(min_value=0, max_value=2**62)
 hashes = st.binary(min_size=16, max_size=16)
@@ -42,11 +58,33 @@ def plans(draw: st.DrawFn) -> StepPlan:
     )
 
 
+hash_tuples = st.lists(hashes, max_size=5).map(tuple)
+names = st.text(max_size=40)
+pulses = st.builds(
+    PulseHello,
+    port=st.integers(1, 65535),
+    token=st.binary(min_size=16, max_size=16),
+    addresses=st.lists(st.text(max_size=20), max_size=16).map(tuple),
+)
 messages = st.one_of(
     plans(),
     st.builds(Heartbeat, step=ids, sent_at=st.floats(allow_nan=False, allow_infinity=False)),
     st.builds(Shutdown, exit_code=st.integers(0, 255), reason=st.text(max_size=200)),
-    st.builds(SsdSync, hashes=st.lists(hashes, max_size=5).map(tuple)),
+    st.builds(SsdSync, hashes=hash_tuples, more=st.booleans()),
+    st.builds(Hello, rank=small, host=names, pid=small, pulse=st.none() | pulses),
+    st.builds(SsdLoadResult, failed=st.lists(ids, max_size=8).map(tuple)),
+    st.builds(SsdMissing, hashes=hash_tuples, more=st.booleans()),
+    st.builds(
+        RankReport,
+        rank=small,
+        host=names,
+        pid=small,
+        step=ids,
+        step_ms=st.floats(allow_nan=False, allow_infinity=False),
+        active_bytes=ids,
+        last_error=names,
+        ssd_written=st.lists(st.tuples(hashes, st.booleans()), max_size=4).map(tuple),
+    ),
 )
 
 
@@ -105,8 +143,16 @@ def test_version_mismatch_names_both_versions() -> None:
             [1, 1, [], [[1, [2], 3]], [], [], [], [], [], [], [], []],
         ],  # cached not an array
         [PROTOCOL_VERSION, 1, [1, 1, [], [], [], [], [], [], [], [[1, b"short"]], [], []]],  # bad hash
-        [PROTOCOL_VERSION, 1, [4, [b"x" * 15]]],  # bad hash in a sync
+        [PROTOCOL_VERSION, 1, [4, [b"x" * 15], False]],  # bad hash in a sync
+        [PROTOCOL_VERSION, 1, [4, [], 0]],  # `more` not a boolean
         [PROTOCOL_VERSION, 1, [1, 1]],  # truncated plan
+        [PROTOCOL_VERSION, 1, [5, 1, "h", 2, [9, b"t" * 15, []]]],  # short liveness token
+        [PROTOCOL_VERSION, 1, [5, 1, "h", 2, [9, b"t" * 16, ["a"] * 17]]],  # too many addresses
+        [PROTOCOL_VERSION, 1, [5, 1, "h" * 256, 2, None]],  # host too long
+        [PROTOCOL_VERSION, 1, [6, ["1"]]],  # non-int failed block
+        [PROTOCOL_VERSION, 1, [7, [b"x" * 16]]],  # truncated missing list
+        [PROTOCOL_VERSION, 1, [8, 1, "h", 2, 3, "slow", 0, 0, 0, 0, 0, "", []]],  # step_ms not a number
+        [PROTOCOL_VERSION, 1, [8, 1, "h", 2, 3, 1.0, 0, 0, 0, 0, 0, "", [[b"x" * 16]]]],  # bad write result
         {"v": 1},
     ],
 )
@@ -115,55 +161,140 @@ def test_malformed_messages(raw: object) -> None:
         BusCodec().decode(msgpack.packb(raw))
 
 
-class Loopback:
-    """An in-memory transport: a real ControlBus on both ends, bytes passed through a list."""
+class Net:
+    """An in-memory job of `size` ranks: queues instead of MPI, shared by one `NetTransport` per rank."""
 
-    def __init__(self, rank: int, wire: list[bytes]) -> None:
-        self.rank, self.size, self.wire = rank, 2, wire
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.bcast: dict[int, queue.Queue[bytes]] = {r: queue.Queue() for r in range(1, size)}
+        self.p2p: dict[tuple[Channel, int], queue.Queue[bytes]] = {
+            (c, r): queue.Queue() for c in Channel for r in range(1, size)
+        }
+        self.acks = dict.fromkeys(range(1, size), 0)
+
+    def bus(self, rank: int, max_bytes: int = 1 << 20) -> ControlBus:
+        return ControlBus(NetTransport(self, rank), BusCodec(max_bytes))
+
+
+class NetTransport:
+    """The `Transport` protocol, in memory (blocking calls time out instead of hanging a test)."""
+
+    def __init__(self, net: Net, rank: int) -> None:
+        self.net, self.rank, self.size = net, rank, net.size
 
     def broadcast(self, data: bytes) -> None:
-        self.wire.append(data)
+        for q in self.net.bcast.values():
+            q.put(data)
 
     def receive(self, max_bytes: int, expect_soon: bool = False) -> bytes:
-        return self.wire.pop(0)
-
-    def abort(self, code: int) -> None:
-        raise SystemExit(code)
+        return self.net.bcast[self.rank].get(timeout=10)
 
     def acknowledge(self, seq: int) -> None:
-        self.acked = seq
+        self.net.acks[self.rank] = seq
 
-    def await_acks(self, seq: int, timeout: float) -> list[int]:
-        return []
+    def await_acks(self, seq: int, timeout: float, acked: dict[int, int]) -> None:
+        acked.update(self.net.acks)
 
-    def send_to_leader(self, data: bytes, tag: int) -> None:
-        pass
+    def send(self, channel: Channel, data: bytes) -> None:
+        self.net.p2p[channel, self.rank].put(data)
 
-    def recv_from_followers(self, tag: int, max_bytes: int) -> list[bytes]:
-        return []
+    def recv(self, channel: Channel, source: int, max_bytes: int) -> bytes:
+        data = self.net.p2p[channel, source].get(timeout=10)
+        if len(data) > max_bytes:
+            raise BusMessageTooLarge(f"rank {source} sent {len(data)} bytes")
+        return data
 
-    def close(self, last_seq: int) -> None:
-        pass
-
-    def send_report(self, data: bytes) -> None:
-        pass
-
-    def poll_reports(self) -> list[bytes]:
-        return []
+    def poll(self, channel: Channel) -> list[tuple[int, bytes]]:
+        out = []
+        for r in range(1, self.size):
+            q = self.net.p2p[channel, r]
+            while not q.empty():
+                out.append((r, q.get()))
+        return out
 
     def failed_ranks(self) -> list[int]:
         return []
 
+    def abort(self, code: int) -> None:
+        raise SystemExit(code)
+
+    def close(self) -> None:
+        pass
+
 
 def test_control_bus_in_order_and_gap_detection() -> None:
-    wire: list[bytes] = []
-    sender, receiver = ControlBus(Loopback(0, wire)), ControlBus(Loopback(1, wire))
+    net = Net(2)
+    sender, receiver = net.bus(0), net.bus(1)
     sender.send(Heartbeat(1))
     sender.send(StepPlan(step=2, release=(5,)))
     assert receiver.receive() == Heartbeat(1)
     assert receiver.receive() == StepPlan(step=2, release=(5,))
+    assert sender.await_acks(1.0) == [] and sender.last_acks() == {1: 2}
     sender.send(Heartbeat(3))
-    wire.pop()  # a lost message
+    net.bcast[1].get()  # a lost message
     sender.send(Heartbeat(4))
+    assert sender.await_acks(1.0) == [1]
     with pytest.raises(BusDecodeError, match="out of step"):
         receiver.receive()
+
+
+def test_gather_is_typed_in_rank_order_and_answers_the_last_message() -> None:
+    net = Net(3)
+    leader, f1, f2 = net.bus(0), net.bus(1), net.bus(2)
+    leader.send(StepPlan(step=1))
+    for f in (f2, f1):
+        f.receive()
+        f.reply(SsdLoadResult((f.rank * 10,)))
+    assert leader.gather(SsdLoadResult) == [SsdLoadResult((10,)), SsdLoadResult((20,))]
+    f1.reply(SsdLoadResult())
+    f2.reply(SsdMissing())
+    with pytest.raises(BusDecodeError, match="rank 2 sent SsdMissing where rank 0 expected SsdLoadResult"):
+        leader.gather(SsdLoadResult)
+    f1.reply(SsdLoadResult())  # an answer to message 1 ...
+    leader.send(Heartbeat(2))  # ... read after message 2 went out
+    with pytest.raises(BusDecodeError, match="rank 1 answered bus message 1, expected an answer to 2"):
+        leader.gather(SsdLoadResult)
+
+
+def test_oversize_reply_is_refused_at_both_ends() -> None:
+    net = Net(2)
+    leader, follower = net.bus(0, max_bytes=256), net.bus(1, max_bytes=256)
+    with pytest.raises(BusMessageTooLarge):
+        follower.reply(SsdLoadResult(tuple(range(1000, 1200))))
+    ControlBus(NetTransport(net, 1), BusCodec(1 << 20)).reply(SsdLoadResult(tuple(range(1000, 1200))))
+    with pytest.raises(BusError):
+        leader.gather(SsdLoadResult)
+
+
+def test_hello_round_trip_with_pulse_info() -> None:
+    net = Net(2)
+    leader, follower = net.bus(0), net.bus(1)
+    hello = Hello(1, "studio-2", 4242, PulseHello(50001, b"k" * 16, ("10.0.0.2", "169.254.1.2")))
+    follower.reply(hello)
+    assert leader.gather(Hello) == [hello]
+
+
+def test_reports_are_split_to_fit_and_oversize_ones_fail_loudly() -> None:
+    net = Net(3)
+    leader, f1, f2 = net.bus(0, 1024), net.bus(1, 1024), net.bus(2, 1 << 20)
+    written = tuple((bytes([i % 256, i // 256]) * 8, i % 3 != 0) for i in range(500))
+    f1.report(RankReport(1, "h1", 11, step=7, step_ms=2.5, ssd_written=written))
+    got = leader.poll_reports()
+    assert len(got) > 10 and {r.step for r in got} == {7}
+    assert tuple(w for r in got for w in r.ssd_written) == written  # nothing lost, nothing reordered
+    assert leader.poll_reports() == []
+    # A rank with another limit (or a bug) sends more than rank 0 accepts: a clear error, never a drop.
+    f2.report(RankReport(2, "h2" * 100, 12, last_error="x" * 1500))
+    with pytest.raises(BusMessageTooLarge, match="rank 2 sent a .*-byte health report, over the bus limit"):
+        leader.poll_reports()
+    f2.report(RankReport(1, "h2", 12))  # claims to be another rank
+    with pytest.raises(BusDecodeError, match="rank 2 sent RankReport as its health report"):
+        leader.poll_reports()
+
+
+def test_a_follower_cannot_broadcast_replies() -> None:
+    net = Net(2)
+    follower = net.bus(1)
+    net.bcast[1].put(BusCodec().encode(1, SsdLoadResult()))
+    with pytest.raises(BusDecodeError, match="only followers send"):
+        follower.receive()

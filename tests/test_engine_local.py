@@ -52,7 +52,6 @@ class LocalEngine:
             SchedulerConfig(max_batch, chunk, 2048, idle_prefill_chunk=0),  # every prompt in `chunk` steps
             self.tokenizer.decode,
             [],
-            clock=time.monotonic,
             prefix_cache=self.prefix,
         )
         self.leader = Leader(self.executor, sched, ControlBus(LocalTransport()), self.client)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cluster.health import DEAD, OK, SLOW, UNRESPONSIVE, HealthTable, RankReport
 from cluster.ledger import RequestLedger
 from cluster.requests import FinishReason, GenerationRequest, RequestEvent, SamplingParams
+from cluster.scheduler import Scheduler, SchedulerConfig
 from cluster.stats import Histogram, ServingStats
 
 
@@ -32,30 +33,29 @@ def test_rank_states() -> None:
     assert not table.all_ok()
 
 
-def test_report_round_trip() -> None:
-    r = RankReport(1, "host", 7, 3, 1.5, 10, 20, 30, 4, 5, "boom", ((b"h" * 16, True), (b"g" * 16, False)))
-    assert RankReport.decode(r.encode()) == r
-
-
 def test_ledger_latencies_and_rows() -> None:
     stats = ServingStats()
     ledger = RequestLedger(stats)
-    req = GenerationRequest(
-        "r1", (1, 2, 3), SamplingParams(), sink=lambda e: None, client="10.0.0.1", arrival=1.0
+    sched = Scheduler(SchedulerConfig(), decode=lambda ids: "", eos_token_ids=())
+    req = sched.add(
+        GenerationRequest("r1", (1, 2, 3), SamplingParams(), sink=lambda e: None, client="10.0.0.1", arrival=1.0)
     )
     ledger.arrived(req)
     ledger.on_event(req, RequestEvent("r1", token_ids=(5,)), now=1.5, now_unix=1000.0)
     ledger.on_event(req, RequestEvent("r1", token_ids=(6,)), now=1.6, now_unix=1000.1)
-    rows = ledger.rows([(req, "running")], now=2.0)
+    req.output += [5, 6]  # what the scheduler appended for those events
+    rows = ledger.rows(sched.queue(), now=2.0)
     assert rows[0].prompt_tokens == 3 and rows[0].generated_tokens == 2 and rows[0].client == "10.0.0.1"
+    assert rows[0].state == "waiting" and rows[0].tokens_per_s == 4.0  # 2 tokens since the first at 1.5
     done = RequestEvent(
         "r1", token_ids=(7,), finish_reason=FinishReason.LENGTH, prompt_tokens=3, completion_tokens=3
     )
     ledger.on_event(req, done, now=1.7, now_unix=1000.2)
+    sched.cancel("r1")  # the scheduler forgets it once it finished
     assert stats.ttft.count == 1 and abs(stats.ttft.sum - 0.5) < 1e-9
     assert stats.itl.count == 2 and stats.e2e.count == 1
     assert stats.outcomes == {"length": 1} and stats.generated_tokens == 3
-    assert ledger.rows([(req, "running")], now=2.0) == ()
+    assert ledger.rows(sched.queue(), now=2.0) == ()
 
 
 def test_histogram_is_cumulative() -> None:
@@ -78,4 +78,5 @@ def test_arrival_is_stamped_at_submission() -> None:
     client.submit(req)
     assert req.arrival == 100.0
     clock.t += 3  # the engine takes it after a 3 s step
-    assert [c.arrival for c in client.take()] == [100.0]
+    with client.taking() as commands:
+        assert [c.arrival for c in commands] == [100.0]  # type: ignore[union-attr]

@@ -131,7 +131,7 @@ def test_real_sockets_answer_until_the_responder_stops() -> None:
 def test_responder_ignores_strangers_and_replays() -> None:
     responder = PulseResponder(1, Activity())
     responder.start()
-    port = int(responder.hello()["port"])  # type: ignore[call-overload]
+    port = responder.hello().port
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.5)
         s.sendto(Ping.sign(b"wrong-secret-16b", 1).encode(), ("127.0.0.1", port))

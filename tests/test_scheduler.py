@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from cluster.messages import StepPlan
 from cluster.requests import FinishReason, GenerationRequest, RequestEvent, SamplingParams
-from cluster.scheduler import SampledToken, Scheduler, SchedulerConfig
+from cluster.scheduler import SampledToken, ScheduledStep, Scheduler, SchedulerConfig
 
 EOS = 0
 
@@ -17,7 +17,7 @@ def decode(ids: Sequence[int]) -> str:
 
 
 def make(max_batch: int = 4, chunk: int = 16, context: int = 1000, idle: int = 0) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_batch, chunk, context, idle), decode, [EOS], clock=lambda: 0.0)
+    return Scheduler(SchedulerConfig(max_batch, chunk, context, idle), decode, [EOS])
 
 
 def request(rid: str, prompt_len: int, max_tokens: int = 5, stop: tuple[str, ...] = ()) -> GenerationRequest:
@@ -30,30 +30,37 @@ def request(rid: str, prompt_len: int, max_tokens: int = 5, stop: tuple[str, ...
 
 
 def rows(plan: StepPlan, sched_prompts: dict[int, int]) -> list[int]:
+    """The rows of logits a plan yields, as the executor orders them: completed prompts, then decodes."""
     done = [p.seq_id for p in plan.prefill if p.end == sched_prompts[p.seq_id]]
     return done + list(plan.decode_ids)
 
 
+def sample(step: ScheduledStep, token: int = 1) -> list[SampledToken]:
+    return [SampledToken(token)] * len(step.rows)
+
+
 def run(s: Scheduler, token: int = 1, limit: int = 10_000) -> tuple[list[StepPlan], list[RequestEvent]]:
-    """Drive the scheduler like the leader does, sampling `token` for every row."""
+    """Drive the scheduler like the leader does, sampling `token` for every row, and check that the rows
+    the scheduler expects are the rows the executor computes."""
     prompts: dict[int, int] = {}
     plans, events = [], []
     for _ in range(limit):
         if not s.has_work():
             break
-        plan = s.schedule()
+        step = s.schedule()
+        plan = step.plan
         for a in plan.admit:
             prompts[a.seq_id] = len(a.tokens)
+        assert [r.seq_id for r in step.rows] == rows(plan, prompts)
         plans.append(plan)
-        out = s.update(plan, {sid: SampledToken(token) for sid in rows(plan, prompts)})
+        out = s.update(step, sample(step, token))
         events.extend(e for _, e in out)
     return plans, events
 
 
 def test_chunked_prefill_then_decode_then_release() -> None:
     s = make(chunk=16)
-    r = request("a", 40, max_tokens=3)
-    s.add(r)
+    r = s.add(request("a", 40, max_tokens=3))
     plans, events = run(s)
     assert [(p.start, p.end) for p in plans[0].prefill] == [(0, 16)]
     assert [(p.start, p.end) for p in plans[2].prefill] == [(32, 40)]
@@ -68,13 +75,10 @@ def test_chunked_prefill_then_decode_then_release() -> None:
 def test_continuous_batching_join_and_leave_without_stall() -> None:
     s = make(max_batch=2, chunk=100)
     short, long_, late = (
-        request("s", 4, max_tokens=2),
-        request("l", 4, max_tokens=6),
-        request("x", 4, max_tokens=2),
+        s.add(request("s", 4, max_tokens=2)),
+        s.add(request("l", 4, max_tokens=6)),
+        s.add(request("x", 4, max_tokens=2)),
     )
-    s.add(short)
-    s.add(long_)
-    s.add(late)
     plans, events = run(s)
     assert {a.seq_id for a in plans[0].admit} == {short.seq_id, long_.seq_id}
     # `late` is admitted as soon as `short` finishes, while `long` keeps decoding.
@@ -90,7 +94,7 @@ def test_prefill_budget_is_shared() -> None:
     s = make(max_batch=4, chunk=10)
     for i in range(3):
         s.add(request(str(i), 7))
-    plan = s.schedule()
+    plan = s.schedule().plan
     assert sum(p.end - p.start for p in plan.prefill) == 10
     assert [(p.start, p.end) for p in plan.prefill] == [(0, 7), (0, 3)]
 
@@ -99,18 +103,18 @@ def test_idle_prefill_chunk_only_while_nothing_decodes() -> None:
     """With no stream decoding, prompts prefill in larger steps; once one decodes, steps are short again."""
     s = make(max_batch=4, chunk=10, idle=40)
     s.add(request("a", 50))
-    plan = s.schedule()
-    assert [(p.start, p.end) for p in plan.prefill] == [(0, 40)]
-    s.update(plan, {})
-    plan = s.schedule()
-    assert [(p.start, p.end) for p in plan.prefill] == [(40, 50)]
-    s.update(plan, {plan.prefill[0].seq_id: SampledToken(1)})  # "a" decodes from now on
+    step = s.schedule()
+    assert [(p.start, p.end) for p in step.plan.prefill] == [(0, 40)] and step.rows == ()
+    s.update(step, ())
+    step = s.schedule()
+    assert [(p.start, p.end) for p in step.plan.prefill] == [(40, 50)] and len(step.rows) == 1
+    s.update(step, sample(step))  # "a" decodes from now on
     s.add(request("b", 50))
-    plan = s.schedule()
+    plan = s.schedule().plan
     assert [(p.start, p.end) for p in plan.prefill] == [(0, 10)] and len(plan.decode_ids) == 1
     s = make(chunk=10, idle=5)  # an idle chunk below the chunk is ignored
     s.add(request("c", 50))
-    assert [(p.start, p.end) for p in s.schedule().prefill] == [(0, 10)]
+    assert [(p.start, p.end) for p in s.schedule().plan.prefill] == [(0, 10)]
 
 
 def test_eos_stop_string_and_cancel() -> None:
@@ -129,12 +133,13 @@ def test_eos_stop_string_and_cancel() -> None:
     s = make(max_batch=1)
     s.add(request("run", 3, max_tokens=50))
     s.add(request("wait", 3))
-    plan = s.schedule()
-    s.update(plan, {})
+    step = s.schedule()
+    s.update(step, ())
     out = s.cancel("wait") + s.cancel("run") + s.cancel("unknown")
     assert [e.finish_reason for _, e in out] == [FinishReason.CANCELLED, FinishReason.CANCELLED]
-    nxt = s.schedule()
-    assert nxt.release == (plan.admit[0].seq_id,)  # only admitted sequences are released on the ranks
+    assert s.requests == {}
+    nxt = s.schedule().plan
+    assert nxt.release == (step.plan.admit[0].seq_id,)  # only admitted sequences are released on the ranks
     assert not s.has_work()
 
 
@@ -154,12 +159,18 @@ def test_thousands_of_requests_all_finish_and_invariants_hold() -> None:
         s.add(r)
     plans, events = run(s, token=5)
     live: set[int] = set()
+    released: list[int] = []
     for p in plans:
+        assert set(p.release) <= live  # only what the ranks hold is released
         live -= set(p.release)
+        released += p.release
         live |= {a.seq_id for a in p.admit}
         assert len(live) <= 8
         assert set(p.decode_ids) <= live
-    assert not live - {p for plan in plans for p in plan.release} or not s.has_work()
+    # Every admitted sequence was released exactly once, in the plans themselves: nothing is left
+    # on the ranks, and the scheduler forgot every request.
+    assert live == set() and len(released) == len(set(released)) == 2000
+    assert not s.has_work() and s.requests == {} and s.num_running == s.num_waiting == 0
     done = [e for e in events if e.finished]
     assert len(done) == 2000
     by_id = {r.request_id: r for r in reqs}

@@ -83,6 +83,53 @@ def test_a_failing_manifest_disables_the_tier(tmp_path: Path) -> None:
     assert tier.clear() == 0
 
 
+class _FakeStore:
+    """What the SSD start-up sync needs of a rank's block store: the hashes it lacks."""
+
+    def __init__(self, lacks: set[bytes]) -> None:
+        self.lacks = lacks
+
+    def keep_only(self, wanted: set[bytes]) -> list[bytes]:
+        return sorted(wanted & self.lacks)
+
+
+def test_ssd_sync_goes_in_chunks_however_many_blocks_are_missing(tmp_path: Path) -> None:
+    """The manifest's list and every follower's answer go in chunks under the bus limit, so a follower
+    lacking hundreds of listed blocks (a wiped disk) does not keep the job from starting; the job starts
+    with the blocks every rank has."""
+    import threading
+
+    from cluster.kvindex import BlockIndex
+    from cluster.ssdtier import SsdTier
+    from rank.ssdsync import sync_followers, sync_leader
+    from tests.test_bus import Net
+
+    listed = [i.to_bytes(16, "big") for i in range(600)]
+    m = Manifest(tmp_path / "m.sqlite", world_size=3)
+    for h in listed:
+        m.add_pending(h, (1, 2, 3, 4), 100)
+        for r in range(3):
+            m.ack(h, r)
+    tier = SsdTier(m, BlockIndex(block_tokens=4, capacity_blocks=8, block_bytes=100), max_bytes=10**6)
+    net, limit = Net(3), 1024  # about 50 hashes per message
+    lacks = {0: {listed[599]}, 1: set(listed[:450]), 2: set(listed[500:550])}
+    followers = [
+        threading.Thread(target=sync_followers, args=(net.bus(r, limit), _FakeStore(lacks[r])), daemon=True)
+        for r in (1, 2)
+    ]
+    for t in followers:
+        t.start()
+    leader = net.bus(0, limit)
+    sync_leader(leader, _FakeStore(lacks[0]), m, tier)  # type: ignore[arg-type]
+    for t in followers:
+        t.join(timeout=10)
+        assert not t.is_alive()
+    assert leader.bytes_sent > 600 * 16 > limit  # the list went out in several messages
+    gone = set().union(*lacks.values())
+    assert sorted(m.persisted_hashes()) == [h for h in listed if h not in gone]
+    assert tier.stats.blocks == 99 and set(tier.take()[2]) == gone  # every rank deletes its copy too
+
+
 pytestmark_cluster = pytest.mark.cluster
 NO_EOS = {"2": -100}
 PROMPT = "The orchard keeps its memories on disk so a restart does not forget them. " * 5

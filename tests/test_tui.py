@@ -24,14 +24,14 @@ from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets.data_table import RowKey
 
+from cluster.snapshot import JobFacts, JobSnapshot, SnapshotDecodeError
 from tests.jobs import Job, free_port, tiny_args
 from tui.__main__ import parse_args
 from tui.app import OrchardApp
 from tui.bench_refresh import measure
-from tui.client import parse_snapshot
 from tui.screens import Confirm, Help
 
-pytestmark = pytest.mark.cluster
+cluster = pytest.mark.cluster  # only the tests that start a job: the rest run in the quick suite
 TOKEN = "tui-admin-token"
 STREAM_BODY = {"model": "tiny", "prompt": "x", "max_tokens": 1500, "stream": True, "logit_bias": {"2": -100}}
 
@@ -109,6 +109,7 @@ def event_text(app: OrchardApp) -> str:
     return "\n".join(line.text for line in app.events.lines)
 
 
+@cluster
 @pytest.mark.asyncio
 async def test_ranks_queue_cancel_drain_resume(job: Job) -> None:
     app = RecordingApp(job.url, TOKEN, interval=0.3)
@@ -174,18 +175,22 @@ async def test_unreachable_server_keeps_the_app_up() -> None:
         assert "cannot reach" in event_text(app)
 
 
-EXAMPLE_STATE = {
-    "model": "fake", "tensor_parallel": 1, "context_length": 2048, "uptime_s": 5.1, "engine": "ready",
-    "admission": "open", "failure": None, "batch": {"running": 0, "waiting": 0, "max_batch": 8},
-    "last_step_ms": 0.05, "throughput": {"output_tokens_per_s": 3.1, "history_step_s": 5, "history": [0.0] * 36},
-    "totals": {"prompt_tokens": 11, "generated_tokens": 31, "requests": {"stop": 1}}, "queue": [],
-    "kv": {"tiers": [{"tier": "ram", "blocks": 0, "capacity_blocks": 19284, "bytes_used": 0,
-                      "capacity_bytes": 2527592448, "query_tokens": 11, "hit_tokens": 0, "hit_rate": 0.0,
-                      "evictions": 0}]},
-    "ranks": [{"rank": 0, "host": "vm", "pid": 1, "state": "ok", "report_age_s": 0.85, "step": 32,
-               "step_ms": 0.05, "median_step_ms": 0.05, "active_bytes": 1, "peak_bytes": 1, "rss_bytes": 1,
-               "kv_blocks": 0, "kv_bytes": 0, "last_error": ""}],
-}  # fmt: skip
+def example_state() -> dict[str, Any]:
+    """A small /admin/state document, written by the server's own schema."""
+    doc = JobSnapshot.starting(JobFacts("fake", 1, 2048, started=1e9)).to_json()
+    doc.update(engine="ready", admission="open", uptime_s=5.1)
+    tier = {"tier": "ram", "blocks": 0, "capacity_blocks": 19284, "bytes_used": 0, "capacity_bytes": 2527592448,
+            "block_bytes": 131072, "query_tokens": 11, "hit_tokens": 0, "miss_tokens": 11, "hit_rate": 0.0,
+            "evictions": 0, "stored": 0}  # fmt: skip
+    rank = {"rank": 0, "host": "vm", "pid": 1, "state": "ok", "report_age_s": 0.85, "step": 32, "step_ms": 0.05,
+            "median_step_ms": 0.05, "active_bytes": 1, "peak_bytes": 1, "rss_bytes": 1, "kv_blocks": 0,
+            "kv_bytes": 0, "last_error": "", "liveness_age_s": None}  # fmt: skip
+    doc["kv"] = {"tiers": [tier]}
+    doc["ranks"] = [rank]
+    return doc
+
+
+EXAMPLE_STATE = example_state()
 
 
 class SlowServer(ThreadingHTTPServer):
@@ -239,6 +244,7 @@ async def test_slow_server_goes_stale_then_reconnects() -> None:
         server.server_close()
 
 
+@cluster
 @pytest.mark.asyncio
 async def test_refused_or_missing_token_is_said_clearly(job: Job) -> None:
     for token, says in (("wrong-token", "the admin token was refused"), (None, "no admin token given")):
@@ -250,6 +256,7 @@ async def test_refused_or_missing_token_is_said_clearly(job: Job) -> None:
             assert app.ranks.row_count == 0  # nothing shown that the token did not unlock
 
 
+@cluster
 @pytest.mark.asyncio
 async def test_rendered_screen_small_and_large(job: Job) -> None:
     for size in ((80, 24), (200, 60)):
@@ -320,13 +327,21 @@ def test_cli_token_sources(tmp_path: Path) -> None:
     assert args.token is None and args.url == "http://h:1" and args.interval == 1.0
 
 
-def test_snapshot_parsing_keeps_unknown_tier_fields() -> None:
-    state = {
-        "model": "m", "tensor_parallel": 2, "queue": [], "ranks": [],
-        "kv": {"tiers": [{"tier": "nvme", "blocks": 3, "capacity_blocks": 9, "bytes_used": 30,
-                          "capacity_bytes": 90, "hit_rate": 0.5, "evictions": 1, "shards": 4,
-                          "enabled": False, "disabled_reason": "disk full", "io": {"nested": 1}}]},
-    }  # fmt: skip
-    tier = parse_snapshot(state).tiers[0]
-    assert (tier.name, tier.blocks, tier.enabled, tier.disabled_reason) == ("nvme", 3, False, "disk full")
-    assert tier.extra == {"shards": 4}
+def test_snapshot_decoding_is_strict_but_ignores_unknown_fields() -> None:
+    state = example_state()
+    state["kv"]["tiers"].append(
+        {**state["kv"]["tiers"][0], "tier": "ssd", "enabled": False, "disabled_reason": "disk full",
+         "corrupt_dropped": 2, "rank0_io": None, "shards": 4, "io": {"nested": 1}}
+    )  # fmt: skip
+    ram, ssd = JobSnapshot.from_json(state).tiers
+    assert (ram.name, ram.enabled, ram.extra) == ("ram", True, None)
+    assert (ssd.name, ssd.capacity_blocks, ssd.enabled, ssd.disabled_reason) == (
+        "ssd",
+        19284,
+        False,
+        "disk full",
+    )
+    assert ssd.extra is not None and ssd.extra.corrupt_dropped == 2
+    del state["kv"]["tiers"][0]["hit_rate"]  # a field the server renamed: an error, never a zero
+    with pytest.raises(SnapshotDecodeError, match=r"kv\.tiers\[0\]\.hit_rate: missing"):
+        JobSnapshot.from_json(state)

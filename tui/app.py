@@ -19,7 +19,8 @@ from textual.containers import Horizontal, Vertical
 from textual.theme import Theme
 from textual.widgets import Footer, Sparkline, Static
 
-from tui.client import AdminClient, AdminError, Snapshot
+from cluster.snapshot import JobSnapshot
+from tui.client import AdminClient, AdminError
 from tui.connection import Link
 from tui.events import diff
 from tui.fmt import duration, rate
@@ -101,7 +102,7 @@ class OrchardApp(App[None]):
         self.autopoll = autopoll
         self.link = Link(self.interval)
         self.hits = HitHistory()
-        self.snapshot: Snapshot | None = None
+        self.snapshot: JobSnapshot | None = None
         self.view_paused = False
         self.refresh_ms = 0.0
         self._wake: asyncio.Event | None = None
@@ -193,7 +194,7 @@ class OrchardApp(App[None]):
         if self._wake is not None:
             self._wake.set()
 
-    def received(self, snap: Snapshot) -> None:
+    def received(self, snap: JobSnapshot) -> None:
         now = time.monotonic()
         back = self.link.ok(now)
         if back:
@@ -238,32 +239,33 @@ class OrchardApp(App[None]):
     def render_header(self) -> None:
         self.header.show(self.url, self.snapshot, self.link.status(time.monotonic()), self.view_paused)
 
-    def apply_snapshot(self, snap: Snapshot) -> None:
+    def apply_snapshot(self, snap: JobSnapshot) -> None:
         """Everything below the header, from one snapshot. Guarded: a display bug is shown, not fatal."""
         start = time.perf_counter()
         try:
             self.queue.show(snap.queue)
             self.ranks.show(snap.ranks)
             self.tiers.show(snap.tiers, self.hits.series)
-            self.tput.data = list(snap.history)
+            self.tput.data = list(snap.throughput.history)
         except Exception as exc:
             self.display_bug(exc)
             return
         self.refresh_ms = (time.perf_counter() - start) * 1000
         self.label_panes(snap)
 
-    def label_panes(self, snap: Snapshot) -> None:
+    def label_panes(self, snap: JobSnapshot) -> None:
         paused = " (paused)" if self.view_paused else ""
         self.queue.border_title = f"queue · {len(snap.queue)}{paused}"
-        self.queue.summary = f"{snap.running} running · {snap.waiting} waiting · max {snap.max_batch}"
+        batch, totals, tput = snap.batch, snap.totals, snap.throughput
+        self.queue.summary = f"{batch.running} running · {batch.waiting} waiting · max {batch.max_batch}"
         self.queue.relabel()
-        done = " · ".join(f"{k} {v}" for k, v in sorted(snap.outcomes.items())) or "none yet"
+        done = " · ".join(f"{k} {v}" for k, v in sorted(totals.requests.items())) or "none yet"
         self.totals.update(
-            f"done: {done} · tokens {snap.prompt_tokens} in / {snap.generated_tokens} out"
+            f"done: {done} · tokens {totals.prompt_tokens} in / {totals.generated_tokens} out"
             f" · refresh {self.refresh_ms:.0f} ms"
         )
-        span = duration(len(snap.history) * snap.history_step_s)
-        self.tput_box.border_title = f"throughput {rate(snap.tokens_per_s)} tok/s"
+        span = duration(len(tput.history) * tput.history_step_s)
+        self.tput_box.border_title = f"throughput {rate(tput.output_tokens_per_s)} tok/s"
         self.tput_box.border_subtitle = f"last {span}"
         self.ranks.border_title = f"ranks · {len(snap.ranks)}{paused}"
 

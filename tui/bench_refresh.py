@@ -15,15 +15,25 @@ import asyncio
 import statistics
 import time
 
+from cluster.snapshot import (
+    BatchView,
+    HistogramView,
+    JobSnapshot,
+    LatencyView,
+    RankView,
+    RequestRow,
+    ThroughputView,
+    TierView,
+    Totals,
+)
 from tui.app import OrchardApp
-from tui.client import QueueRow, Rank, Snapshot, Tier
 
 
-def snapshot(rows: int, tick: int, churn: int = 8, max_batch: int = 8) -> Snapshot:
+def snapshot(rows: int, tick: int, churn: int = 8, max_batch: int = 8) -> JobSnapshot:
     """`churn`: requests that finished since the last round, replaced by as many new ones."""
     first = tick * churn
     queue = tuple(
-        QueueRow(
+        RequestRow(
             request_id=f"cmpl-{i:032x}",
             state="running" if n < max_batch else "waiting",
             age_s=(rows - n) * 0.5 + tick,
@@ -34,16 +44,22 @@ def snapshot(rows: int, tick: int, churn: int = 8, max_batch: int = 8) -> Snapsh
         )
         for n, i in enumerate(range(first, first + rows))
     )
-    tier = Tier("ram", 10 + tick, 19284, 2**20, 2**31, 100 * tick, 50 * tick, 0.5, 0)
+    tier = TierView(
+        "ram", 10 + tick, 19284, 2**20, 2**31, 131072, 100 * tick, 50 * tick, 50 * tick, 0.5, 0, 0
+    )
     ranks = tuple(
-        Rank(r, f"studio-{r + 1}", 100 + r, "ok", 0.4, tick, 40.0, 40.0, 2**28, 2**29, 2**30, 0, 0, "")
+        RankView(
+            r, f"studio-{r + 1}", 100 + r, "ok", 0.4, tick, 40.0, 40.0, 2**28, 2**29, 2**30, 0, 0, "", None
+        )
         for r in range(4)
     )
-    return Snapshot(
+    empty = HistogramView.empty()
+    return JobSnapshot(
         model="bench", tensor_parallel=4, context_length=2048, uptime_s=60.0 + tick, engine="ready",
-        admission="open", failure=None, running=max_batch, waiting=rows - max_batch, max_batch=max_batch,
-        last_step_ms=40.0, tokens_per_s=80.0, history_step_s=5, history=(80.0,) * 36, prompt_tokens=0,
-        generated_tokens=0, outcomes={"stop": tick}, queue=queue, tiers=(tier,), ranks=ranks,
+        admission="open", failure=None, batch=BatchView(max_batch, rows - max_batch, max_batch),
+        last_step_ms=40.0, throughput=ThroughputView(80.0, 5, (80.0,) * 36),
+        totals=Totals(0, 0, {"stop": tick}), queue=queue, tiers=(tier,), ranks=ranks, steps=tick,
+        sequences_on_ranks=max_batch, latency=LatencyView(empty, empty, empty), published_unix=1e9 + tick,
     )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tui.client import Snapshot
+from cluster.snapshot import JobSnapshot
 
 RANK_LEVEL = {"ok": "success", "slow": "warning", "unresponsive": "error", "dead": "error"}
 
@@ -20,7 +20,7 @@ class Event:
     text: str
 
 
-def diff(old: Snapshot | None, new: Snapshot) -> list[Event]:
+def diff(old: JobSnapshot | None, new: JobSnapshot) -> list[Event]:
     if old is None:
         return [
             Event(
@@ -42,9 +42,11 @@ def diff(old: Snapshot | None, new: Snapshot) -> list[Event]:
         events.append(Event("error", f"failure: {new.failure}"))
     events += _ranks(old, new)
     for outcome, level in (("error", "error"), ("cancelled", "warning")):
-        n = new.outcomes.get(outcome, 0) - old.outcomes.get(outcome, 0)
+        n = new.totals.requests.get(outcome, 0) - old.totals.requests.get(outcome, 0)
         if n > 0:
-            events.append(Event(level, f"{n} request(s) ended: {outcome} (total {new.outcomes[outcome]})"))
+            events.append(
+                Event(level, f"{n} request(s) ended: {outcome} (total {new.totals.requests[outcome]})")
+            )
     before = {t.name: t for t in old.tiers}
     for t in new.tiers:
         b = before.get(t.name)
@@ -59,7 +61,7 @@ def diff(old: Snapshot | None, new: Snapshot) -> list[Event]:
     return events
 
 
-def _ranks(old: Snapshot, new: Snapshot) -> list[Event]:
+def _ranks(old: JobSnapshot, new: JobSnapshot) -> list[Event]:
     events = []
     before = {r.rank: r for r in old.ranks}
     for r in new.ranks:

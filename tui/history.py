@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from tui.client import Tier
+from cluster.snapshot import TierView
 
 
 class HitHistory:
@@ -21,7 +21,7 @@ class HitHistory:
         self._buckets: dict[str, deque[list[int]]] = {}  # per tier: [slot index, hits, lookups]
         self._now_slot = 0
 
-    def add(self, now: float, tiers: tuple[Tier, ...]) -> None:
+    def add(self, now: float, tiers: tuple[TierView, ...]) -> None:
         slot = int(now // self.slot_s)
         self._now_slot = slot
         for t in tiers:

@@ -1,5 +1,5 @@
 """The KV cache pane: one view per tier in the snapshot, built from the fields every tier shares, so a
-tier added later (ssd, ...) shows up without code here; its extra plain fields are listed as they are."""
+tier added later shows up without code here; the SSD tier's own fields (`extra`) are listed after."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.widgets import Label, ProgressBar, Sparkline, Static
 
-from tui.client import Tier
+from cluster import snapshot
 from tui.fmt import count, human_bytes
 
 
@@ -27,7 +27,7 @@ class TierView(Vertical):
     TierView Sparkline { width: 1fr; height: 1fr; }
     """
 
-    def __init__(self, tier: Tier, hits: list[float]) -> None:
+    def __init__(self, tier: snapshot.TierView, hits: list[float]) -> None:
         super().__init__(classes="tier")
         self.tier_name = tier.name
         self._latest = (tier, hits)
@@ -44,7 +44,7 @@ class TierView(Vertical):
             yield Label("hit%", classes="name")
             yield Sparkline([], summary_function=max)
 
-    def show(self, t: Tier, hits: list[float]) -> None:
+    def show(self, t: snapshot.TierView, hits: list[float]) -> None:
         self._latest = (t, hits)
         if not self.is_mounted:
             return  # on_mount shows the latest figures
@@ -56,11 +56,9 @@ class TierView(Vertical):
             f"{count(t.blocks)}/{count(t.capacity_blocks)} blk",
             f"{human_bytes(t.bytes_used)} / {human_bytes(t.capacity_bytes)}",
         ]
-        parts += [
-            f"{k.replace('_', ' ')} {v}"
-            for k, v in t.extra.items()
-            if k not in ("block_bytes", "miss_tokens")
-        ]
+        parts.append(f"stored {t.stored}")
+        if t.extra is not None:
+            parts.append(f"corrupt dropped {t.extra.corrupt_dropped}")
         text = escape(" · ".join(parts))
         if not t.enabled:
             text = f"[b $text-error]off: {escape(t.disabled_reason or 'disabled')}[/] · " + text
@@ -71,7 +69,7 @@ class TierView(Vertical):
 class TiersPanel(VerticalScroll):
     """Tier views appear and disappear with the tiers in the snapshot (an ssd tier may come later)."""
 
-    def show(self, tiers: Sequence[Tier], hits: Callable[[str], list[float]]) -> None:
+    def show(self, tiers: Sequence[snapshot.TierView], hits: Callable[[str], list[float]]) -> None:
         views = {v.tier_name: v for v in self.query(TierView)}
         names = {t.name for t in tiers}
         for name, old in views.items():

@@ -17,7 +17,7 @@ from textual.markup import escape
 from textual.widgets import DataTable, RichLog, Static
 from textual.widgets.data_table import CellDoesNotExist, RowKey
 
-from tui.client import QueueRow, Rank, Snapshot
+from cluster.snapshot import JobSnapshot, RankView, RequestRow
 from tui.connection import Status
 from tui.fmt import count, duration, human_bytes, rate, short_id
 
@@ -140,7 +140,7 @@ class LiveTable(DataTable[Any]):
 
 
 QUEUE_STATE_ORDER = {"running": 0, "prefill": 1, "waiting": 2}
-QUEUE_SORT_VALUE: tuple[Callable[[QueueRow], Any], ...] = (
+QUEUE_SORT_VALUE: tuple[Callable[[RequestRow], Any], ...] = (
     lambda r: r.request_id,
     lambda r: QUEUE_STATE_ORDER.get(r.state, 9),
     lambda r: r.age_s,
@@ -175,7 +175,7 @@ class QueueTable(LiveTable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sort_column, self.sort_reverse = self.SORTS[0]
-        self.rows_by_id: dict[str, QueueRow] = {}
+        self.rows_by_id: dict[str, RequestRow] = {}
         self.summary = ""  # batch figures, set by the app; the sort order is appended
 
     def relabel(self) -> None:
@@ -186,13 +186,13 @@ class QueueTable(LiveTable):
         return f"{label} {'↓' if self.sort_reverse else '↑'}"
 
     def make_cell(self, index: int, text: str, item: Any) -> Cell:
-        r: QueueRow = item
+        r: RequestRow = item
         if index == 1:
             style = self.styles_by_level.get(QUEUE_STATE_LEVEL.get(r.state, ""), "")
             return self.cell(1, text, QUEUE_STATE_ORDER.get(r.state, 9), style)
         return self.cell(index, text, QUEUE_SORT_VALUE[index](r))
 
-    def show(self, rows: Sequence[QueueRow]) -> None:
+    def show(self, rows: Sequence[RequestRow]) -> None:
         self.rows_by_id = {r.request_id: r for r in rows}
         self.update_rows(rows, lambda r: r.request_id, queue_texts)
 
@@ -220,7 +220,7 @@ class QueueTable(LiveTable):
         self.set_sort(str(event.column_key.value))
 
 
-def queue_texts(r: QueueRow) -> tuple[str, ...]:
+def queue_texts(r: RequestRow) -> tuple[str, ...]:
     return (
         short_id(r.request_id), r.state, duration(r.age_s), count(r.prompt_tokens), count(r.generated_tokens),
         rate(r.tokens_per_s), r.client,
@@ -246,7 +246,7 @@ class RanksTable(LiveTable):
     )
 
     def make_cell(self, index: int, text: str, item: Any) -> Cell:
-        r: Rank = item
+        r: RankView = item
         key = self.COLUMNS[index].key
         style = Style()
         if key == "state":
@@ -257,11 +257,11 @@ class RanksTable(LiveTable):
             style = self.styles_by_level.get("error", Style())
         return self.cell(index, text, text, style)
 
-    def show(self, ranks: Sequence[Rank]) -> None:
+    def show(self, ranks: Sequence[RankView]) -> None:
         self.update_rows(ranks, lambda r: str(r.rank), rank_texts)
 
 
-def rank_texts(r: Rank) -> tuple[str, ...]:
+def rank_texts(r: RankView) -> tuple[str, ...]:
     return (
         str(r.rank), r.host, r.state, f"{r.step_ms:.1f}", f"{r.median_step_ms:.1f}", human_bytes(r.rss_bytes),
         human_bytes(r.active_bytes), duration(r.beat_age_s), r.last_error, human_bytes(r.peak_bytes), str(r.pid),
@@ -271,7 +271,7 @@ def rank_texts(r: Rank) -> tuple[str, ...]:
 class StatusHeader(Static):
     """Two lines: what runs (model, TP layout, uptime, admission, tok/s) and how we see it (link)."""
 
-    def show(self, url: str, snap: Snapshot | None, status: Status, paused: bool) -> None:
+    def show(self, url: str, snap: JobSnapshot | None, status: Status, paused: bool) -> None:
         lv = {
             "success": "$text-success",
             "warning": "$text-warning",
@@ -289,7 +289,8 @@ class StatusHeader(Static):
             line1 = (
                 f"[b]Orchard[/b] [b]{escape(snap.model)}[/b] · TP={snap.tensor_parallel}"
                 f"{f' ({escape(layout)})' if layout else ''} · up {duration(snap.uptime_s)} · "
-                f"admission [b {adm}]{escape(snap.admission)}[/] · [b]{rate(snap.tokens_per_s)}[/b] tok/s"
+                f"admission [b {adm}]{escape(snap.admission)}[/] · "
+                f"[b]{rate(snap.throughput.output_tokens_per_s)}[/b] tok/s"
             )
             if snap.engine != "ready":
                 line1 += f" · engine [b $text-warning]{escape(snap.engine)}[/]"
@@ -300,7 +301,8 @@ class StatusHeader(Static):
             line2 += f" · {escape(status.detail or url)}"
         else:
             line2 += (
-                f" · {escape(url)} · batch {snap.running}/{snap.max_batch} · waiting {snap.waiting}"
+                f" · {escape(url)} · batch {snap.batch.running}/{snap.batch.max_batch}"
+                f" · waiting {snap.batch.waiting}"
                 f" · step {snap.last_step_ms:.1f} ms"
             )
             if snap.failure:

@@ -1,0 +1,264 @@
+"""Rank 0's set-up after start-up (rank/startup.py): the KV tiers and the SSD start-up sync, the
+scheduler, the `Leader`, the liveness monitor, the step watchdog and the HTTP server; then the leader's
+loop, and the job's end.
+
+The Leader/Scheduler/Service construction is in `lead`, in one place, so that changes to their
+signatures touch only that function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from cluster.messages import Hello
+from cluster.prefix import PrefixCache
+from cluster.snapshot import JobFacts
+from rank.executor import Executor
+from rank.pulse import PulseMonitor
+from rank.startup import Started
+
+log = logging.getLogger("orchard")
+
+
+def _prefix_cache(args: argparse.Namespace, started: Started) -> PrefixCache | None:
+    """The RAM tier's index, sized in blocks of this model on one rank, and the SSD tier behind it."""
+    from cluster.kvindex import BlockIndex, root_hash
+    from cluster.manifest import Manifest
+    from cluster.ssdtier import SsdTier
+    from rank.env import local_ranks
+    from rank.models import fingerprint
+    from rank.ssdsync import sync_leader
+
+    executor: Executor = started.executor
+    world_size = started.bus.size
+    if args.kv_ram_gb is None:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ram_bytes = int(min(8 * 2**30, 0.10 * physical / local_ranks()))
+    else:
+        ram_bytes = int(args.kv_ram_gb * 2**30)
+    block_bytes = executor.block_bytes
+    capacity = ram_bytes // block_bytes
+    if capacity < 1:
+        log.info("prefix cache off (--kv-ram-gb %s)", args.kv_ram_gb)
+        return None
+    index = BlockIndex(args.kv_block_tokens, capacity, block_bytes)
+    log.info(
+        "RAM prefix cache: %d blocks of %d tokens (%.2f GiB per rank, %.2f MiB per block)",
+        capacity,
+        args.kv_block_tokens,
+        capacity * block_bytes / 2**30,
+        block_bytes / 2**20,
+    )
+    ssd = None
+    if executor.ssd is not None and started.ssd_dir is not None:
+        manifest = Manifest(started.ssd_dir / "manifest.sqlite", world_size)
+        ssd = SsdTier(manifest, index, int(args.kv_ssd_gb * 2**30), args.kv_ssd_ttl or None)
+        ssd.io = executor.ssd.counters
+        sync_leader(started.bus, executor.ssd, manifest, ssd)
+        log.info(
+            "SSD tier: %s, %d blocks on disk, bound %.1f GiB per rank",
+            started.ssd_dir,
+            ssd.stats.blocks,
+            args.kv_ssd_gb,
+        )
+    return PrefixCache(index, root_hash(fingerprint(started.model_dir), f"tp{world_size}"), ssd)
+
+
+def _pulse_monitor(
+    args: argparse.Namespace, ranks: tuple[Hello, ...], names: dict[int, str]
+) -> PulseMonitor | None:
+    """Rank 0's liveness pings to every follower (outside MPI), or None for one rank / --pulse-timeout 0."""
+    followers = [h for h in ranks if h.rank != 0 and h.pulse is not None]
+    if not followers or args.pulse_timeout <= 0:
+        return None
+    from cluster.pulse import PulseBook
+
+    book = PulseBook(time.monotonic, {h.rank: names[h.rank] for h in followers})
+    monitor = PulseMonitor(book, interval=min(0.1, args.pulse_timeout / 4), warn_after=2 * args.pulse_timeout)
+    here = socket.gethostname()
+    for h in followers:
+        if h.pulse is not None:
+            monitor.add(h.rank, h.pulse, same_host=h.host == here)
+    monitor.start()
+    return monitor
+
+
+def _generated_admin_token(args: argparse.Namespace) -> str:
+    """No --admin-token: make one and leave it, readable by this user only, where `python -m tui` looks."""
+    import secrets
+
+    from rank.models import default_cache_dir
+
+    path = (args.cache_dir or default_cache_dir()) / "admin-token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.info("admin token written to %s (pass --admin-token to choose one)", path)
+    return token
+
+
+def lead(args: argparse.Namespace, started: Started) -> int:
+    """Rank 0 after start-up: set up, serve until stopped, and end the job with the loop's exit code."""
+    from api.app import ApiServer, create_app
+    from api.service import Service
+    from cluster.config import ServingConfig, ServingLimits
+    from cluster.engine_client import EngineClient
+    from cluster.scheduler import Scheduler, SchedulerConfig
+    from rank.cli import api_keys
+    from rank.engine import Leader
+    from rank.launch import tell_launcher
+    from rank.models import EMBEDDED_NAME
+    from rank.report import Reporter
+    from rank.tokenizer import ChatTokenizer
+    from rank.watchdog import StepWatchdog
+
+    bus, executor, model_dir, config, ranks = (
+        started.bus,
+        started.executor,
+        started.model_dir,
+        started.config,
+        started.ranks,
+    )
+    names = {h.rank: f"rank {h.rank} (host {h.host}, pid {h.pid})" for h in ranks}
+    table = json.dumps([{"rank": h.rank, "host": h.host, "pid": h.pid} for h in ranks])
+    tell_launcher("ORCHARD_RANKS_FILE", table)  # it names the ranks of a host mpirun loses
+
+    tokenizer = ChatTokenizer(model_dir)
+    context = int(config.get("max_position_embeddings") or 2048)
+    if args.max_context:
+        context = min(context, args.max_context)
+    name = args.served_model_name or (
+        EMBEDDED_NAME if args.model is None else model_dir.name.removesuffix(".gguf")
+    )
+    if args.model and not args.served_model_name and str(args.model).endswith(".gguf"):
+        name = os.path.basename(str(args.model)).removesuffix(".gguf")
+    limits = ServingLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        default_max_tokens=args.default_max_tokens,
+        max_waiting=args.max_queue,
+        request_timeout=args.request_timeout,
+    )
+    serving = ServingConfig(
+        model_name=name,
+        context_length=context,
+        limits=limits,
+        api_keys=api_keys(args),
+        admin_token=args.admin_token or _generated_admin_token(args),
+        world_size=bus.size,
+    )
+    client = EngineClient(max_waiting=limits.max_waiting)
+    prefix_cache = _prefix_cache(args, started)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_batch=args.max_batch,
+            prefill_chunk=args.prefill_chunk,
+            context_length=context,
+            idle_prefill_chunk=args.idle_prefill_chunk,
+        ),
+        decode=tokenizer.decode,
+        eos_token_ids=tokenizer.eos_token_ids,
+        prefix_cache=prefix_cache,
+    )
+    leader = Leader(
+        executor,
+        scheduler,
+        bus,
+        client,
+        heartbeat_interval=args.heartbeat_interval,
+        shutdown_timeout=args.drain_timeout,
+        request_timeout=limits.request_timeout,
+        step_timeout=args.step_timeout or 1e9,
+        rank_names=names,
+        facts=JobFacts(serving.model_name, serving.world_size, serving.context_length, time.time()),
+    )
+    for h in ranks:
+        leader.health.register(h.rank, h.host, h.pid)
+    leader.reporter = Reporter(0, socket.gethostname(), interval=1.0)
+    monitor = _pulse_monitor(args, ranks, names)
+    if monitor is not None:
+        leader.pulses, leader.pulse_timeout = monitor.book, args.pulse_timeout
+        leader.health.liveness = monitor.book.silence
+        leader.health.timeout = max(leader.health.timeout, args.pulse_timeout)
+        monitor.on_gone = lambda r: leader.health.mark_dead(r, "process died (liveness port refuses pings)")
+    leader.watchdog = StepWatchdog(
+        client, args.step_timeout, leader.describe_ranks, hung=leader.hung_ranks if monitor else None
+    )
+    leader.watchdog.start()
+    vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
+    server = ApiServer(
+        create_app(
+            Service(
+                client,
+                tokenizer,
+                serving,
+                vocab,
+                started=leader.facts.started,
+            )
+        ),
+        args.host,
+        args.port,
+        "warning",
+    )
+    try:
+        server.start()
+    except Exception:
+        from cluster.messages import Shutdown
+
+        bus.send(Shutdown(2, "rank 0 could not start its HTTP server"))
+        leader.watchdog.stop()
+        if monitor is not None:
+            monitor.stop()
+        raise
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if leader.shutting_down:
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            leader.request_stop()
+        else:
+            log.info(
+                "%s: draining (new requests get 503; in-flight ones have %g s)",
+                signal.Signals(signum).name,
+                args.drain_timeout,
+            )
+            leader.begin_shutdown()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # mpirun forwards SIGUSR1 without killing
+        signal.signal(sig, on_signal)
+    keys = "on" if serving.api_keys else "off"
+    log.info(
+        "serving %s on http://%s:%d/v1 with %d rank(s), context %d, max batch %d, API keys %s",
+        name,
+        args.host,
+        args.port,
+        bus.size,
+        context,
+        args.max_batch,
+        keys,
+    )
+    try:
+        code = leader.run()
+    finally:
+        leader.watchdog.stop()
+        if monitor is not None:
+            monitor.stop()
+    if code:
+        time.sleep(1.0)  # let error responses reach their clients
+    server.stop()
+    if code:
+        tell_launcher("ORCHARD_STATUS_FILE", str(code))
+    if code and bus.size > 1:
+        log.error("stopping every rank (exit %d)", code)
+        bus.abort(code)
+    log.info("rank 0 exiting with %d", code)
+    return code

@@ -1,0 +1,171 @@
+"""Everything a rank does before its role's loop, in the order it must happen: MLX distributed init, then
+mpi4py on the MPI that MLX started (it must not initialise MPI itself), model load + shard, the control
+bus, the liveness responder, the hello exchange, the SSD block store and the executor. Then a follower
+starts its loop here; rank 0's set-up is rank/leader_setup.py.
+
+Every thread started here is stopped when `start`'s context ends: a live thread at exit keeps MPI from
+finalizing cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.bus import BusCodec, ControlBus, Transport
+from cluster.errors import BusDecodeError, BusError
+from cluster.messages import Hello
+from rank.env import under_mpi
+from rank.executor import Executor
+from rank.pulse import Activity, PulseResponder
+from rank.ssd import SsdBlockStore
+
+log = logging.getLogger("orchard")
+
+
+@dataclass(slots=True, frozen=True)
+class Started:
+    """What start-up hands the role's loop."""
+
+    bus: ControlBus
+    executor: Executor
+    model_dir: Path
+    config: dict[str, Any]  # the model's config.json
+    ranks: tuple[Hello, ...]  # rank 0: every rank's hello, in rank order; followers: ()
+    ssd_dir: Path | None  # the job's SSD tier folder; None: the tier is off
+    activity: Activity | None = None  # a follower's, reported to rank 0's liveness pings; None: not pinged
+
+    @property
+    def rank(self) -> int:
+        return self.bus.rank
+
+
+def init_distributed() -> tuple[Any, Transport]:
+    """MLX first, then mpi4py on the already initialised MPI (ENVIRONMENT.md). Returns MLX's group (None
+    for one rank) and the bus's transport."""
+    from rank.transport import LocalTransport, MpiTransport
+
+    world = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or "1"
+    if not under_mpi() or world == "1":  # `mpirun -np 1` (or `--np 1`): a single rank needs no MPI
+        return None, LocalTransport()
+    import mlx.core as mx
+
+    group = mx.distributed.init(backend="mpi", strict=True)
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = False
+    from mpi4py import MPI
+
+    # A communicator of our own: our point-to-point messages (acks, replies, reports) must never match
+    # MLX's own send/recv on COMM_WORLD (the vocabulary-parallel logits), whatever tags either side uses.
+    transport = MpiTransport(MPI.COMM_WORLD.Dup())
+    if group.size() != transport.size:
+        raise SystemExit(f"MLX sees {group.size()} ranks but MPI sees {transport.size}")
+    return (group if group.size() > 1 else None), transport
+
+
+@contextmanager
+def start(args: argparse.Namespace) -> Iterator[Started]:
+    from rank import cpu_kernels
+    from rank.env import blas_in_use
+    from rank.models import default_cache_dir, load_model, resolve_model
+
+    group, transport = init_distributed()
+    rank, size = transport.rank, transport.size
+    leader = rank == 0  # the only role check of start-up
+    t0 = time.monotonic()
+    cache_dir = args.cache_dir or default_cache_dir()
+    model_dir = resolve_model(args.model, cache_dir, progress=log.info if leader else log.debug)
+    model, config = load_model(model_dir, group)
+    cpu_fast = cpu_kernels.install(model, args.cpu_kernels)
+    log.info(
+        "loaded %s as shard %d/%d in %.1f s (BLAS: %s; CPU kernels: %s)",
+        model_dir.name,
+        rank,
+        size,
+        time.monotonic() - t0,
+        blas_in_use(),
+        "on" if cpu_fast else "off",
+    )
+    bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
+    responder = ssd_store = None
+    try:
+        pulse = None
+        if not leader and args.pulse_timeout > 0:
+            responder = PulseResponder(rank, Activity())
+            responder.start()
+            pulse = responder.hello()
+        hello = Hello(rank, socket.gethostname(), os.getpid(), pulse)
+        if leader:
+            ranks = gather_hellos(bus, hello)
+        else:
+            bus.reply(hello)  # who this rank is, and where rank 0 can ping it
+            ranks = ()
+        ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
+        executor = Executor(
+            model, want_logits=leader, block_tokens=args.kv_block_tokens, ssd=ssd_store, group=group
+        )
+        activity = responder.activity if responder is not None else None
+        yield Started(bus, executor, model_dir, config, ranks, ssd_dir, activity)
+    finally:
+        if responder is not None:
+            responder.stop()
+        if ssd_store is not None:
+            ssd_store.close()  # a live writer thread at exit keeps MPI from finalizing cleanly
+
+
+def gather_hellos(bus: ControlBus, own: Hello) -> tuple[Hello, ...]:
+    """Rank 0: every rank's hello in rank order (its own first), each checked to be the rank it claims."""
+    ranks = (own, *bus.gather(Hello))
+    for r, h in enumerate(ranks):
+        if h.rank != r:
+            raise BusDecodeError(f"rank {r} introduced itself as rank {h.rank}")
+    return ranks
+
+
+def _ssd_store(
+    args: argparse.Namespace, model_dir: Path, rank: int, size: int
+) -> tuple[Path | None, SsdBlockStore | None]:
+    """This rank's SSD folder: <dir>/<model fingerprint>-tp<N>/rank<r>, or (None, None) when off."""
+    from rank.models import default_cache_dir, fingerprint
+
+    if (args.kv_ssd_dir or "").lower() == "none" or args.kv_ram_gb == 0:
+        return None, None
+    base = (
+        Path(args.kv_ssd_dir).expanduser()
+        if args.kv_ssd_dir
+        else (args.cache_dir or default_cache_dir()) / "kv"
+    )
+    ssd_dir = base / f"{fingerprint(model_dir)[:16]}-tp{size}"
+    return ssd_dir, SsdBlockStore(ssd_dir / f"rank{rank}")
+
+
+def run_follower(started: Started) -> int:
+    """A follower's life after start-up: agree on the SSD tier, then execute rank 0's plans until it says
+    stop. A broken bus ends the whole job: ranks that disagree about state produce garbage."""
+    from rank.follower import follow
+    from rank.report import Reporter
+    from rank.ssdsync import sync_followers
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)  # rank 0 drains and tells us when to stop
+    bus, executor = started.bus, started.executor
+    try:
+        if executor.ssd is not None:
+            sync_followers(bus, executor.ssd)
+        reporter = Reporter(started.rank, socket.gethostname(), interval=1.0)
+        return follow(executor, bus, reporter, started.activity)
+    except BusError as exc:
+        log.error("fatal control-bus error, aborting the job: %s", exc)
+        bus.abort(3)
+        return 3
