@@ -27,8 +27,8 @@ from rank.transport import MpiTransport  # noqa: E402
 
 PLANS = {
     "decode batch of 8": StepPlan(step=1, decode_ids=tuple(range(8)), decode_tokens=tuple(range(8))),
-    "admit 2k-token prompt": StepPlan(
-        step=1, admit=(Admit(9, tuple(range(2000))),), prefill=(PrefillChunk(9, 0, 256),)
+    "admit a prompt, 256-token chunk": StepPlan(
+        step=1, admit=(Admit(9, ()),), prefill=(PrefillChunk(9, 0, tuple(range(2000, 2256))),)
     ),
 }
 

@@ -44,8 +44,8 @@ def run_once(args: argparse.Namespace, model_dir: Path) -> dict[str, float]:
     prompts = {sid: tuple(3 + (sid * 13 + i * 7) % 200 for i in range(args.context)) for sid in batch}
     executor.execute(
         plan(
-            admit=tuple(Admit(sid, prompts[sid], ()) for sid in batch),
-            prefill=tuple(PrefillChunk(sid, 0, args.context) for sid in batch),
+            admit=tuple(Admit(sid, ()) for sid in batch),
+            prefill=tuple(PrefillChunk(sid, 0, prompts[sid], True) for sid in batch),
         )
     )
     tokens = tuple(5 + i for i in range(args.batch))
@@ -61,8 +61,8 @@ def run_once(args: argparse.Namespace, model_dir: Path) -> dict[str, float]:
     for i in range(args.steps + 2):
         ids = (new_id, new_id + 1)
         new_id += 2
-        admit = tuple(Admit(sid, tuple(range(10, 10 + args.chunk)), ()) for sid in ids)
-        chunks = tuple(PrefillChunk(sid, 0, args.chunk // 2) for sid in ids)
+        admit = tuple(Admit(sid, ()) for sid in ids)
+        chunks = tuple(PrefillChunk(sid, 0, tuple(range(10, 10 + args.chunk // 2))) for sid in ids)
         t0 = time.perf_counter()
         executor.execute(plan(admit=admit, prefill=chunks, decode_ids=tuple(batch), decode_tokens=tokens))
         if i >= 2:  # the first two are warm-up

@@ -30,7 +30,7 @@ from cluster.messages import (
     StepPlan,
 )
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 R = TypeVar("R", bound=Reply)

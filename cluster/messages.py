@@ -19,11 +19,11 @@ from cluster.pulse import TOKEN_BYTES
 
 @dataclass(slots=True, frozen=True)
 class Admit:
-    """A new sequence: every rank remembers its prompt tokens and opens its KV cache, filled from the
-    cached blocks `cached` (prompt blocks 0..len(cached)-1) when there are any."""
+    """A new sequence: every rank opens its KV cache, filled from the cached blocks `cached` (prompt blocks
+    0..len(cached)-1) when there are any. The prompt itself travels chunk by chunk (`PrefillChunk`), so
+    no plan grows with the length of a prompt and no rank keeps a copy of it."""
 
     seq_id: int
-    tokens: tuple[int, ...]
     cached: tuple[int, ...] = ()
 
 
@@ -38,11 +38,17 @@ class StoreBlocks:
 
 @dataclass(slots=True, frozen=True)
 class PrefillChunk:
-    """Run prompt positions [start, end) of a sequence; `end == len(prompt)` means sample afterwards."""
+    """Run `tokens`, the prompt positions [start, end) of a sequence; `last`: they end its prompt, so the
+    step yields a row of logits for it."""
 
     seq_id: int
     start: int
-    end: int
+    tokens: tuple[int, ...]
+    last: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,8 +77,8 @@ class StepPlan:
             self.KIND,
             self.step,
             list(self.release),
-            [[a.seq_id, list(a.tokens), list(a.cached)] for a in self.admit],
-            [[p.seq_id, p.start, p.end] for p in self.prefill],
+            [[a.seq_id, list(a.cached)] for a in self.admit],
+            [[p.seq_id, p.start, list(p.tokens), p.last] for p in self.prefill],
             list(self.decode_ids),
             list(self.decode_tokens),
             [[s.seq_id, s.first, list(s.block_ids)] for s in self.store],
@@ -90,8 +96,8 @@ class StepPlan:
         return cls(
             step=_int(step),
             release=_ints(release),
-            admit=tuple(Admit(_int(s), _ints(toks), _ints(cached)) for s, toks, cached in admit),
-            prefill=tuple(PrefillChunk(_int(s), _int(a), _int(b)) for s, a, b in prefill),
+            admit=tuple(Admit(_int(s), _ints(cached)) for s, cached in admit),
+            prefill=tuple(PrefillChunk(_int(s), _int(a), _ints(toks), _bool(last)) for s, a, toks, last in prefill),
             decode_ids=_ints(decode_ids),
             decode_tokens=_ints(decode_tokens),
             store=tuple(StoreBlocks(_int(s), _int(first), _ints(ids)) for s, first, ids in store),
@@ -99,6 +105,43 @@ class StepPlan:
             ssd_load=tuple((_int(b), _hash(h)) for b, h in load),
             ssd_save=tuple((_int(b), _hash(h)) for b, h in save),
             ssd_delete=tuple(_hash(h) for h in delete),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class PlanLimits:
+    """What bounds every field of a `StepPlan` (the scheduler and the tiers never exceed these), so the
+    largest plan the limits allow can be built and measured against the bus limit at start-up."""
+
+    max_batch: int
+    prefill_tokens: int  # prompt tokens a step may compute (the larger of the two prefill chunks)
+    max_prompt_blocks: int  # cached blocks one admitted prompt may load
+    block_tokens: int
+    max_evictions: int  # RAM blocks dropped per plan (PrefixCache)
+    max_ssd_ops: int  # SSD loads, saves and deletes per plan, each (SsdTier)
+
+    def largest_plan(self) -> StepPlan:
+        """Every field at its bound, with ids and tokens of the widest encoding (msgpack uint32)."""
+        big = 2**32 - 1
+        h = b"\xff" * 16
+        n = self.max_batch
+        per_chunk, extra = divmod(self.prefill_tokens, n)
+        chunks = tuple(
+            PrefillChunk(big, big, (big,) * (per_chunk + (1 if i < extra else 0)), True) for i in range(n)
+        )
+        stored = self.prefill_tokens // self.block_tokens + n  # a chunk may complete one block besides
+        return StepPlan(
+            step=big,
+            release=(big,) * n,
+            admit=tuple(Admit(big, (big,) * self.max_prompt_blocks) for _ in range(n)),
+            prefill=chunks,
+            decode_ids=(big,) * n,
+            decode_tokens=(big,) * n,
+            store=tuple(StoreBlocks(big, big, (big,)) for _ in range(stored)),  # runs split to single blocks
+            evict=(big,) * self.max_evictions,
+            ssd_load=((big, h),) * self.max_ssd_ops,
+            ssd_save=((big, h),) * self.max_ssd_ops,
+            ssd_delete=(h,) * self.max_ssd_ops,
         )
 
 
@@ -204,6 +247,9 @@ class Hello:
     host: str
     pid: int
     pulse: PulseHello | None = None
+    # The code a rank runs ("orchard 0.1.0, mlx 0.32.4, mlx-lm 0.32.2"): ranks that differ may batch
+    # differently (packed steps depend on the mlx-lm version) and enter collectives out of step.
+    software: str = ""
 
     def to_wire(self) -> list[Any]:
         return [
@@ -212,16 +258,18 @@ class Hello:
             self.host,
             self.pid,
             None if self.pulse is None else self.pulse.to_wire(),
+            self.software,
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> Hello:
-        _, rank, host, pid, pulse = w
+        _, rank, host, pid, pulse, software = w
         return cls(
             _int(rank),
             _str(host, "hello: host", MAX_HOST_CHARS),
             _int(pid),
             None if pulse is None else PulseHello.from_wire(pulse),
+            _str(software, "hello: software", MAX_HOST_CHARS),
         )
 
 

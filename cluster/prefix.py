@@ -28,8 +28,19 @@ class PrefixState:
 
 
 class PrefixCache:
-    def __init__(self, index: BlockIndex, root: BlockHash, ssd: SsdTier | None = None) -> None:
+    # Evictions per plan: clearing a tier of a million blocks must not make one plan of a million ids (the
+    # bus has a size limit). Block ids are never reused, so an eviction sent a few plans late is harmless.
+    MAX_EVICTIONS_PER_PLAN = 8192
+
+    def __init__(
+        self,
+        index: BlockIndex,
+        root: BlockHash,
+        ssd: SsdTier | None = None,
+        max_evictions: int = MAX_EVICTIONS_PER_PLAN,
+    ) -> None:
         self.index = index
+        self.max_evictions = max_evictions
         self.ssd = ssd
         self.root = root
         self.block_tokens = index.block_tokens
@@ -118,7 +129,9 @@ class PrefixCache:
         return bool(self._evict) or (self.ssd is not None and self.ssd.has_work())
 
     def take_evictions(self) -> tuple[int, ...]:
-        out, self._evict = tuple(self._evict), []
+        """The next plan's evictions, at most `max_evictions`; the rest wait for the plans after it."""
+        out = tuple(self._evict[: self.max_evictions])
+        del self._evict[: self.max_evictions]
         return out
 
     def commit(self) -> None:

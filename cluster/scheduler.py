@@ -161,9 +161,9 @@ class Scheduler:
                     req.computed = len(cached) * cache.block_tokens
                     producing.update(req.prefix.hashes[req.prefix.covered :])
                 req.admitted = True
-                admits.append(Admit(req.seq_id, tokens, cached))
+                admits.append(Admit(req.seq_id, cached))
             end = min(req.prompt_len, req.computed + budget)
-            prefill.append(PrefillChunk(req.seq_id, req.computed, end))
+            prefill.append(PrefillChunk(req.seq_id, req.computed, tokens[req.computed : end], end == req.prompt_len))
             prefilled.append((req, end))
             if end == req.prompt_len:
                 completed.append(req)

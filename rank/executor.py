@@ -71,7 +71,6 @@ class Executor:
         self.want_logits = want_logits
         self._steps = 0
         self.num_layers = len(model.layers)
-        self.prompts: dict[int, tuple[int, ...]] = {}
         self.prefilling: dict[int, list[KVCache]] = {}
         self.batch: list[BatchKVCache] | None = None
         self.batch_ids: list[int] = []
@@ -83,7 +82,10 @@ class Executor:
 
     @property
     def num_sequences(self) -> int:
-        return len(self.prompts)
+        return len(self.prefilling) + len(self.batch_ids)
+
+    def _holds(self, seq_id: int) -> bool:
+        return seq_id in self.prefilling or seq_id in self.batch_ids
 
     def execute(self, plan: StepPlan) -> StepOutput:
         self._release(plan.release)
@@ -91,9 +93,8 @@ class Executor:
             self.blocks.pop(block_id, None)
         failed = self._ssd_load(plan.ssd_load)
         for admit in plan.admit:
-            if admit.seq_id in self.prompts:
+            if self._holds(admit.seq_id):
                 raise EngineError(f"sequence {admit.seq_id} admitted twice")
-            self.prompts[admit.seq_id] = admit.tokens
             self.prefilling[admit.seq_id] = self._cache_from_blocks(admit.cached)
         for chunk in plan.prefill:
             cache = self.prefilling[chunk.seq_id]
@@ -158,7 +159,7 @@ class Executor:
         that ends its prompt, then every decode row. A pass of prompt chunks is evaluated here: that
         bounds the graph, and on followers runs the pass's collectives."""
         layout = RowLayout.of([c.end - c.start for c in chunks], len(decode_ids))
-        tokens = [t for c in chunks for t in self.prompts[c.seq_id][c.start : c.end]]
+        tokens = [t for c in chunks for t in c.tokens]
         tokens += decode_tokens
         inputs = mx.array(tokens, dtype=mx.int32)
         # a lone decode batch is B rows of one token; anything else, one row
@@ -167,7 +168,7 @@ class Executor:
         h = self.model.model(inputs, cache=cache)
         positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, 1, D): one hidden state a position
         for c, (_, end) in zip(chunks, layout.spans, strict=True):
-            if c.end == len(self.prompts[c.seq_id]):
+            if c.last:
                 rows.ids.append(c.seq_id)
                 rows.hidden.append(positions[end - 1 : end])
         if decode_ids:
@@ -276,7 +277,6 @@ class Executor:
             return
         gone = set(seq_ids)
         for sid in seq_ids:
-            self.prompts.pop(sid, None)
             self.prefilling.pop(sid, None)
         if self.batch is not None and gone.intersection(self.batch_ids):
             keep = [i for i, sid in enumerate(self.batch_ids) if sid not in gone]
@@ -292,7 +292,7 @@ class Executor:
         """Join newly prefilled sequences, then put the rows in the plan's order."""
         joining = [sid for sid in decode_ids if sid in self.prefilling]
         for sid in decode_ids:
-            if sid not in self.prompts:
+            if not self._holds(sid):
                 raise EngineError(f"decode of unknown sequence {sid}")
         if joining:
             self._join(joining, [self.prefilling.pop(sid) for sid in joining])

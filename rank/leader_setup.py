@@ -22,7 +22,7 @@ from cluster.prefix import PrefixCache
 from cluster.snapshot import JobFacts
 from rank.executor import Executor
 from rank.pulse import PulseMonitor
-from rank.startup import Started
+from rank.startup import Started, context_length
 
 log = logging.getLogger("orchard")
 
@@ -91,19 +91,13 @@ def _pulse_monitor(
 
 
 def _generated_admin_token(args: argparse.Namespace) -> str:
-    """No --admin-token: make one and leave it, readable by this user only, where `python -m tui` looks."""
-    import secrets
+    """No --admin-token (nor ORCHARD_ADMIN_TOKEN): the one in --admin-token-file, else the per-user file
+    `python -m tui` reads, made once and kept private (rank/admin_token.py has the why)."""
+    from rank.admin_token import admin_token_path, generated_token, read_token_file
 
-    from rank.models import default_cache_dir
-
-    path = (args.cache_dir or default_cache_dir()) / "admin-token"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    log.info("admin token written to %s (pass --admin-token to choose one)", path)
-    return token
+    if args.admin_token_file:
+        return read_token_file(args.admin_token_file)
+    return generated_token(admin_token_path())
 
 
 def lead(args: argparse.Namespace, started: Started) -> int:
@@ -133,9 +127,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
     tell_launcher("ORCHARD_RANKS_FILE", table)  # it names the ranks of a host mpirun loses
 
     tokenizer = ChatTokenizer(model_dir)
-    context = int(config.get("max_position_embeddings") or 2048)
-    if args.max_context:
-        context = min(context, args.max_context)
+    context = context_length(args, config)
     name = args.served_model_name or (
         EMBEDDED_NAME if args.model is None else model_dir.name.removesuffix(".gguf")
     )

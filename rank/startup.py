@@ -105,9 +105,14 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
             responder = PulseResponder(rank, Activity())
             responder.start()
             pulse = responder.hello()
-        hello = Hello(rank, socket.gethostname(), os.getpid(), pulse)
+        hello = Hello(rank, socket.gethostname(), os.getpid(), pulse, software_versions())
+        check_plan_fits(args, config, bus.codec)  # every rank decides the same, before anyone waits
         if leader:
             ranks = gather_hellos(bus, hello)
+            problem = mismatched_software(ranks)
+            if problem:
+                log.error("%s", problem)
+                bus.abort(2)  # the followers wait for a plan that will never come
         else:
             bus.reply(hello)  # who this rank is, and where rank 0 can ping it
             ranks = ()
@@ -122,6 +127,56 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
             responder.stop()
         if ssd_store is not None:
             ssd_store.close()  # a live writer thread at exit keeps MPI from finalizing cleanly
+
+
+def software_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+
+    return f"orchard {v('mlx-orchard')}, mlx {v('mlx')}, mlx-lm {v('mlx-lm')}"
+
+
+def mismatched_software(ranks: tuple[Hello, ...]) -> str | None:
+    odd = [h for h in ranks if h.software != ranks[0].software]
+    if not odd:
+        return None
+    others = "; ".join(f"rank {h.rank} on {h.host} runs {h.software}" for h in odd)
+    return f"rank 0 runs {ranks[0].software}, but {others}: install the same versions on every host"
+
+
+def context_length(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    context = int(config.get("max_position_embeddings") or 2048)
+    return min(context, args.max_context) if args.max_context else context
+
+
+def check_plan_fits(args: argparse.Namespace, config: dict[str, Any], codec: BusCodec) -> None:
+    """The largest step plan these limits allow must fit the bus, or the job would fail mid-serving."""
+    from cluster.errors import BusMessageTooLarge, ConfigError
+    from cluster.messages import PlanLimits
+    from cluster.prefix import PrefixCache
+    from cluster.ssdtier import SsdTier
+
+    prompt = args.max_prompt_tokens or context_length(args, config)
+    limits = PlanLimits(
+        max_batch=args.max_batch,
+        prefill_tokens=max(args.prefill_chunk, args.idle_prefill_chunk),
+        max_prompt_blocks=prompt // args.kv_block_tokens,
+        block_tokens=args.kv_block_tokens,
+        max_evictions=PrefixCache.MAX_EVICTIONS_PER_PLAN,
+        max_ssd_ops=getattr(SsdTier, "MAX_OPS_PER_PLAN", 4096),  # FIXME(lead): the SSD cap
+    )
+    try:
+        codec.encode(0, limits.largest_plan())
+    except BusMessageTooLarge as exc:
+        raise ConfigError(
+            f"the largest step plan these limits allow does not fit the control bus ({exc}); raise "
+            "--bus-max-bytes, or lower --max-batch, --prefill-chunk, --idle-prefill-chunk or --max-prompt-tokens"
+        ) from None
 
 
 def gather_hellos(bus: ControlBus, own: Hello) -> tuple[Hello, ...]:

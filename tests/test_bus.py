@@ -16,6 +16,7 @@ from cluster.messages import (
     Admit,
     Heartbeat,
     Hello,
+    PlanLimits,
     PrefillChunk,
     PulseHello,
     RankReport,
@@ -39,11 +40,12 @@ def plans(draw: st.DrawFn) -> StepPlan:
         step=draw(ids),
         release=tuple(draw(st.lists(ids, max_size=8))),
         admit=tuple(
-            Admit(draw(ids), tuple(draw(st.lists(small, max_size=64))))
+            Admit(draw(ids), tuple(draw(st.lists(small, max_size=8))))
             for _ in range(draw(st.integers(0, 4)))
         ),
         prefill=tuple(
-            PrefillChunk(draw(ids), draw(small), draw(small)) for _ in range(draw(st.integers(0, 4)))
+            PrefillChunk(draw(ids), draw(small), tuple(draw(st.lists(small, max_size=64))), draw(st.booleans()))
+            for _ in range(draw(st.integers(0, 4)))
         ),
         decode_ids=tuple(decode_ids),
         decode_tokens=tuple(draw(st.lists(small, min_size=len(decode_ids), max_size=len(decode_ids)))),
@@ -108,13 +110,13 @@ def test_garbage_is_a_bus_error(data: bytes) -> None:
 
 def test_sender_refuses_oversize() -> None:
     codec = BusCodec(max_message_bytes=1024)
-    plan = StepPlan(step=1, admit=(Admit(1, tuple(range(2000))),))
+    plan = StepPlan(step=1, prefill=(PrefillChunk(1, 0, tuple(range(2000))),))
     with pytest.raises(BusMessageTooLarge, match="over the limit of 1024"):
         codec.encode(1, plan)
 
 
 def test_receiver_refuses_oversize() -> None:
-    data = BusCodec().encode(1, StepPlan(step=1, admit=(Admit(1, tuple(range(2000))),)))
+    data = BusCodec().encode(1, StepPlan(step=1, prefill=(PrefillChunk(1, 0, tuple(range(2000))),)))
     with pytest.raises(BusMessageTooLarge):
         BusCodec(max_message_bytes=1024).decode(data)
 
@@ -298,3 +300,46 @@ def test_a_follower_cannot_broadcast_replies() -> None:
     net.bcast[1].put(BusCodec().encode(1, SsdLoadResult()))
     with pytest.raises(BusDecodeError, match="only followers send"):
         follower.receive()
+
+
+def test_largest_plan_is_checked_against_the_bus_limit_at_start_up() -> None:
+    """Every bounded field at its bound: the defaults fit the default bus limit with room to spare; a bus
+    limit too small for the limits is a clear start-up error on every rank, not a failure mid-serving."""
+    from cluster.errors import ConfigError
+    from rank.cli import build_parser
+    from rank.startup import check_plan_fits
+
+    config = {"max_position_embeddings": 8192}
+    args = build_parser().parse_args([])
+    check_plan_fits(args, config, BusCodec(args.bus_max_bytes))
+    small = build_parser().parse_args(["--bus-max-bytes", "20000"])
+    with pytest.raises(ConfigError, match="--bus-max-bytes"):
+        check_plan_fits(small, config, BusCodec(small.bus_max_bytes))
+    plan = BusCodec().encode(1, PlanLimits(8, 1024, 256, 32, 8192, 4096).largest_plan())
+    assert len(plan) < 1_000_000
+
+
+def test_clearing_a_huge_tier_spreads_evictions_over_plans() -> None:
+    from cluster.kvindex import BlockIndex
+    from cluster.prefix import PrefixCache
+
+    index = BlockIndex(block_tokens=2, capacity_blocks=100, block_bytes=1)
+    cache = PrefixCache(index, b"r" * 16, max_evictions=8)
+    st = cache.state_for(tuple(range(41)))
+    cache.store(1, tuple(range(41)), st, 41)
+    cache.release(st)
+    assert cache.clear() == 20
+    taken = [cache.take_evictions() for _ in range(4)]
+    assert [len(t) for t in taken] == [8, 8, 4, 0]
+    assert len({b for t in taken for b in t}) == 20 and not cache.has_evictions
+
+
+def test_ranks_with_other_software_are_named() -> None:
+    from cluster.messages import Hello
+    from rank.startup import mismatched_software
+
+    same = (Hello(0, "a", 1, None, "orchard 1, mlx 2"), Hello(1, "b", 2, None, "orchard 1, mlx 2"))
+    assert mismatched_software(same) is None
+    odd = (*same, Hello(2, "c", 3, None, "orchard 1, mlx 3"))
+    problem = mismatched_software(odd)
+    assert problem is not None and "rank 2 on c runs orchard 1, mlx 3" in problem

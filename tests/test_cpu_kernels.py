@@ -145,19 +145,23 @@ def test_packed_prefill_equals_one_pass_per_sequence(tiny_model) -> None:
 
     model, _ = load(str(tiny_model))
     prompts = {1: tuple(range(3, 43)), 2: tuple(range(50, 150)), 3: (7, 8, 9, 10, 11), 4: tuple(range(9, 99))}
+
+    def chunk(sid: int, start: int, end: int) -> PrefillChunk:
+        return PrefillChunk(sid, start, prompts[sid][start:end], end == len(prompts[sid]))
+
     plans = [
-        StepPlan(1, admit=(Admit(2, prompts[2], ()),), prefill=(PrefillChunk(2, 0, 30),)),
+        StepPlan(1, admit=(Admit(2, ()),), prefill=(chunk(2, 0, 30),)),
         StepPlan(
             2,
-            admit=(Admit(1, prompts[1], ()), Admit(3, prompts[3], ())),
-            prefill=(PrefillChunk(1, 0, 40), PrefillChunk(2, 30, 100), PrefillChunk(3, 0, 5)),
+            admit=(Admit(1, ()), Admit(3, ())),
+            prefill=(chunk(1, 0, 40), chunk(2, 30, 100), chunk(3, 0, 5)),
         ),
         StepPlan(3, decode_ids=(1, 2, 3), decode_tokens=(5, 6, 7)),
         # a prompt chunk and the decode rows in one pass (rows reordered on the way)
         StepPlan(
             4,
-            admit=(Admit(4, prompts[4], ()),),
-            prefill=(PrefillChunk(4, 0, 90),),
+            admit=(Admit(4, ()),),
+            prefill=(chunk(4, 0, 90),),
             decode_ids=(3, 1, 2),
             decode_tokens=(8, 9, 10),
         ),

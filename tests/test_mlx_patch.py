@@ -80,8 +80,8 @@ def test_another_version_leaves_mlx_lm_alone_and_says_so(tiny_model, caplog) -> 
         assert not executor._packs
         plan = StepPlan(
             1,
-            admit=(Admit(1, (3, 4, 5), ()), Admit(2, (6, 7), ())),
-            prefill=(PrefillChunk(1, 0, 3), PrefillChunk(2, 0, 2)),
+            admit=(Admit(1, ()), Admit(2, ())),
+            prefill=(PrefillChunk(1, 0, (3, 4, 5), True), PrefillChunk(2, 0, (6, 7), True)),
         )
         assert executor.execute(plan).row_ids == [1, 2]
     finally:

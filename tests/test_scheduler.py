@@ -31,7 +31,9 @@ def request(rid: str, prompt_len: int, max_tokens: int = 5, stop: tuple[str, ...
 
 def rows(plan: StepPlan, sched_prompts: dict[int, int]) -> list[int]:
     """The rows of logits a plan yields, as the executor orders them: completed prompts, then decodes."""
-    done = [p.seq_id for p in plan.prefill if p.end == sched_prompts[p.seq_id]]
+    for p in plan.prefill:
+        assert p.last == (p.end == sched_prompts[p.seq_id])
+    done = [p.seq_id for p in plan.prefill if p.last]
     return done + list(plan.decode_ids)
 
 
@@ -42,15 +44,15 @@ def sample(step: ScheduledStep, token: int = 1) -> list[SampledToken]:
 def run(s: Scheduler, token: int = 1, limit: int = 10_000) -> tuple[list[StepPlan], list[RequestEvent]]:
     """Drive the scheduler like the leader does, sampling `token` for every row, and check that the rows
     the scheduler expects are the rows the executor computes."""
-    prompts: dict[int, int] = {}
+    prompts = {r.seq_id: r.prompt_len for r in s.requests.values()}
     plans, events = [], []
     for _ in range(limit):
         if not s.has_work():
             break
         step = s.schedule()
         plan = step.plan
-        for a in plan.admit:
-            prompts[a.seq_id] = len(a.tokens)
+        for p in plan.prefill:
+            assert p.tokens == tuple(range(1, prompts[p.seq_id] + 1))[p.start : p.end]
         assert [r.seq_id for r in step.rows] == rows(plan, prompts)
         plans.append(plan)
         out = s.update(step, sample(step, token))
