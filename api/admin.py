@@ -1,6 +1,7 @@
 """Operator routes (`/admin/*`, `/metrics`): the engine's published snapshot for the TUI and scripts,
-actions, and Prometheus exposition. All need `Authorization: Bearer <admin token>`. Every figure comes
-from `Service.snapshot()`, never from the engine's live objects."""
+actions, and Prometheus exposition. All need `Authorization: Bearer <admin token>`; `/metrics` also takes
+the read-only metrics token. Every figure comes from `Service.snapshot()`, never from the engine's live
+objects."""
 
 from __future__ import annotations
 
@@ -22,11 +23,17 @@ def _svc(request: Request) -> Service:
     return svc
 
 
-def require_admin(request: Request) -> None:
-    token = _svc(request).config.admin_token
+def _bearer_matches(request: Request, tokens: tuple[str | None, ...]) -> bool:
     header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if not token or not given or not hmac.compare_digest(given.encode(), token.encode()):
+    given = (header[7:].strip() if header.lower().startswith("bearer ") else "").encode()
+    ok = False
+    for token in tokens:  # no early exit: timing does not tell which token matched
+        ok |= bool(token) and bool(given) and hmac.compare_digest(given, (token or "").encode())
+    return ok
+
+
+def require_admin(request: Request) -> None:
+    if not _bearer_matches(request, (_svc(request).config.admin_token,)):
         raise APIError(
             401,
             "admin token missing or wrong: send Authorization: Bearer <admin token>",
@@ -34,7 +41,20 @@ def require_admin(request: Request) -> None:
         )
 
 
+def require_metrics_reader(request: Request) -> None:
+    """/metrics takes the admin token or the read-only metrics token (`--metrics-token`), so Prometheus
+    needs no token that can drain the server or cancel requests."""
+    config = _svc(request).config
+    if not _bearer_matches(request, (config.admin_token, config.front.metrics_token)):
+        raise APIError(
+            401,
+            "admin or metrics token missing or wrong: send Authorization: Bearer <token>",
+            code="invalid_admin_token",
+        )
+
+
 router = APIRouter(dependencies=[Depends(require_admin)])
+metrics_router = APIRouter(dependencies=[Depends(require_metrics_reader)])
 
 
 def admission(svc: Service) -> str:
@@ -93,7 +113,7 @@ async def clear_tier(tier: str, request: Request) -> dict[str, Any]:
     return {"clearing": tier}
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -11,77 +11,19 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.admin import metrics_registry
+from api.admin import metrics_registry, metrics_router
 from api.admin import router as admin_router
 from api.errors import error_body, install_error_handlers
+from api.front import BodyGuard, HostGuard, connection_room, host_name, is_loopback_name, protocol_for
 from api.openai_routes import router as openai_router
 from api.service import Service
+from cluster.config import ServingConfig
 from cluster.errors import ConfigError
 from cluster.snapshot import JobSnapshot
 
 log = logging.getLogger("orchard.api")
-
-
-class BodyLimit:
-    """413 for bodies over the limit, by Content-Length or by counting what actually arrives."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._reject(send)
-                    return
-        seen = 0
-        sent_413 = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            if not sent_413:
-                await send(message)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except _TooLarge:
-            sent_413 = True
-            await self._reject(send)
-
-    async def _reject(self, send: Send) -> None:
-        resp = JSONResponse(
-            error_body(
-                413, f"request body over the limit of {self.max_bytes} bytes", None, "request_too_large"
-            ),
-            status_code=413,
-        )
-        await resp({"type": "http"}, _empty_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _empty_receive() -> Message:
-    return {"type": "http.disconnect"}
 
 
 class ApiKeyAuth:
@@ -136,6 +78,7 @@ def create_app(service: Service) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(metrics_router)
     app.state.metrics_registry = metrics_registry(service)
 
     @app.get("/health")
@@ -173,21 +116,39 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     app.add_middleware(ApiKeyAuth, keys=service.config.api_keys)
-    app.add_middleware(BodyLimit, max_bytes=service.config.limits.max_body_bytes)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=service.config.limits.max_body_bytes,
+        read_timeout=service.config.front.request_read_timeout,
+    )
     return app
 
 
 class ApiServer:
-    """uvicorn in a background thread: rank 0's main thread belongs to the engine (MPI is single-threaded)."""
+    """uvicorn in a background thread: rank 0's main thread belongs to the engine (MPI is single-threaded).
+    The edge settings come from the app's `ServingConfig.front`: a connection cap and read deadlines (our
+    h11 protocol), the Host guard of a key-less loopback server, and X-Forwarded-For believed only from
+    `trusted_proxies` (uvicorn believes it from 127.0.0.1 by default: any local process could then
+    pose as any client in the request log)."""
 
     def __init__(self, app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
+        serving: ServingConfig = app.state.service.config
+        front = serving.front
+        served: ASGIApp = app
+        if not serving.api_keys and is_loopback_name(host_name(host)) and "*" not in front.allowed_hosts:
+            served = HostGuard(app, front.allowed_hosts)
         config = uvicorn.Config(
-            app,
+            served,
             host=host,
             port=port,
             log_level=log_level,
             access_log=False,
             lifespan="on",
+            interface="asgi3",
+            http=protocol_for(front, connection_room(front.max_connections)),
+            ws="none",
+            proxy_headers=bool(front.trusted_proxies),
+            forwarded_allow_ips=list(front.trusted_proxies),
             timeout_graceful_shutdown=5,
         )
         self.server = uvicorn.Server(config)
@@ -207,6 +168,11 @@ class ApiServer:
                     f"HTTP server did not start on {self.host}:{self.port} within {timeout:g} s"
                 )
             time.sleep(0.02)
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually listened on (the one the OS picked for port 0)."""
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
 
     def stop(self) -> None:
         self.server.should_exit = True

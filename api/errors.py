@@ -49,12 +49,18 @@ def error_body(
 ) -> dict[str, Any]:
     return {
         "error": {
-            "message": message,
+            "message": _encodable(message),
             "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
-            "param": param,
+            "param": None if param is None else _encodable(param),
             "code": code,
         }
     }
+
+
+def _encodable(text: str) -> str:
+    """`text` with lone surrogates escaped: a message quoting a client's bad string must not turn the 400
+    into a 500 when the response is encoded as UTF-8."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -74,6 +80,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+def _parse_error(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the request body is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the request body holds a number with too many digits"
+    return "the request body is not valid JSON"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -88,6 +104,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
         message = str(exc.detail) if exc.status_code != 404 else "unknown URL: see /docs for the routes"
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            message = _parse_error(exc.__cause__)
+            code = "invalid_unicode" if isinstance(exc.__cause__, UnicodeDecodeError) else "invalid_value"
         return JSONResponse(
             error_body(exc.status_code, message, None, code),
             status_code=exc.status_code,

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.errors import APIError, error_body
@@ -21,10 +21,18 @@ from api.prompts import (
     ids_prompt,
     prompt_pool,
     prompt_pool_lifespan,
+    template_limit,
     text_prompt,
 )
 from api.render import ChatRender, Render, TextRender
-from api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from api.schemas import (
+    GREEDY_BELOW,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    screen_body,
+    screen_chat_body,
+)
 from api.service import Service
 from cluster.requests import (
     Admission,
@@ -55,7 +63,7 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     return svc.model_card()
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", dependencies=[Depends(screen_chat_body)])
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     svc = _svc(request)
     svc.check_model(body.model)
@@ -80,7 +88,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     checked = _check_sampling(svc, body, max_tokens)
     include_usage = _include_usage(body)
     pool = prompt_pool(request.app)
-    prompt = await pool.run(chat_size(body.messages), chat_prompt, svc.tokenizer, body.messages)
+    max_chars = template_limit(svc.config.limits)
+    prompt = await pool.run(chat_size(body.messages), chat_prompt, svc.tokenizer, body.messages, max_chars)
     sampling = _sampling(svc, body, checked, len(prompt.ids), max_tokens, logprobs)
     return await _generate(
         request,
@@ -95,7 +104,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     )
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", dependencies=[Depends(screen_body)])
 async def completions(body: CompletionRequest, request: Request) -> Any:
     svc = _svc(request)
     svc.check_model(body.model)
@@ -188,8 +197,6 @@ def _check_sampling(svc: Service, body: SamplingFields, max_tokens: int | None) 
         if not 0 <= tid < svc.vocab_size:
             raise APIError(400, f"logit_bias token {tid} is outside the vocabulary", param="logit_bias")
         bias.append((tid, float(value)))
-    if len(bias) > 300:
-        raise APIError(400, "logit_bias may hold at most 300 tokens", param="logit_bias")
     return _Checked(tuple(stops), tuple(bias))
 
 
@@ -220,6 +227,8 @@ def _sampling(
             code="context_length_exceeded",
         )
     temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0  # greedy: the engine's fast path, and no division by a tiny number
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     return SamplingParams(
         temperature=temperature,

@@ -17,13 +17,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from fastapi import FastAPI
 
 from api.errors import APIError
 from api.schemas import ChatMessage
 from api.service import TextCodec
+from cluster.config import ServingLimits
 
 T = TypeVar("T")
 
@@ -31,6 +32,26 @@ T = TypeVar("T")
 # small lane (tokenizing runs at ~0.3 us a byte, a template at ~3 us a message).
 LARGE_PROMPT_CHARS = 64 * 1024
 MESSAGE_CHARS = 16  # what one message costs to render, counted in characters of content
+# A rendered chat prompt may be this many times the body limit: markers and role names add some 50
+# characters to a message of 16 bytes of JSON at most (Llama 3), and a template's preamble a few KiB.
+TEMPLATE_BODY_RATIO = 4
+
+
+def template_limit(limits: ServingLimits) -> int:
+    """The longest rendered chat prompt (--max-template-chars, by default 4 x --max-body-bytes): a
+    template that repeats its input cannot make the tokenizer work through a string of any length."""
+    return limits.max_template_chars or TEMPLATE_BODY_RATIO * limits.max_body_bytes
+
+
+@runtime_checkable
+class RendersChat(Protocol):
+    """A codec that renders the chat template apart from tokenizing (`rank.tokenizer.ChatTokenizer`), so
+    the rendered size is checked before the tokenizer sees it; `encode_chat` takes that render back
+    (it alone knows how to keep special-token text in messages apart from the template's)."""
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str: ...
+
+    def encode_chat(self, messages: list[dict[str, Any]], rendered: str | None = None) -> list[int]: ...
 
 
 @dataclass(slots=True, frozen=True)
@@ -99,10 +120,24 @@ def chat_size(messages: Sequence[ChatMessage]) -> int:
     return size
 
 
-def chat_prompt(codec: TextCodec, messages: Sequence[ChatMessage]) -> Prompt:
+def chat_prompt(codec: TextCodec, messages: Sequence[ChatMessage], max_chars: int) -> Prompt:
     dicts = [_message_dict(m, i) for i, m in enumerate(messages)]
+    if not isinstance(codec, RendersChat):
+        return Prompt(_template_call(codec.encode_chat, dicts))
+    text = _template_call(codec.render_chat, dicts)
+    if len(text) > max_chars:
+        raise APIError(
+            400,
+            f"the rendered chat template has {len(text)} characters, over this server's limit of {max_chars}",
+            param="messages",
+            code="template_output_too_large",
+        )
+    return Prompt(_template_call(lambda d: codec.encode_chat(d, rendered=text), dicts))
+
+
+def _template_call(fn: Callable[[list[dict[str, Any]]], T], dicts: list[dict[str, Any]]) -> T:
     try:
-        return Prompt(codec.encode_chat(dicts))
+        return fn(dicts)
     except Exception as exc:  # a template that raises on this conversation (role order, ...)
         raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from exc
 

@@ -45,9 +45,13 @@ class Soak:
     samples: list[tuple[float, dict[int, tuple[int, int]]]] = field(default_factory=list)
     hosts: dict[int, str] = field(default_factory=dict)
     started: int = 0
+    health_ms: list[float] = field(default_factory=list)  # /health latency, probed throughout
+    health_failures: int = 0
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, status: int = 0) -> None:
         self.outcomes["error"] += 1
+        if status >= 500:
+            self.outcomes["5xx"] += 1
         if len(self.errors) < 5:
             self.errors.append(text[:200])
 
@@ -71,7 +75,8 @@ async def one_request(
 ) -> None:
     long = rng.random() < args.long_share
     stream = rng.random() < args.stream_share
-    cancel_after = rng.randint(1, 4) if stream and rng.random() < args.cancel_share else 0
+    # a stream closed after a random number of chunks: while queued (0 read), mid-prefill, mid-decode
+    cancel_after = rng.randint(1, max(1, args.max_tokens // 2)) if stream and rng.random() < args.cancel_share else 0
     text = words(rng, args.long_words if long else args.short_words)
     body: dict[str, Any] = {
         "model": args.model,
@@ -85,14 +90,14 @@ async def one_request(
         if not stream:
             r = await client.post("/v1/chat/completions", json=body)
             if r.status_code != 200:
-                soak.error(f"{kind}: HTTP {r.status_code} {r.text[:120]}")
+                soak.error(f"{kind}: HTTP {r.status_code} {r.text[:120]}", r.status_code)
                 return
             soak.output_tokens += int(r.json().get("usage", {}).get("completion_tokens", 0))
             soak.outcomes["ok"] += 1
             return
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
-                soak.error(f"{kind}: HTTP {r.status_code} {(await r.aread())[:120]!r}")
+                soak.error(f"{kind}: HTTP {r.status_code} {(await r.aread())[:120]!r}", r.status_code)
                 return
             chunks = 0
             async for line in r.aiter_lines():
@@ -139,6 +144,48 @@ async def sampler(
             return
         except asyncio.TimeoutError:
             continue
+
+
+async def health_prober(url: str, every: float, stop: asyncio.Event, soak: Soak) -> None:
+    """/health on a connection of its own, as a load balancer would probe it, for the whole run."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                r = await client.get("/health")
+                if r.status_code != 200:
+                    soak.health_failures += 1
+            except httpx.HTTPError:
+                soak.health_failures += 1
+            soak.health_ms.append((time.perf_counter() - t0) * 1000)
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except asyncio.TimeoutError:
+                pass
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def leak_check(client: httpx.AsyncClient, token: str) -> dict[str, Any]:
+    """After the run: no sequence left on the ranks or in the batch, and no RAM block still referenced
+    (clearing the tier drops every unreferenced block: whatever stays is held by a request that is gone)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    r = await client.delete("/admin/cache/ram", headers=headers, timeout=10)
+    cleared = r.status_code == 200
+    await asyncio.sleep(1.5)  # the engine clears between steps; the snapshot is at most 0.1 s old
+    after = await state(client, token)
+    ram = next((t for t in after["kv"]["tiers"] if t["tier"] == "ram"), None)
+    return {
+        "running": after["batch"]["running"],
+        "waiting": after["batch"]["waiting"],
+        "sequences_on_ranks": after.get("sequences_on_ranks"),
+        "ram_blocks_after_clear": None if ram is None or not cleared else ram["blocks"],
+    }
 
 
 def slope_mib_min(points: list[tuple[float, float]]) -> float:
@@ -194,6 +241,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         deadline = start + args.minutes * 60
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler(client, token, args.sample_every, start, stop, soak))
+        probing = asyncio.create_task(health_prober(args.url, args.health_every, stop, soak))
         print(
             f"soak: {args.minutes} min against {args.url} ({args.model}), {args.concurrency} at once",
             file=sys.stderr,
@@ -205,7 +253,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.settle)  # let cancellations and the last replies settle
         stop.set()
         await sampling
+        await probing
         after = await state(client, token)
+        leaks = await leak_check(client, token)
     return {
         "url": args.url,
         "model": args.model,
@@ -215,6 +265,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "output_tokens": soak.output_tokens,
         "first_errors": soak.errors,
         "batch_after": after.get("batch"),
+        "leaks_after": leaks,
+        "health": {
+            "probes": len(soak.health_ms),
+            "failures": soak.health_failures,
+            "p50_ms": round(percentile(soak.health_ms, 0.5), 1),
+            "p99_ms": round(percentile(soak.health_ms, 0.99), 1),
+            "max_ms": round(max(soak.health_ms, default=float("nan")), 1),
+            "over_100ms": sum(1 for v in soak.health_ms if v > 100),
+        },
         "ranks": rss_report(soak),
         "samples": [
             {
@@ -231,6 +290,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     print(f"{report['requests']} requests in {report['minutes']} min: {report['outcomes']}")
     print(f"output tokens {report['output_tokens']}; batch after: {report['batch_after']}")
+    print(f"leaks after: {report['leaks_after']}")
+    print(f"/health: {report['health']}")
     for error in report["first_errors"]:
         print(f"  error: {error}")
     cols = ("rank", "host", "samples", "rss_start_mib", "rss_end_mib", "rss_peak_mib", "slope_mib_min")
@@ -262,6 +323,7 @@ def main() -> int:
     p.add_argument("--cancel-share", type=float, default=0.3, help="share of streams closed mid-way")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
+    p.add_argument("--health-every", type=float, default=0.25, help="seconds between /health probes")
     p.add_argument("--settle", type=float, default=3.0, help="seconds to wait after the last request")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout")
     p.add_argument("--seed", type=int, default=0)

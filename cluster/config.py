@@ -14,6 +14,21 @@ class ServingLimits:
     max_waiting: int = 256  # requests queued beyond the running batch; more get 429
     request_timeout: float = 600.0  # seconds from arrival to the last token; then 504 / error event
     max_stop_strings: int = 4
+    max_messages: int = 4096  # chat messages in one request, checked before anything is rendered
+    max_template_chars: int = 0  # a rendered chat prompt; 0: 4 x max_body_bytes (api/prompts.py)
+
+
+@dataclass(slots=True, frozen=True)
+class HttpFront:
+    """The HTTP server's edge: who may connect, how many at once, and how long sending a request may take
+    (a client trickling bytes must not hold a connection forever)."""
+
+    max_connections: int = 512  # open connections; a new one over the cap gets 503 and is closed
+    header_timeout: float = 10.0  # seconds to send a request's headers (from connect or the last response)
+    request_read_timeout: float = 60.0  # seconds to send a request's body after its headers; then 408
+    allowed_hosts: tuple[str, ...] = ()  # more Host names a key-less loopback server answers ("*": any)
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For names the client (IPs, CIDRs, "*")
+    metrics_token: str | None = None  # read-only token for /metrics (Prometheus), besides the admin token
 
 
 @dataclass(slots=True, frozen=True)
@@ -24,6 +39,7 @@ class ServingConfig:
     api_keys: tuple[str, ...] = ()
     admin_token: str | None = None
     world_size: int = 1
+    front: HttpFront = field(default_factory=HttpFront)
 
     @property
     def prompt_limit(self) -> int:

@@ -91,6 +91,16 @@ class Manifest:
         self.db.executemany("DELETE FROM blocks WHERE hash = ?", [(h,) for h in hs])
         return len(hs)
 
+    def forget_pending(self, hashes: Iterable[bytes]) -> list[bytes]:
+        """Forget blocks whose write some rank gave up on (a dropped save); a persisted block stays.
+        Returns the hashes forgotten."""
+        out = []
+        for h in hashes:
+            if self.db.execute("DELETE FROM blocks WHERE hash = ? AND persisted = 0", (h,)).rowcount:
+                self._acked.pop(h, None)
+                out.append(h)
+        return out
+
     def usage(self) -> tuple[int, int]:
         """(blocks, bytes on one rank) of persisted and pending blocks together."""
         n, total = self.db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM blocks").fetchone()

@@ -118,7 +118,7 @@ class PlanLimits:
     max_prompt_blocks: int  # cached blocks one admitted prompt may load
     block_tokens: int
     max_evictions: int  # RAM blocks dropped per plan (PrefixCache)
-    max_ssd_ops: int  # SSD loads, saves and deletes per plan, each (SsdTier)
+    max_ssd_ops: int  # SSD loads and deletes per plan, each (SsdTier); saves follow the plan's stores
 
     def largest_plan(self) -> StepPlan:
         """Every field at its bound, with ids and tokens of the widest encoding (msgpack uint32)."""
@@ -140,7 +140,7 @@ class PlanLimits:
             store=tuple(StoreBlocks(big, big, (big,)) for _ in range(stored)),  # runs split to single blocks
             evict=(big,) * self.max_evictions,
             ssd_load=((big, h),) * self.max_ssd_ops,
-            ssd_save=((big, h),) * self.max_ssd_ops,
+            ssd_save=((big, h),) * stored,  # saves follow stores, never deferred
             ssd_delete=(h,) * self.max_ssd_ops,
         )
 
@@ -329,14 +329,17 @@ class RankReport:
     kv_bytes: int = 0
     last_error: str = ""
     ssd_written: tuple[tuple[bytes, bool], ...] = ()  # SSD writes finished since the last report
+    ssd_dropped: tuple[bytes, ...] = ()  # saves dropped unwritten (the rank's disk was too far behind)
 
     def chunks(self, max_message_bytes: int) -> list[RankReport]:
         """This report as several that each fit the bus limit: the SSD write results split among them
         (a long step can finish many writes), everything else repeated."""
         fixed = _RESERVED_BYTES + 128 + len(self.host.encode()) + len(self.last_error.encode())
         n = max(1, (max_message_bytes - fixed) // _WRITTEN_BYTES)
-        written = self.ssd_written
-        return [replace(self, ssd_written=written[i : i + n]) for i in range(0, len(written), n)] or [self]
+        written, dropped = self.ssd_written, self.ssd_dropped
+        parts = [replace(self, ssd_written=written[i : i + n], ssd_dropped=()) for i in range(0, len(written), n)]
+        parts += [replace(self, ssd_written=(), ssd_dropped=dropped[i : i + n]) for i in range(0, len(dropped), n)]
+        return parts or [self]
 
     def to_wire(self) -> list[Any]:
         return [
@@ -353,11 +356,12 @@ class RankReport:
             self.kv_bytes,
             self.last_error,
             [[h, ok] for h, ok in self.ssd_written],
+            list(self.ssd_dropped),
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> RankReport:
-        _, rank, host, pid, step, step_ms, active, peak, rss, blocks, kvb, err, written = w
+        _, rank, host, pid, step, step_ms, active, peak, rss, blocks, kvb, err, written, dropped = w
         if not isinstance(step_ms, (int, float)) or isinstance(step_ms, bool):
             raise BusDecodeError("rank report: step_ms is not a number")
         if not isinstance(written, list):
@@ -380,6 +384,7 @@ class RankReport:
             _int(kvb),
             _str(err, "rank report: last_error", MAX_ERROR_CHARS),
             tuple(pairs),
+            tuple(_hash(h) for h in _list(dropped, "rank report: ssd_dropped")),
         )
 
 
@@ -440,4 +445,10 @@ def _str(x: Any, what: str, max_chars: int) -> str:
         raise BusDecodeError(f"{what} is not a string")
     if len(x) > max_chars:
         raise BusDecodeError(f"{what} is longer than {max_chars} characters")
+    return x
+
+
+def _list(x: Any, what: str) -> list[Any]:
+    if not isinstance(x, list):
+        raise BusDecodeError(f"{what} is not an array")
     return x

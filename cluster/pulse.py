@@ -98,6 +98,7 @@ class _Peer:
     activity_s: float = 0.0
     refused_since: float | None = None  # first of the refusals in a row
     refusals: int = 0
+    refused_round: int = -1  # the ping round of the last refusal counted
     gone: bool = False  # its port kept refusing pings: the process is dead
 
 
@@ -108,13 +109,17 @@ class PulseBook:
     CPU), nobody looks silent. A rank that never answered (UDP blocked, unreachable addresses) has no
     silence at all: the channel then cannot name it, but it never condemns it either."""
 
-    GONE_AFTER = 3  # refusals in a row ...
-    GONE_SPAN = 0.3  # ... over at least this many seconds (one stray ICMP message proves nothing)
+    # A refusal is an ICMP error, which anyone on the path can forge: only a run of refusals in GONE_AFTER
+    # different ping rounds, over at least GONE_SPAN seconds, with no answer between, makes a rank gone.
+    # A live rank answers every round, so forged errors alone never get there, however many are sent.
+    GONE_AFTER = 3
+    GONE_SPAN = 1.0
 
     def __init__(self, clock: Callable[[], float], names: dict[int, str]) -> None:
         self.clock = clock
         self.started = clock()
         self._last_ping: float | None = None
+        self._round = 0  # ping rounds so far
         self._peers = {r: _Peer(name) for r, name in names.items()}
         self._lock = threading.Lock()
 
@@ -129,6 +134,7 @@ class PulseBook:
         """The monitor sent a round of pings now."""
         with self._lock:
             self._last_ping = self.clock()
+            self._round += 1
 
     def answered(self, pong: Pong, address: str = "") -> None:
         with self._lock:
@@ -145,9 +151,13 @@ class PulseBook:
             return self._peers[rank].address
 
     def refused(self, rank: int) -> bool:
-        """Record that `rank`'s port refused a ping; True when that makes it gone (once)."""
+        """Record that `rank`'s port refused a ping; True when that makes it gone (once). Several
+        refusals in one ping round count once: a dead port refuses each ping once, a forger at will."""
         with self._lock:
             peer, now = self._peers[rank], self.clock()
+            if peer.refused_round == self._round:
+                return False
+            peer.refused_round = self._round
             if peer.refused_since is None:
                 peer.refused_since = now
             peer.refusals += 1

@@ -5,12 +5,18 @@ step loop. A block counts as on disk only when every rank acknowledged its write
 miss whose prefix continues on disk, fresh RAM blocks are allocated and every rank reads its slice into
 them in one plan; only if all ranks succeeded do the blocks become usable (a rank's damaged or missing
 file drops the block everywhere). A write error on any rank (disk full, I/O error) disables the tier
-with a warning; serving goes on from RAM.
+with a warning; serving goes on from RAM. A save a rank dropped (its disk too far behind) only forgets
+that block: it was never listed, and the ranks that wrote their slice delete it.
+
+Every plan carries at most `max_per_plan` loads and deletes (clearing a tier of millions of blocks must
+not make one plan over the bus limit); the rest go in the plans after it. Saves are not deferred (a
+block may leave RAM before a later plan): they are bounded by the step's prefill budget instead.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -22,6 +28,14 @@ from cluster.manifest import Manifest
 log = logging.getLogger("orchard.kv")
 
 _R = TypeVar("_R")
+MAX_PER_PLAN = 4096
+ENTRY_WIRE_BYTES = 32  # one load, save or delete in an encoded plan, at most: [block id, 16-byte hash]
+
+
+def plan_entries(max_message_bytes: int) -> int:
+    """Loads and deletes per plan so that the SSD lists of a plan (saves included, as many) take at most
+    a quarter of the bus limit, and never more than `MAX_PER_PLAN`."""
+    return max(1, min(MAX_PER_PLAN, max_message_bytes // 4 // (3 * ENTRY_WIRE_BYTES)))
 
 
 def _manifest_errors_disable(default: Any) -> Callable[[Callable[..., _R]], Callable[..., _R]]:
@@ -45,8 +59,15 @@ def _manifest_errors_disable(default: Any) -> Callable[[Callable[..., _R]], Call
 
 
 class SsdTier:
+    MAX_OPS_PER_PLAN = MAX_PER_PLAN  # loads and deletes per plan, each, unless the leader sets less
+
     def __init__(
-        self, manifest: Manifest, index: BlockIndex, max_bytes: int, ttl: float | None = None
+        self,
+        manifest: Manifest,
+        index: BlockIndex,
+        max_bytes: int,
+        ttl: float | None = None,
+        max_per_plan: int = MAX_PER_PLAN,
     ) -> None:
         self.manifest = manifest
         self.index = index
@@ -58,11 +79,14 @@ class SsdTier:
         self.stats = TierStats("ssd", max(1, max_bytes // self.block_bytes), self.block_bytes)
         self.stats.blocks = manifest.persisted_count()
         self.corrupt = 0
+        self.dropped_saves = 0  # blocks not persisted because some rank's writer was too far behind
+        self.max_per_plan = max(1, max_per_plan)
         self.io: Any = None  # rank 0's file counters (rank.ssd.SsdCounters): bytes and time of reads/writes
         self._save: list[tuple[int, BlockHash]] = []
         self._load: list[tuple[int, BlockHash]] = []
-        self._delete: list[BlockHash] = []
-        self._loading: dict[int, Block] = {}
+        self._delete: dict[BlockHash, None] = {}  # ordered; a block saved again leaves it
+        self._loading: dict[int, Block] = {}  # read from disk, not ready yet (sent or still to send)
+        self._in_flight: list[int] = []  # block ids of the loads the last plan carried
 
     # -- writing ---------------------------------------------------------------------------------
     @_manifest_errors_disable(None)
@@ -73,20 +97,28 @@ class SsdTier:
         victims = self.manifest.victims(self.max_bytes, self.ttl, incoming=self.block_bytes)
         if victims:
             self.stats.evictions += self.manifest.delete(victims)
-            self._delete.extend(victims)
+            self._delete.update(dict.fromkeys(victims))
         if self.manifest.usage()[1] + self.block_bytes > self.max_bytes:
             return  # the rest is still being written: this block is not kept on disk
         self.manifest.add_pending(block.hash, block.tokens, self.block_bytes)
+        self._delete.pop(block.hash, None)  # a delete still to send would remove the new file
         self._save.append((block.block_id, block.hash))
         self.stats.stored += 1
 
     @_manifest_errors_disable(None)
-    def write_results(self, rank: int, results: Sequence[tuple[BlockHash, bool]]) -> None:
+    def write_results(
+        self, rank: int, results: Sequence[tuple[BlockHash, bool]], dropped: Sequence[BlockHash] = ()
+    ) -> None:
+        """A rank's finished writes, and the saves it `dropped` (its writer queue was full)."""
         for h, ok in results:
             if ok:
                 self.manifest.ack(h, rank)
             elif self.enabled:
                 self.disable(f"rank {rank} could not write a block (disk full or I/O error)")
+        if dropped:
+            forgotten = self.manifest.forget_pending(dropped)
+            self.dropped_saves += len(forgotten)
+            self._delete.update(dict.fromkeys(forgotten))  # ranks that wrote their slice remove it
         self.stats.blocks = self.manifest.persisted_count()
 
     def disable(self, reason: str) -> None:
@@ -132,15 +164,19 @@ class SsdTier:
         self.manifest.touch(hashes)
 
     def load_results(self, failed: set[int], evicted: list[int]) -> None:
-        """Every rank ran the reads: usable blocks become ready; a block any rank failed goes everywhere."""
-        for block_id, block in list(self._loading.items()):
-            del self._loading[block_id]
+        """Every rank ran the last plan's reads: usable blocks become ready; a block any rank failed goes
+        everywhere. Reads still to send stay loading."""
+        in_flight, self._in_flight = self._in_flight, []
+        for block_id in in_flight:
+            block = self._loading.pop(block_id, None)
+            if block is None:
+                continue
             if block_id in failed:
                 self.corrupt += 1
                 self.index.remove(block)
                 evicted.append(block_id)
                 self._forget(block.hash)
-                self._delete.append(block.hash)
+                self._delete[block.hash] = None
                 continue
             self.index.ready([block])
             self.index.unref([block])
@@ -156,8 +192,8 @@ class SsdTier:
         self.stats.blocks = self.manifest.persisted_count()
 
     def forget_on_ranks(self, hashes: set[BlockHash]) -> None:
-        """Blocks some rank lacks: every rank deletes its copy with the next plan."""
-        self._delete.extend(hashes)
+        """Blocks some rank lacks: every rank deletes its copy with the next plans."""
+        self._delete.update(dict.fromkeys(hashes))
 
     # -- the plan --------------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -166,9 +202,16 @@ class SsdTier:
     def take(
         self,
     ) -> tuple[tuple[tuple[int, BlockHash], ...], tuple[tuple[int, BlockHash], ...], tuple[BlockHash, ...]]:
-        out = (tuple(self._load), tuple(self._save), tuple(self._delete))
-        self._load, self._save, self._delete = [], [], []
-        return out
+        """The next plan's (loads, saves, deletes): at most `max_per_plan` loads and deletes, the rest
+        left for the plans after it."""
+        n = self.max_per_plan
+        load, self._load = tuple(self._load[:n]), self._load[n:]
+        self._in_flight.extend(block_id for block_id, _ in load)
+        save, self._save = tuple(self._save), []
+        delete = tuple(itertools.islice(self._delete, n))
+        for h in delete:
+            del self._delete[h]
+        return load, save, delete
 
     @_manifest_errors_disable(0)
     def clear(self) -> int:
@@ -176,7 +219,7 @@ class SsdTier:
         the next start-up)."""
         hashes = self.manifest.all_hashes()
         self.stats.evictions += self.manifest.delete(hashes)
-        self._delete.extend(hashes)
+        self._delete.update(dict.fromkeys(hashes))
         self.stats.blocks = 0
         return len(hashes)
 

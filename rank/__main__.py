@@ -71,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         from rank.cli import validate
 
         validate(args)
-        from rank.startup import run_follower, start
+        from rank.startup import ends_job_on_failure, run_follower, start
 
-        with start(args) as started:
+        with start(args) as started:  # a rank that fails in here ends the whole job (rank/startup.py)
             if started.rank == 0:  # the one role switch
                 from rank.leader_setup import lead
 
-                return lead(args, started)
+                # Rank 0 leaving by an exception (its set-up, say a tokenizer that does not load) would
+                # leave the followers waiting for a plan forever.
+                with ends_job_on_failure(started.bus):
+                    return lead(args, started)
             return run_follower(started)
     except OrchardError as exc:
         log.error("%s", exc)

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from cluster.bus import DEFAULT_MAX_MESSAGE_BYTES
-from cluster.config import ServingLimits
+from cluster.config import HttpFront, ServingLimits
 from cluster.errors import ConfigError
 
 _D = ServingLimits()
+_F = HttpFront()
 
 
 def add_cpu_kernels_argument(p: Any, help_text: str) -> None:
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument(
         "--model",
-        help="local mlx-lm model directory or llama GGUF file (default: embedded SmolLM2-135M-Instruct)",
+        help="local mlx-lm model directory, llama GGUF file, or Hugging Face repo id (org/name: from the "
+        "local Hugging Face cache, else downloaded; HF_HUB_OFFLINE=1 never downloads) (default: embedded "
+        "SmolLM2-135M-Instruct)",
     )
     m.add_argument(
         "--served-model-name", help="model id shown by /v1/models (default: the model's folder or file name)"
@@ -48,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="where converted models live (default: $ORCHARD_CACHE or ~/.cache/orchard)",
     )
     m.add_argument("--max-context", type=int, default=0, help="context length in tokens (0: the model's own)")
+    m.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="load a quantized checkpoint (mlx-community 4/8-bit) as float32: MLX's quantized CPU kernels are "
+        "far slower than fp32 with OpenBLAS on Linux; keep it quantized on a Mac",
+    )
+    m.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="read special-token text inside chat messages (<|im_end|>, ...) as special tokens, as before; "
+        "by default it is plain text, so clients cannot forge role markers",
+    )
     m.add_argument(
         "--blas",
         choices=("auto", "openblas", "none"),
@@ -82,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="drop SSD blocks unused for this many seconds (0: never)",
     )
+    kv.add_argument(
+        "--kv-ssd-queue-mb",
+        type=float,
+        default=256.0,
+        help="SSD writes waiting in a rank's memory, in MiB; when its disk falls further behind, new blocks "
+        "are not saved (they stay in RAM only; 0: one write at a time)",
+    )
     h = p.add_argument_group("HTTP (rank 0)")
     h.add_argument(
         "--host", default="127.0.0.1", help="address to bind; use 0.0.0.0 only on a trusted network"
@@ -98,6 +120,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token",
         default=os.environ.get("ORCHARD_ADMIN_TOKEN"),
         help="token for /admin routes (env ORCHARD_ADMIN_TOKEN)",
+    )
+    h.add_argument(
+        "--metrics-token",
+        default=os.environ.get("ORCHARD_METRICS_TOKEN"),
+        help="read-only token for GET /metrics only, for Prometheus; the admin token works there too "
+        "(env ORCHARD_METRICS_TOKEN)",
+    )
+    h.add_argument("--metrics-token-file", type=Path, help="file whose first line is the metrics token")
+    h.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        help="more Host names a loopback server without API keys answers (repeatable or comma-separated; "
+        "'*': any); it refuses other names, which is what a DNS rebinding page sends",
+    )
+    h.add_argument(
+        "--trusted-proxies",
+        action="append",
+        default=[],
+        help="proxy addresses or networks (repeatable or comma-separated; '*': any) whose X-Forwarded-For "
+        "names the client; by default the peer address is the client",
+    )
+    h.add_argument(
+        "--max-connections",
+        type=int,
+        default=_F.max_connections,
+        help="open HTTP connections; a new one over the cap is answered 503 and closed",
+    )
+    h.add_argument(
+        "--header-timeout",
+        type=float,
+        default=_F.header_timeout,
+        help="seconds a client has to send a request's headers, from connecting or from the previous "
+        "response; then the connection is closed (0: no limit)",
+    )
+    h.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=_F.request_read_timeout,
+        help="seconds a client has to send a request's body after its headers; then 408 (0: no limit)",
+    )
+    h.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="file holding the admin token (first line; used when neither --admin-token nor its env is set)",
     )
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-batch", type=int, default=8, help="sequences prefilled or decoded at once")
@@ -117,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument(
         "--max-body-bytes", type=int, default=_D.max_body_bytes, help="largest request body; larger get 413"
+    )
+    lim.add_argument(
+        "--max-messages", type=int, default=_D.max_messages, help="most chat messages in one request (400)"
+    )
+    lim.add_argument(
+        "--max-template-chars",
+        type=int,
+        default=_D.max_template_chars,
+        help="longest rendered chat prompt, checked before tokenizing (400; 0: 4 x --max-body-bytes)",
     )
     lim.add_argument(
         "--max-prompt-tokens",
@@ -154,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds without a liveness answer (UDP, outside MPI) after which a rank counts as hung; a step "
         "stuck that long with a silent rank stops the job before --step-timeout (0: no liveness channel)",
+    )
+    lim.add_argument(
+        "--pulse-max-datagrams",
+        type=int,
+        default=500,
+        help="datagrams a second each liveness thread reads (rank 0 sends 20 a second per address); beyond "
+        "that is left to the kernel to drop, so it cannot take the engine's CPU",
     )
     lim.add_argument(
         "--bus-max-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest control-bus message"
@@ -200,12 +283,52 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+def _listed(values: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
+
+
+def http_front(args: argparse.Namespace) -> HttpFront:
+    """The HTTP edge settings (`ServingConfig.front`) from the flags, checked."""
+    import ipaddress
+
+    if args.max_connections < 1:
+        raise ConfigError("--max-connections must be at least 1")
+    for name in ("header_timeout", "request_read_timeout"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 (no limit) or positive")
+    proxies = _listed(args.trusted_proxies)
+    for proxy in proxies:
+        try:
+            if proxy != "*":
+                ipaddress.ip_network(proxy, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"--trusted-proxies: {proxy!r} is not an address or network") from exc
+    token = args.metrics_token or None
+    if args.metrics_token_file:
+        try:
+            lines = args.metrics_token_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--metrics-token-file {args.metrics_token_file}: {exc.strerror}") from exc
+        token = next((ln.strip() for ln in lines if ln.strip()), None)
+        if token is None:
+            raise ConfigError(f"--metrics-token-file {args.metrics_token_file} is empty")
+    return HttpFront(
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        request_read_timeout=args.request_read_timeout,
+        allowed_hosts=_listed(args.allowed_hosts),
+        trusted_proxies=proxies,
+        metrics_token=token,
+    )
+
+
 def validate(args: argparse.Namespace) -> None:
     positive = (
         "max_batch",
         "prefill_chunk",
         "max_queue",
         "max_body_bytes",
+        "max_messages",
         "max_tokens",
         "default_max_tokens",
         "bus_max_bytes",
@@ -213,11 +336,18 @@ def validate(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_template_chars < 0:
+        raise ConfigError("--max-template-chars must be 0 (4 x --max-body-bytes) or more")
     if args.idle_prefill_chunk < 0:
         raise ConfigError("--idle-prefill-chunk must be 0 or more")
     if not 0 < args.port < 65536:
         raise ConfigError("--port must be 1..65535")
     if args.pulse_timeout < 0:
         raise ConfigError("--pulse-timeout must be 0 (off) or positive")
+    if args.pulse_max_datagrams < 50:
+        raise ConfigError("--pulse-max-datagrams must be at least 50 (rank 0 sends 20 a second per address)")
     if args.heartbeat_interval <= 0:
         raise ConfigError("--heartbeat-interval must be positive")
+    if args.kv_ssd_queue_mb < 0:
+        raise ConfigError("--kv-ssd-queue-mb must be 0 or more")
+    http_front(args)  # bad HTTP front settings fail here, before any rank loads the model

@@ -131,7 +131,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     """softmax(q k^T * scale + mask) v, as `mx.fast.scaled_dot_product_attention` computes it, with
     queries (B, H, L, D), keys and values (B, KV, T, D), H a multiple of KV, and `mask` None, "causal"
     (the queries are the last L of the T positions) or an array broadcastable to (B, H, L, T), boolean
-    (True = attend) or additive."""
+    (True = attend) or additive. Values may be narrower than keys (MLA's prefill): the output has theirs."""
     dtype = queries.dtype
     if dtype != mx.float32:
         queries, keys, values = (a.astype(mx.float32) for a in (queries, keys, values))
@@ -146,12 +146,12 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
         mask_np = mask
     q, k, v = np.asarray(queries), np.asarray(keys), np.asarray(values)
     batch, heads, q_len, dim = q.shape
-    kv_heads, t_len = k.shape[1], k.shape[2]
+    kv_heads, t_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
     group = heads // kv_heads
     # Every (sequence, KV head) pair at once: numpy's stacked matmul loops over them in C. A query head
     # h belongs to KV head h // group, so (B, H, ...) splits into (B, KV, group, ...).
     q5 = q.reshape(batch, kv_heads, group, q_len, dim)
-    out = np.empty((batch, kv_heads, group, q_len, dim), dtype=np.float32)
+    out = np.empty((batch, kv_heads, group, q_len, v_dim), dtype=np.float32)
     mask5 = None
     if isinstance(mask_np, np.ndarray):
         mask5 = np.broadcast_to(mask_np, (batch, heads, q_len, t_len)).reshape(
@@ -201,14 +201,14 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
         total = s.sum(axis=-1, keepdims=True)
         o = np.matmul(s, v[b0:b1, :, :seen])
         o /= total
-        out[b0:b1, :, :, r0:r1] = o.reshape(nb, kv_heads, group, n, dim)
+        out[b0:b1, :, :, r0:r1] = o.reshape(nb, kv_heads, group, n, v_dim)
 
     if len(tasks) > 1 and workers > 1:
         list(_pool(workers).map(attend, tasks))
     else:
         for task in tasks:
             attend(task)
-    out = out.reshape(batch, heads, q_len, dim)
+    out = out.reshape(batch, heads, q_len, v_dim)
     result = mx.array(out)
     return result if dtype == mx.float32 else result.astype(dtype)
 

@@ -191,12 +191,12 @@ class Leader:
         ssd = self.scheduler.prefix_cache.ssd if self.scheduler.prefix_cache is not None else None
         for report in self.bus.poll_reports():
             self.health.update(report)
-            if ssd is not None and report.ssd_written:
-                ssd.write_results(report.rank, report.ssd_written)
+            if ssd is not None and (report.ssd_written or report.ssd_dropped):
+                ssd.write_results(report.rank, report.ssd_written, report.ssd_dropped)
         if ssd is not None and self.executor.ssd is not None:
-            written = self.executor.ssd.take_results()
-            if written:
-                ssd.write_results(0, written)
+            outcomes = self.executor.ssd.take_outcomes()
+            if outcomes.written or outcomes.dropped:
+                ssd.write_results(0, outcomes.written, outcomes.dropped)
         if self.reporter.due(now):
             self.reporter.last_sent = now
             kv_blocks = len(self.executor.blocks)

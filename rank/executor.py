@@ -1,27 +1,36 @@
 """Runs a `StepPlan` on this rank's shard. Every rank runs the same code in the same order; only rank 0
 asks for logits (followers skip the vocabulary projection, which needs no collective).
 
-KV layout: a sequence being prefilled owns a per-layer `KVCache`; once it decodes it is a row of the
-shared `BatchKVCache` (left-padded, mlx-lm's), whose rows are kept in the plan's `decode_ids` order.
-Prefix-cache blocks (RAM tier) are copies of `block_tokens` positions of a sequence's cache, one keys and
-one values array of shape (layers, kv_heads_on_this_rank, block_tokens, head_dim) each; a sequence that
+The model is the authority on itself: the inner model gives hidden states, and the rows that need logits
+go through the model's own head and post-processing (rank.model_head); caches are the model's own
+(`make_prompt_cache`: its `make_cache()` when it has one). A sequence being prefilled owns its list of
+layer caches; once it decodes it is a row of the shared batch caches (each cache type's own `merge`, as
+mlx-lm's `BatchGenerator` does), whose rows are kept in the plan's `decode_ids` order with `filter`.
+What the model's caches allow (batched decode, prefix blocks, packed steps) is decided once, from the
+model (rank.model_caps); a trick that cannot serve the model exactly steps aside.
+Prefix-cache blocks (RAM tier) are copies of `block_tokens` positions of a sequence's cache, a pair of
+arrays of shape (layers, kv_heads_on_this_rank, block_tokens, d) (`BlockGeometry.pack`); a sequence that
 hits them starts with them concatenated into its cache and prefills only the rest.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import make_prompt_cache
 
 from cluster.errors import EngineError
 from cluster.messages import PrefillChunk, StepPlan
-from rank.packing import RowLayout, packs, pass_caches
+from rank import mlx_patch, model_caps
+from rank.model_head import ModelHead, VocabSlice
+from rank.packing import RowLayout, pass_caches
+
+log = logging.getLogger(__name__)
 
 
 def _load_malloc_trim() -> Any:
@@ -64,21 +73,27 @@ class Executor:
         self, model: Any, want_logits: bool, block_tokens: int = 32, ssd: Any = None, group: Any = None
     ) -> None:
         self.model = model
-        self.ssd = ssd  # rank.ssd.SsdBlockStore or None
+        self.head = ModelHead(model)  # the model's own output path, for the rows that need logits
+        self.inner = self.head.inner
+        mlx_patch.fix_upstream(model)
+        self.caps = model_caps.probe(model, self.inner)
+        name = type(model).__module__.rsplit(".", 1)[-1]
+        self.caps.log(name, logging.INFO if want_logits else logging.DEBUG)
+        # the SSD tier holds prefix blocks: without them, it steps aside on every rank alike
+        self.ssd = ssd if self.caps.prefix_blocks else None  # rank.ssd.SsdBlockStore or None
         self.block_tokens = block_tokens
         self.blocks: dict[int, tuple[mx.array, mx.array]] = {}
         self.prefill_tokens = 0  # prompt positions computed (not loaded from cache), for tests and stats
+        self.packed_passes = 0  # passes that ran several sequences' rows at once
         self.want_logits = want_logits
         self._steps = 0
-        self.num_layers = len(model.layers)
-        self.prefilling: dict[int, list[KVCache]] = {}
-        self.batch: list[BatchKVCache] | None = None
+        self.num_layers = len(self.caps.cache_kinds)
+        self.prefilling: dict[int, list[Any]] = {}  # sequences not in the batch (all, without batching)
+        self.batch: list[Any] | None = None
         self.batch_ids: list[int] = []
-        args = model.args
-        self._tied = bool(getattr(args, "tie_word_embeddings", True)) or not hasattr(model, "lm_head")
         self.group = group if group is not None and group.size() > 1 else None
-        self._packs = packs(model)  # a step in one pass (rank.packing; rank.mlx_patch installs its seam)
-        self._head = self._head_rows() if self.group is not None else None
+        self._packs = self.caps.packable  # a step in one pass (rank.packing, its seam from rank.mlx_patch)
+        self._slice = self._head_slice() if self.group is not None and self.head.splits_vocabulary else None
 
     @property
     def num_sequences(self) -> int:
@@ -97,11 +112,9 @@ class Executor:
                 raise EngineError(f"sequence {admit.seq_id} admitted twice")
             self.prefilling[admit.seq_id] = self._cache_from_blocks(admit.cached)
         for chunk in plan.prefill:
-            cache = self.prefilling[chunk.seq_id]
-            if cache[0].offset != chunk.start:
-                raise EngineError(
-                    f"sequence {chunk.seq_id}: prefill at {chunk.start}, cache at {cache[0].offset}"
-                )
+            at = _positions(self.prefilling[chunk.seq_id])
+            if at is not None and at != chunk.start:
+                raise EngineError(f"sequence {chunk.seq_id}: prefill at {chunk.start}, cache at {at}")
             self.prefill_tokens += chunk.end - chunk.start
         # A step is its prompt chunks, then its decode rows. Packed (rank.packing), they all run in one
         # pass, the batch arranged first (a sequence is never prefilled and decoded in one step);
@@ -109,6 +122,7 @@ class Executor:
         packed = self._packs and len(plan.prefill) + bool(plan.decode_ids) > 1
         rows = _Rows([], [])
         if packed:
+            self.packed_passes += 1
             if plan.decode_ids:
                 self._arrange_batch(plan.decode_ids)
             self._forward(plan.prefill, plan.decode_ids, plan.decode_tokens, rows)
@@ -129,18 +143,25 @@ class Executor:
                     self.ssd.save(h, *self.blocks[block_id])
             self.ssd.delete(list(plan.ssd_delete))
         if plan.decode_ids and not packed:
-            self._arrange_batch(plan.decode_ids)
-            self._forward((), plan.decode_ids, plan.decode_tokens, rows)
+            if self.caps.batch_decode:
+                self._arrange_batch(plan.decode_ids)
+                self._forward((), plan.decode_ids, plan.decode_tokens, rows)
+            else:
+                self._decode_one_by_one(plan.decode_ids, plan.decode_tokens, rows)
         if not rows.hidden:
             return StepOutput([], None, failed)
         row_ids, hidden = rows.ids, rows.hidden
         last = mx.concatenate(hidden, axis=0) if len(hidden) > 1 else hidden[0]
-        if self.group is not None:
+        if self._slice is not None:
             return self._vocab_parallel(row_ids, last, failed)
-        if not self.want_logits:
+        if not self.want_logits and self.group is None:
             mx.eval(last)
             return StepOutput(row_ids, None, failed)
-        logits = self._lm_head(last).astype(mx.float32)
+        # the model's own head (under TP, one the model shards itself: every rank runs its collectives)
+        logits = self.head(last).astype(mx.float32)
+        if not self.want_logits:
+            mx.eval(logits)
+            return StepOutput(row_ids, None, failed)
         # Evaluate here, where MLX releases the GIL: `.tolist()`/`.item()` in the sampler would run the
         # whole step (collectives included, waiting for the other ranks) while holding it, starving
         # uvicorn's thread for the length of the step.
@@ -165,7 +186,7 @@ class Executor:
         # a lone decode batch is B rows of one token; anything else, one row
         inputs = inputs[None] if chunks else inputs[:, None]
         cache = pass_caches([self.prefilling[c.seq_id] for c in chunks], layout, self.batch)
-        h = self.model.model(inputs, cache=cache)
+        h = self.inner(inputs, cache=cache)
         positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, 1, D): one hidden state a position
         for c, (_, end) in zip(chunks, layout.spans, strict=True):
             if c.last:
@@ -188,25 +209,38 @@ class Executor:
                 self.blocks[block_id] = arrays
         return tuple(failed)
 
-    @functools.cached_property
-    def block_bytes(self) -> int:
-        """Bytes of one block on this rank (keys and values)."""
-        attn, args = self.model.layers[0].self_attn, self.model.args
-        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-        dtype = self.model.model.embed_tokens(mx.array([[0]])).dtype
-        return 2 * self.num_layers * attn.n_kv_heads * self.block_tokens * head_dim * dtype.size
+    def _decode_one_by_one(self, decode_ids: tuple[int, ...], tokens: tuple[int, ...], rows: _Rows) -> None:
+        """A decode step for a model whose caches cannot be batched: one pass a row, its own caches."""
+        for sid, token in zip(decode_ids, tokens, strict=True):
+            if sid not in self.prefilling:
+                raise EngineError(f"decode of unknown sequence {sid}")
+            h = self.inner(mx.array([[token]], dtype=mx.int32), cache=self.prefilling[sid])
+            rows.ids.append(sid)
+            rows.hidden.append(h[0, -1:])
 
-    def _cache_from_blocks(self, block_ids: tuple[int, ...]) -> list[KVCache]:
-        caches = [KVCache() for _ in range(self.num_layers)]
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block on this rank (keys and values); 1 for a model without prefix blocks (so
+        that sizes divided by it stay defined: such a model's tiers are off, see `caps`)."""
+        geometry = self.caps.geometry
+        return geometry.bytes(self.block_tokens) if geometry is not None else 1
+
+    def _cache_from_blocks(self, block_ids: tuple[int, ...]) -> list[Any]:
+        caches = make_prompt_cache(self.model)
         if not block_ids:
             return caches
+        geometry = self.caps.geometry
+        if not self.caps.prefix_blocks or geometry is None:
+            raise EngineError("a prefix-cache hit for a model without prefix blocks (see its caps)")
         try:
-            keys = [self.blocks[b][0] for b in block_ids]
-            values = [self.blocks[b][1] for b in block_ids]
+            firsts = [self.blocks[b][0] for b in block_ids]
+            seconds = [self.blocks[b][1] for b in block_ids]
         except KeyError as exc:
             raise EngineError(f"cached block {exc} is not on this rank (ranks out of step)") from None
-        k_all = mx.concatenate(keys, axis=2) if len(keys) > 1 else keys[0]
-        v_all = mx.concatenate(values, axis=2) if len(values) > 1 else values[0]
+        k_all, v_all = geometry.unpack(
+            mx.concatenate(firsts, axis=2) if len(firsts) > 1 else firsts[0],
+            mx.concatenate(seconds, axis=2) if len(seconds) > 1 else seconds[0],
+        )
         for layer, cache in enumerate(caches):
             cache.keys, cache.values = k_all[layer][None], v_all[layer][None]
             cache.offset = k_all.shape[2]
@@ -216,42 +250,37 @@ class Executor:
         cache = self.prefilling.get(seq_id)
         if cache is None:
             raise EngineError(f"store from sequence {seq_id}, which is not prefilling")
+        geometry = self.caps.geometry
+        if not self.caps.prefix_blocks or geometry is None:
+            raise EngineError("a prefix-cache store for a model without prefix blocks (see its caps)")
         b = self.block_tokens
-        new = []
+        new: list[mx.array] = []
         for i, block_id in enumerate(block_ids):
             lo, hi = (first + i) * b, (first + i + 1) * b
             if hi > cache[0].offset:
                 raise EngineError(f"block {first + i} of sequence {seq_id} is not computed yet")
             k = mx.stack([c.keys[0, :, lo:hi, :] for c in cache])
             v = mx.stack([c.values[0, :, lo:hi, :] for c in cache])
-            self.blocks[block_id] = (k, v)
-            new += [k, v]
+            self.blocks[block_id] = pair = geometry.pack(k, v)
+            new += pair
         mx.eval(new)
 
-    def _head_rows(self) -> tuple[Any, list[int]]:
-        """Vocabulary-parallel output projection: this rank's rows of it, and every rank's row count.
-        Without it rank 0 alone reads the whole projection each step while the others wait (on the
-        embedded model that is a fifth of the weights)."""
-        import copy
-
-        source = self.model.model.embed_tokens if self._tied else self.model.lm_head
-        vocab = int(source["weight"].shape[0])
+    def _head_slice(self) -> tuple[VocabSlice, list[int]]:
+        """Vocabulary-parallel output: this rank's rows of the model's head (with every transform the
+        model applies after it), and every rank's row count. Without it rank 0 alone reads the whole
+        projection each step while the others wait (on the embedded model that is a fifth of the weights)."""
+        vocab = self.head.vocab_rows
         assert self.group is not None
         n, r = self.group.size(), self.group.rank()
         bounds = [vocab * i // n for i in range(n + 1)]
-        head = copy.copy(source)  # the same module type (plain or quantized), holding only our rows
-        for name in ("weight", "scales", "biases", "bias"):
-            if name in source:
-                head[name] = mx.contiguous(source[name][bounds[r] : bounds[r + 1]])
-        mx.eval(head.parameters())
-        return head, [bounds[i + 1] - bounds[i] for i in range(n)]
+        return self.head.vocab_slice(bounds[r], bounds[r + 1]), [bounds[i + 1] - bounds[i] for i in range(n)]
 
     def _vocab_parallel(self, row_ids: list[int], last: mx.array, failed: tuple[int, ...]) -> StepOutput:
         """Every rank projects onto its rows of the vocabulary; rank 0 gathers the pieces (point to point:
         the followers never need the whole distribution)."""
-        assert self._head is not None
-        head, counts = self._head
-        local = self._lm_head(last, head)  # in the model's dtype: half the bytes of fp32
+        assert self._slice is not None
+        head, counts = self._slice
+        local = head(last)  # in the model's dtype: half the bytes of fp32
         if not self.want_logits:
             mx.eval(mx.distributed.send(local, 0, group=self.group))
             return StepOutput(row_ids, None, failed)
@@ -265,12 +294,6 @@ class Executor:
         logits = mx.concatenate(parts, axis=1).astype(mx.float32)
         mx.eval(logits)  # where MLX releases the GIL (see below)
         return StepOutput(row_ids, logits, failed)
-
-    def _lm_head(self, h: mx.array, head: Any = None) -> mx.array:
-        """The output projection: the model's own, or `head` (this rank's rows of it)."""
-        if head is None:
-            head = self.model.model.embed_tokens if self._tied else self.model.lm_head
-        return head.as_linear(h) if self._tied else head(h)
 
     def _release(self, seq_ids: tuple[int, ...]) -> None:
         if not seq_ids:
@@ -303,17 +326,27 @@ class Executor:
             order = mx.array([pos[sid] for sid in decode_ids], dtype=mx.int32)
             assert self.batch is not None
             for c in self.batch:
-                c.keys, c.values = c.keys[order], c.values[order]  # type: ignore[index]
-                c.offset, c.left_padding = c.offset[order], c.left_padding[order]  # type: ignore[index]
+                c.filter(order)  # each cache type's own reordering
             self.batch_ids = list(decode_ids)
 
-    def _join(self, seq_ids: list[int], caches: list[list[KVCache]]) -> None:
-        """Sequences that finished prefilling become rows of the batch. All of a step's at once: every
-        extend copies the whole batch, so one at a time cost a copy of every row per newcomer."""
-        merged = [BatchKVCache.merge(list(layer)) for layer in zip(*caches, strict=True)]
+    def _join(self, seq_ids: list[int], caches: list[list[Any]]) -> None:
+        """Sequences that finished prefilling become rows of the batch, each layer's caches merged by
+        their own type (as mlx-lm's `_merge_caches`). All of a step's at once: every extend copies the
+        whole batch, so one at a time cost a copy of every row per newcomer."""
+        merged = [layer[0].merge(list(layer)) for layer in zip(*caches, strict=True)]
         if self.batch is None:
             self.batch = merged
         else:
             for mine, theirs in zip(self.batch, merged, strict=True):
                 mine.extend(theirs)
         self.batch_ids.extend(seq_ids)
+
+
+def _positions(caches: list[Any]) -> int | None:
+    """How many positions a sequence's caches hold, from the first that counts them (a linear-attention
+    state does not)."""
+    for c in caches:
+        offset = getattr(c, "offset", None)
+        if isinstance(offset, int):
+            return offset
+    return None

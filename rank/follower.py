@@ -35,8 +35,13 @@ def follow(executor: Executor, bus: ControlBus, reporter: Reporter, activity: Ac
             if message.ssd_load:  # rank 0 waits for every rank's read result before using the blocks
                 bus.reply(SsdLoadResult(out.ssd_failed))
         now = time.monotonic()
-        written = tuple(executor.ssd.take_results()) if executor.ssd is not None else ()
-        if written or reporter.due(now):
+        written: tuple[tuple[bytes, bool], ...] = ()
+        dropped: tuple[bytes, ...] = ()
+        if executor.ssd is not None:
+            outcomes = executor.ssd.take_outcomes()
+            written, dropped = tuple(outcomes.written), tuple(outcomes.dropped)
+        if written or dropped or reporter.due(now):
             reporter.last_sent = now
             kv_blocks = len(executor.blocks)
-            bus.report(reporter.build(step, step_ms, kv_blocks, kv_blocks * executor.block_bytes, written))
+            kv_bytes = kv_blocks * executor.block_bytes
+            bus.report(reporter.build(step, step_ms, kv_blocks, kv_bytes, written, dropped))

@@ -6,6 +6,10 @@ Why a launcher: Open MPI's mpirun answers SIGTERM or SIGINT by killing every ran
 untouched, and rank 0 drains on SIGUSR1. The launcher runs mpirun in its own session (the terminal's
 Ctrl-C reaches only the launcher), turns the first SIGTERM/SIGINT into SIGUSR1 for mpirun, and a second
 one into mpirun's SIGTERM (stop now).
+
+Secrets (`--api-key`, `--admin-token`) never go on the mpirun command line: any user of a host can read
+a process's argv (ps), and the launcher prints the command. They travel in the environment instead
+(`mpirun -x NAME` names the variable, not its value), where the ranks' flags already look for them.
 """
 
 from __future__ import annotations
@@ -21,15 +25,84 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import ConfigError
+
 log = logging.getLogger("orchard.launch")
+
+SECRET_FLAGS = frozenset({"--api-key", "--admin-token", "--metrics-token"})
+
+
+def _long_options() -> list[str]:
+    from rank.cli import build_parser
+
+    return [s for action in build_parser()._actions for s in action.option_strings if s.startswith("--")]
+
+
+def _secret_flag(arg: str, options: list[str]) -> str | None:
+    """The secret flag `arg` names, as argparse reads it: its exact name, or a prefix of that flag alone
+    (argparse takes an unambiguous abbreviation for the flag, so it must not slip through either)."""
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--") or name == "--":
+        return None
+    hits = [name] if name in options else [o for o in options if o.startswith(name)]
+    return hits[0] if len(hits) == 1 and hits[0] in SECRET_FLAGS else None
+
+
+def move_secrets(rank_args: list[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(rank args without `--api-key` / `--admin-token`, the environment variables that carry them):
+    ORCHARD_API_KEYS (added to the keys already there) and ORCHARD_ADMIN_TOKEN (a flag beats the
+    environment, as in the ranks' own parsing)."""
+    options = _long_options()
+    rest: list[str] = []
+    keys = [k.strip() for k in env.get("ORCHARD_API_KEYS", "").split(",") if k.strip()]
+    token: str | None = None
+    metrics: str | None = None
+    i = 0
+    while i < len(rank_args):
+        arg = rank_args[i]
+        flag = _secret_flag(arg, options)
+        if flag is None:
+            rest.append(arg)
+            i += 1
+            continue
+        if "=" in arg:
+            value, i = arg.split("=", 1)[1], i + 1
+        elif i + 1 < len(rank_args):
+            value, i = rank_args[i + 1], i + 2
+        else:
+            raise ConfigError(f"{flag} needs a value")
+        if flag == "--admin-token":
+            token = value
+        elif flag == "--metrics-token":
+            metrics = value
+        elif "," in value:
+            raise ConfigError("an API key with a comma cannot travel to the ranks: put it in --api-key-file")
+        else:
+            keys.append(value)
+    moved = {}
+    if len(rest) != len(rank_args):
+        if keys:
+            moved["ORCHARD_API_KEYS"] = ",".join(dict.fromkeys(keys))
+        if token is not None:
+            moved["ORCHARD_ADMIN_TOKEN"] = token
+        if metrics is not None:
+            moved["ORCHARD_METRICS_TOKEN"] = metrics
+    return rest, moved
 
 
 def mpirun_command(
-    np: int | None, hostfile: str | None, rank_args: list[str], extra: list[str] | None = None
+    np: int | None,
+    hostfile: str | None,
+    rank_args: list[str],
+    extra: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
+    """mpirun's argv; every ORCHARD_* variable set in `env` (default: ours) goes to the ranks by name."""
+    env = os.environ if env is None else env
     mpirun = Path(sys.executable).parent / "mpirun"
     cmd = [str(mpirun) if mpirun.exists() else (shutil.which("mpirun") or "mpirun")]
     if os.geteuid() == 0:
@@ -47,17 +120,24 @@ def mpirun_command(
         "ORCHARD_CACHE",
         "ORCHARD_API_KEYS",
         "ORCHARD_ADMIN_TOKEN",
+        "ORCHARD_METRICS_TOKEN",
         "ORCHARD_BLAS",
         "ORCHARD_STATUS_FILE",
         "ORCHARD_RANKS_FILE",
         "ORCHARD_PULSE_PORT",
     ):
-        if name in os.environ:
+        if name in env:
             cmd += ["-x", name]
     return cmd + list(extra or []) + [sys.executable, "-m", "rank", *rank_args]
 
 
 def launch(np: int | None, hostfile: str | None, rank_args: list[str], extra: list[str] | None = None) -> int:
+    try:
+        rank_args, moved = move_secrets(rank_args, os.environ)
+    except ConfigError as exc:
+        print(f"orchard: {exc}", file=sys.stderr, flush=True)
+        return 2
+    os.environ.update(moved)
     # Under ULFM mpirun exits 0 even after MPI_Abort; rank 0 leaves its exit code in this file instead,
     # and which rank runs where in the other (to name the ranks of a host mpirun reports lost).
     files = []

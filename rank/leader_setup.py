@@ -31,12 +31,15 @@ def _prefix_cache(args: argparse.Namespace, started: Started) -> PrefixCache | N
     """The RAM tier's index, sized in blocks of this model on one rank, and the SSD tier behind it."""
     from cluster.kvindex import BlockIndex, root_hash
     from cluster.manifest import Manifest
-    from cluster.ssdtier import SsdTier
+    from cluster.ssdtier import SsdTier, plan_entries
     from rank.env import local_ranks
-    from rank.models import fingerprint
+    from rank.models import default_cache_dir, fingerprint
     from rank.ssdsync import sync_leader
 
     executor: Executor = started.executor
+    if not executor.caps.prefix_blocks:
+        log.info("prefix cache off for this model: %s", executor.caps.reason)
+        return None
     world_size = started.bus.size
     if args.kv_ram_gb is None:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -59,7 +62,13 @@ def _prefix_cache(args: argparse.Namespace, started: Started) -> PrefixCache | N
     ssd = None
     if executor.ssd is not None and started.ssd_dir is not None:
         manifest = Manifest(started.ssd_dir / "manifest.sqlite", world_size)
-        ssd = SsdTier(manifest, index, int(args.kv_ssd_gb * 2**30), args.kv_ssd_ttl or None)
+        ssd = SsdTier(
+            manifest,
+            index,
+            int(args.kv_ssd_gb * 2**30),
+            args.kv_ssd_ttl or None,
+            max_per_plan=plan_entries(args.bus_max_bytes),
+        )
         ssd.io = executor.ssd.counters
         sync_leader(started.bus, executor.ssd, manifest, ssd)
         log.info(
@@ -68,7 +77,8 @@ def _prefix_cache(args: argparse.Namespace, started: Started) -> PrefixCache | N
             ssd.stats.blocks,
             args.kv_ssd_gb,
         )
-    return PrefixCache(index, root_hash(fingerprint(started.model_dir), f"tp{world_size}"), ssd)
+    model_id = fingerprint(started.model_dir, args.cache_dir or default_cache_dir())
+    return PrefixCache(index, root_hash(model_id, f"tp{world_size}"), ssd)
 
 
 def _pulse_monitor(
@@ -81,7 +91,12 @@ def _pulse_monitor(
     from cluster.pulse import PulseBook
 
     book = PulseBook(time.monotonic, {h.rank: names[h.rank] for h in followers})
-    monitor = PulseMonitor(book, interval=min(0.1, args.pulse_timeout / 4), warn_after=2 * args.pulse_timeout)
+    monitor = PulseMonitor(
+        book,
+        interval=min(0.1, args.pulse_timeout / 4),
+        warn_after=2 * args.pulse_timeout,
+        max_datagrams=args.pulse_max_datagrams,
+    )
     here = socket.gethostname()
     for h in followers:
         if h.pulse is not None:
@@ -107,7 +122,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
     from cluster.config import ServingConfig, ServingLimits
     from cluster.engine_client import EngineClient
     from cluster.scheduler import Scheduler, SchedulerConfig
-    from rank.cli import api_keys
+    from rank.cli import api_keys, http_front
     from rank.engine import Leader
     from rank.launch import tell_launcher
     from rank.models import EMBEDDED_NAME
@@ -126,13 +141,18 @@ def lead(args: argparse.Namespace, started: Started) -> int:
     table = json.dumps([{"rank": h.rank, "host": h.host, "pid": h.pid} for h in ranks])
     tell_launcher("ORCHARD_RANKS_FILE", table)  # it names the ranks of a host mpirun loses
 
-    tokenizer = ChatTokenizer(model_dir)
+    tokenizer = ChatTokenizer(model_dir, special_tokens_in_content=args.allow_special_tokens_in_content)
     context = context_length(args, config)
     name = args.served_model_name or (
         EMBEDDED_NAME if args.model is None else model_dir.name.removesuffix(".gguf")
     )
     if args.model and not args.served_model_name and str(args.model).endswith(".gguf"):
         name = os.path.basename(str(args.model)).removesuffix(".gguf")
+    elif args.model and not args.served_model_name and not os.path.exists(args.model):
+        from rank.hf_cache import looks_like_repo_id
+
+        if looks_like_repo_id(str(args.model)):
+            name = str(args.model)  # "org/name", as clients of mlx_lm.server and vLLM send it
     limits = ServingLimits(
         max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
@@ -140,6 +160,8 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         default_max_tokens=args.default_max_tokens,
         max_waiting=args.max_queue,
         request_timeout=args.request_timeout,
+        max_messages=args.max_messages,
+        max_template_chars=args.max_template_chars,
     )
     serving = ServingConfig(
         model_name=name,
@@ -148,6 +170,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         api_keys=api_keys(args),
         admin_token=args.admin_token or _generated_admin_token(args),
         world_size=bus.size,
+        front=http_front(args),
     )
     client = EngineClient(max_waiting=limits.max_waiting)
     prefix_cache = _prefix_cache(args, started)

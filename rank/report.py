@@ -35,6 +35,7 @@ class Reporter:
         kv_blocks: int = 0,
         kv_bytes: int = 0,
         ssd_written: tuple[tuple[bytes, bool], ...] = (),
+        ssd_dropped: tuple[bytes, ...] = (),
     ) -> RankReport:
         return RankReport(
             rank=self.rank,
@@ -49,4 +50,5 @@ class Reporter:
             kv_bytes=kv_bytes,
             last_error=self.last_error[:MAX_ERROR_CHARS],
             ssd_written=ssd_written,
+            ssd_dropped=ssd_dropped,
         )

@@ -4,10 +4,17 @@ The sampler keeps no state of its own: a request's PRNG key and generated-token 
 `Request` (the scheduler's), so they go when it does. Each request with a seed gets its own PRNG key stream, so the same seed gives the same output whatever
 else is in the batch. Filters follow the usual order: logit bias, penalties, temperature, top-k, top-p,
 min-p. Logprobs are those of the model's distribution after bias and penalties, before temperature.
+
+Whatever the settings or the model's logits, every row gives a token of the vocabulary and finite
+logprobs: a NaN or infinity here would reach the client as invalid JSON (or a 500). Logits are clamped
+to +-`LOGIT_LIMIT` (NaN counts as the floor) after the model, and again after bias and penalties;
+temperatures under `GREEDY_BELOW` are greedy, since dividing by them overflows float32. The API bounds
+every parameter as well (`api/schemas.py`); this is the second line, for any caller.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -15,6 +22,11 @@ import mlx.core as mx
 
 from cluster.requests import Request, SamplingParams, TokenLogprob
 from cluster.scheduler import SampledToken
+
+# Far beyond any real model's logits (tens), small enough that dividing by `GREEDY_BELOW`, subtracting a
+# logsumexp or adding a bias stays finite in float32 (1e4 / 1e-5 = 1e9 < 3.4e38).
+LOGIT_LIMIT = 1e4
+GREEDY_BELOW = 1e-5  # temperatures under this (vLLM's threshold too) pick the most likely token
 
 
 class Sampler:
@@ -34,6 +46,7 @@ class Sampler:
 
     def sample(self, rows: Sequence[Request], logits: mx.array) -> list[SampledToken]:
         """One token for each row of `logits`, whose row i belongs to `rows[i]`."""
+        logits = _finite(logits)
         if all(_plain_greedy(req.sampling) for req in rows):
             return [SampledToken(int(tok)) for tok in mx.argmax(logits, axis=-1).tolist()]
         return [self._sample_row(logits[i], req) for i, req in enumerate(rows)]
@@ -50,7 +63,8 @@ class Sampler:
         if p.repetition_penalty != 1.0:
             ids = mx.array(sorted(set(req.prompt_tokens) | set(counts)), dtype=mx.int32)
             seen = row[ids]
-            factor = mx.where(seen > 0, 1.0 / p.repetition_penalty, p.repetition_penalty)
+            rp = p.repetition_penalty
+            factor = mx.where(seen > 0, 1.0 / rp if rp else math.inf, rp)  # overflows are clamped later
             row = row.at[ids].multiply(factor.astype(row.dtype))
         return row
 
@@ -61,24 +75,25 @@ class Sampler:
             row = row.at[ids].add(mx.array([b for _, b in p.logit_bias], dtype=row.dtype))
         if p.penalised:
             row = self._penalise(row, req)
+        row = _finite(row)  # a bias or penalty can push a logit past the limit (or to inf in float32)
         logprobs = row - mx.logsumexp(row)
-        if p.greedy:
+        if _greedy(p):
             token = int(mx.argmax(row).item())
         else:
-            scores = row / p.temperature
-            if p.top_k and p.top_k < scores.shape[-1]:
+            scores = row / p.temperature  # finite: |row| <= LOGIT_LIMIT, temperature >= GREEDY_BELOW
+            if 0 < p.top_k < scores.shape[-1]:
                 kth = mx.sort(scores)[-p.top_k]
                 scores = mx.where(scores < kth, -mx.inf, scores)
             if p.top_p < 1.0:
                 order = mx.argsort(-scores)
                 probs = mx.softmax(scores[order])
                 cum = mx.cumsum(probs)
-                drop_sorted = (cum - probs) > p.top_p
+                drop_sorted = (cum - probs) > max(p.top_p, 0.0)  # the most likely token always stays
                 drop = mx.zeros_like(drop_sorted).at[order].add(drop_sorted)
                 scores = mx.where(drop, -mx.inf, scores)
             if p.min_p > 0.0:
                 probs = mx.softmax(scores)
-                scores = mx.where(probs < p.min_p * probs.max(), -mx.inf, scores)
+                scores = mx.where(probs < min(p.min_p, 1.0) * probs.max(), -mx.inf, scores)
             token = int(mx.random.categorical(scores, key=self._next_key(req)).item())
         lp = None
         if p.logprobs is not None:
@@ -90,6 +105,15 @@ class Sampler:
         if req.token_counts is not None:
             req.token_counts[token] += 1
         return SampledToken(token, lp)
+
+
+def _finite(x: mx.array) -> mx.array:
+    """Logits within +-LOGIT_LIMIT; NaN becomes the floor, so a broken entry is never the pick."""
+    return mx.clip(mx.nan_to_num(x, nan=-LOGIT_LIMIT), -LOGIT_LIMIT, LOGIT_LIMIT)
+
+
+def _greedy(p: SamplingParams) -> bool:
+    return not p.temperature >= GREEDY_BELOW  # "not >=": a NaN temperature is greedy too
 
 
 def _plain_greedy(p: SamplingParams) -> bool:

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cluster.bus import BusCodec, ControlBus, Transport
-from cluster.errors import BusDecodeError, BusError
+from cluster.errors import BusDecodeError, BusError, OrchardError
 from cluster.messages import Hello
 from rank.env import under_mpi
 from rank.executor import Executor
@@ -74,6 +74,46 @@ def init_distributed() -> tuple[Any, Transport]:
     return (group if group.size() > 1 else None), transport
 
 
+class _Abortable(Protocol):
+    """A transport or the bus: who this rank is, and how it ends the job."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def abort(self, code: int) -> None: ...
+
+
+@contextmanager
+def ends_job_on_failure(transport: _Abortable) -> Iterator[None]:
+    """A rank that cannot start ends the whole job, at once, with its reason in the log. Without this
+    the others wait for it forever: rank 0 in its hello gather, followers in their follow loop (Open
+    MPI's waits spin a core each). One rank alone just raises."""
+    try:
+        yield
+    except Exception as exc:
+        if transport.size <= 1:
+            raise
+        reason = str(exc) if isinstance(exc, OrchardError) else f"{type(exc).__name__}: {exc}"
+        log.error(
+            "rank %d could not start, ending the whole job: %s",
+            transport.rank,
+            reason,
+            exc_info=not isinstance(exc, OrchardError),  # a bug: keep its traceback
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        from rank.launch import tell_launcher
+
+        # Under ULFM mpirun exits 0 after MPI_Abort: the launcher reads the job's code from this file
+        # (written by whichever rank fails first; on another host than the launcher's it is a no-op file).
+        tell_launcher("ORCHARD_STATUS_FILE", "2")
+        transport.abort(2)
+        raise
+
+
 @contextmanager
 def start(args: argparse.Namespace) -> Iterator[Started]:
     from rank import cpu_kernels
@@ -84,10 +124,11 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
     rank, size = transport.rank, transport.size
     leader = rank == 0  # the only role check of start-up
     t0 = time.monotonic()
-    cache_dir = args.cache_dir or default_cache_dir()
-    model_dir = resolve_model(args.model, cache_dir, progress=log.info if leader else log.debug)
-    model, config = load_model(model_dir, group)
-    cpu_fast = cpu_kernels.install(model, args.cpu_kernels)
+    with ends_job_on_failure(transport):
+        cache_dir = args.cache_dir or default_cache_dir()
+        model_dir = resolve_model(args.model, cache_dir, progress=log.info if leader else log.debug)
+        model, config = load_model(model_dir, group, args.dequantize, log.info if leader else log.debug)
+        cpu_fast = cpu_kernels.install(model, args.cpu_kernels)
     log.info(
         "loaded %s as shard %d/%d in %.1f s (BLAS: %s; CPU kernels: %s)",
         model_dir.name,
@@ -100,28 +141,32 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
     bus = ControlBus(transport, BusCodec(args.bus_max_bytes))
     responder = ssd_store = None
     try:
-        pulse = None
-        if not leader and args.pulse_timeout > 0:
-            responder = PulseResponder(rank, Activity())
-            responder.start()
-            pulse = responder.hello()
-        hello = Hello(rank, socket.gethostname(), os.getpid(), pulse, software_versions())
-        check_plan_fits(args, config, bus.codec)  # every rank decides the same, before anyone waits
-        if leader:
-            ranks = gather_hellos(bus, hello)
-            problem = mismatched_software(ranks)
-            if problem:
-                log.error("%s", problem)
-                bus.abort(2)  # the followers wait for a plan that will never come
-        else:
-            bus.reply(hello)  # who this rank is, and where rank 0 can ping it
-            ranks = ()
-        ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
-        executor = Executor(
-            model, want_logits=leader, block_tokens=args.kv_block_tokens, ssd=ssd_store, group=group
-        )
-        activity = responder.activity if responder is not None else None
-        yield Started(bus, executor, model_dir, config, ranks, ssd_dir, activity)
+        with ends_job_on_failure(transport):
+            pulse = None
+            if not leader and args.pulse_timeout > 0:
+                responder = PulseResponder(rank, Activity(), max_datagrams=args.pulse_max_datagrams)
+                responder.start()
+                pulse = responder.hello()
+            hello = Hello(rank, socket.gethostname(), os.getpid(), pulse, software_versions())
+            check_plan_fits(args, config, bus.codec)  # every rank decides the same, before anyone waits
+            if leader:
+                ranks = gather_hellos(bus, hello)
+                problem = mismatched_software(ranks)
+                if problem:
+                    log.error("%s", problem)
+                    bus.abort(2)  # the followers wait for a plan that will never come
+            else:
+                bus.reply(hello)  # who this rank is, and where rank 0 can ping it
+                ranks = ()
+            ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
+            executor = Executor(
+                model, want_logits=leader, block_tokens=args.kv_block_tokens, ssd=ssd_store, group=group
+            )
+            if ssd_store is not None:
+                ssd_store.block_bytes = executor.block_bytes  # reads of larger files are refused
+            activity = responder.activity if responder is not None else None
+            started = Started(bus, executor, model_dir, config, ranks, ssd_dir, activity)
+        yield started
     finally:
         if responder is not None:
             responder.stop()
@@ -159,7 +204,7 @@ def check_plan_fits(args: argparse.Namespace, config: dict[str, Any], codec: Bus
     from cluster.errors import BusMessageTooLarge, ConfigError
     from cluster.messages import PlanLimits
     from cluster.prefix import PrefixCache
-    from cluster.ssdtier import SsdTier
+    from cluster.ssdtier import plan_entries
 
     prompt = args.max_prompt_tokens or context_length(args, config)
     limits = PlanLimits(
@@ -168,7 +213,7 @@ def check_plan_fits(args: argparse.Namespace, config: dict[str, Any], codec: Bus
         max_prompt_blocks=prompt // args.kv_block_tokens,
         block_tokens=args.kv_block_tokens,
         max_evictions=PrefixCache.MAX_EVICTIONS_PER_PLAN,
-        max_ssd_ops=getattr(SsdTier, "MAX_OPS_PER_PLAN", 4096),  # FIXME(lead): the SSD cap
+        max_ssd_ops=plan_entries(args.bus_max_bytes),
     )
     try:
         codec.encode(0, limits.largest_plan())
@@ -201,8 +246,8 @@ def _ssd_store(
         if args.kv_ssd_dir
         else (args.cache_dir or default_cache_dir()) / "kv"
     )
-    ssd_dir = base / f"{fingerprint(model_dir)[:16]}-tp{size}"
-    return ssd_dir, SsdBlockStore(ssd_dir / f"rank{rank}")
+    ssd_dir = base / f"{fingerprint(model_dir, args.cache_dir or default_cache_dir())[:16]}-tp{size}"
+    return ssd_dir, SsdBlockStore(ssd_dir / f"rank{rank}", queue_bytes=int(args.kv_ssd_queue_mb * 2**20))
 
 
 def run_follower(started: Started) -> int:

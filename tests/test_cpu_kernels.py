@@ -59,21 +59,42 @@ def test_a_row_that_sees_no_key_stays_finite() -> None:
     assert np.isfinite(np.array(cpu_kernels.attention(q, k, v, 0.25, mask))).all()
 
 
-def test_models_with_windows_or_sinks_are_not_packed(tiny_model) -> None:
+def test_models_with_windows_or_sinks_are_not_packed(tiny_model, tmp_path) -> None:
+    """Sliding-window layers (rotating caches) and attention sinks need masks a packed row does not carry;
+    a window the config declares but no layer applies does not matter."""
     from mlx_lm import load
+
+    from rank.model_caps import probe
+    from tests.families import build
+
+    def packable(model) -> bool:  # type: ignore[no-untyped-def]
+        return probe(model, model.model).packable
 
     model, _ = load(str(tiny_model))
     try:
         cpu_kernels.install(model, "off")
-        assert packing.packs(model)
-        model.model.swa_idx = 0  # a sliding-window layer: its mask is not carried by a packed row
-        assert not packing.packs(model)
-        model.model.swa_idx = None
+        assert packable(model)
         model.model.layers[0].self_attn.sinks = mx.zeros((4,))
-        assert not packing.packs(model)
+        assert not packable(model)
+        del model.model.layers[0].self_attn.sinks
+        for family, packs in (("llama_sliding", False), ("gpt_oss", False), ("mistral", True)):
+            other, _ = load(str(build(family, tmp_path / family)))
+            cpu_kernels.install(other, "off")
+            assert packable(other) is packs, family
+            cpu_kernels.install(other, "off")
     finally:
         for attn in packing.attentions(model):
             attn.rope = attn.rope.inner
+
+
+def test_values_narrower_than_keys_match_mlx() -> None:
+    """MLA's prefill attends with values of another width than the keys (DeepSeek: 128 against 192)."""
+    q, k, _ = _qkv(1, 4, 4, 20, 20)
+    v = mx.array(np.random.default_rng(3).standard_normal((1, 4, 20, 8), dtype=np.float32))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+    got = cpu_kernels.attention(q, k, v, 0.25, "causal")
+    assert got.shape == want.shape == (1, 4, 20, 8)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
 
 
 def test_half_precision_is_returned_in_its_dtype() -> None:

@@ -54,6 +54,7 @@ RULES = {
                 "tokenizers",
                 "jinja2",  # chat templates
                 "transformers",  # tokenizers of models without tokenizer.json
+                "huggingface_hub",  # --model org/name when the weights are not in the local cache yet
             }
         )
     ),

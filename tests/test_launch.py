@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rank.launch import LOST_DAEMON, lost_host_report, mpirun_command, split_launch_args
+import pytest
+
+from cluster.errors import ConfigError
+from rank.launch import LOST_DAEMON, lost_host_report, move_secrets, mpirun_command, split_launch_args
 
 
 def test_split_launch_args() -> None:
@@ -46,3 +49,47 @@ def test_lost_host_report_names_the_ranks_that_ran_there(tmp_path: Path) -> None
     assert lost_host_report(["b"], table) == [
         "lost host b (which ranks ran there is unknown): its processes or its link died, so the job ended"
     ]
+
+
+def test_secrets_travel_in_the_environment_not_on_mpiruns_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-file\n")
+    argv = ["--np", "2", "--port", "1", "--api-key", "sk-one", "--api-key=sk-two", "--admin-token", "adm-tok"]
+    argv += ["--metrics-token", "met-tok"]
+    launching = split_launch_args([*argv, "--api-key-file", str(keys)])
+    assert launching is not None
+    np, hostfile, rank_args, extra = launching
+    rest, moved = move_secrets(rank_args, {"ORCHARD_API_KEYS": "sk-env"})
+    assert moved == {
+        "ORCHARD_API_KEYS": "sk-env,sk-one,sk-two",
+        "ORCHARD_ADMIN_TOKEN": "adm-tok",
+        "ORCHARD_METRICS_TOKEN": "met-tok",
+    }
+    cmd = mpirun_command(np, hostfile, rest, extra, env=moved)
+    secrets = ("sk-one", "sk-two", "sk-env", "adm-tok", "met-tok")
+    assert not any(secret in arg for arg in cmd for secret in secrets)
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "-x"] == [
+        "ORCHARD_API_KEYS",
+        "ORCHARD_ADMIN_TOKEN",
+        "ORCHARD_METRICS_TOKEN",
+    ]
+    assert cmd[cmd.index("-m") :] == ["-m", "rank", "--port", "1", "--api-key-file", str(keys)]
+    # each rank's own parsing finds them where the launcher put them (mpirun -x copies the variables)
+    from rank.cli import api_keys, build_parser
+
+    for name, value in moved.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(cmd[cmd.index("-m") + 2 :])
+    assert args.admin_token == "adm-tok" and args.metrics_token == "met-tok"
+    assert sorted(api_keys(args)) == ["sk-env", "sk-file", "sk-one", "sk-two"]
+
+
+def test_without_secrets_nothing_moves() -> None:
+    assert move_secrets(["--port", "1", "--admin-token-file", "t"], {"ORCHARD_API_KEYS": "k"}) == (
+        ["--port", "1", "--admin-token-file", "t"],
+        {},
+    )
+    with pytest.raises(ConfigError, match="comma"):
+        move_secrets(["--api-key", "a,b"], {})

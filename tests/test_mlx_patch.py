@@ -61,7 +61,7 @@ def test_another_version_leaves_mlx_lm_alone_and_says_so(tiny_model, caplog) -> 
     mlx_patch.restore(model)
     want = np.array(model(tokens))
     try:
-        assert cpu_kernels.install(model, "on") and packing.packs(model)
+        assert cpu_kernels.install(model, "on") and packing.seam_installed(model)
         with caplog.at_level(logging.INFO, logger="rank.mlx_patch"):
             patched = mlx_patch.install(
                 model, cpu_kernels.attention_for, cpu_kernels.swiglu, version="0.33.0"
@@ -74,7 +74,7 @@ def test_another_version_leaves_mlx_lm_alone_and_says_so(tiny_model, caplog) -> 
         assert caplog.records[0].levelno == logging.WARNING
         assert _mlx_lm_functions(module) == (True, True)
         assert not any(isinstance(a.rope, packing.SegmentRoPE) for a in packing.attentions(model))
-        assert not packing.packs(model)
+        assert not packing.seam_installed(model)
         np.testing.assert_array_equal(np.array(model(tokens)), want)
         executor = Executor(model, want_logits=True)  # runs one pass per sequence
         assert not executor._packs
@@ -100,22 +100,25 @@ def test_install_is_idempotent_and_restore_puts_mlx_lm_back(tiny_model) -> None:
             assert all(not isinstance(a.rope.inner, packing.SegmentRoPE) for a in packing.attentions(model))
         assert module.swiglu is cpu_kernels.swiglu
         assert mlx_patch.install(model) == mlx_patch.Patched(True, False, False)  # the seam, MLX's kernels
-        assert _mlx_lm_functions(module) == (False, True) and packing.packs(model)
+        assert _mlx_lm_functions(module) == (False, True) and packing.seam_installed(model)
     finally:
         mlx_patch.restore(model)
-    assert _mlx_lm_functions(module) == (True, True) and not packing.packs(model)
+    assert _mlx_lm_functions(module) == (True, True) and not packing.seam_installed(model)
 
 
 class _Layer:
-    def __init__(self, with_rope: bool) -> None:
-        self.self_attn = types.SimpleNamespace(rope=lambda x, offset=0: x) if with_rope else object()
+    def __init__(self, module_name: str, with_rope: bool) -> None:
+        attention = type("Attention", (), {"__module__": module_name})  # defined where the model is
+        self.self_attn = attention()
+        if with_rope:
+            self.self_attn.rope = lambda x, offset=0: x
 
 
 def _model_in(module_name: str, with_rope: bool) -> object:
-    """A stand-in model whose class lives in `module_name`, as mlx-lm's models live in theirs."""
+    """A stand-in model whose classes live in `module_name`, as mlx-lm's models live in theirs."""
     cls = type("Model", (), {"__module__": module_name})
     model = cls()
-    model.layers = [_Layer(with_rope), _Layer(with_rope)]  # type: ignore[attr-defined]
+    model.layers = [_Layer(module_name, with_rope), _Layer(module_name, with_rope)]  # type: ignore[attr-defined]
     return model
 
 
@@ -147,7 +150,7 @@ def test_a_missing_attribute_is_said_once_and_nothing_breaks(monkeypatch, caplog
             "orchard_test_ropeless_model has no attention layer with a rope: packed steps off",
         )
         assert [r.getMessage() for r in caplog.records] == [patched.note]
-        assert not packing.packs(model)
+        assert not packing.seam_installed(model)
     finally:
         mlx_patch.restore(model)
     assert ropeless.scaled_dot_product_attention is own_attention

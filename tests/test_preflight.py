@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from cluster.errors import ConfigError
-from cluster.hostfile import parse_hostfile
+from cluster.hostfile import HostEntry, parse_hostfile
+from rank.preflight import check, check_host_names, ssh_command
 from tests.jobs import ROOT
 
 FAKE_SSH = """#!/bin/sh
 while [ "$1" = "-o" ]; do shift 2; done
+[ "$1" = "--" ] && shift
 host=$1; shift
 case "$host" in
   down) echo "ssh: connect to host down port 22: No route to host" >&2; exit 255;;
@@ -61,3 +63,29 @@ def test_hostfile_parsing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no hosts"):
         parse_hostfile(f)
     assert [h.host for h in parse_hostfile(ROOT / "hostfiles" / "studio.txt")][0] == "studio-1.local"
+
+
+def test_a_host_name_is_never_an_ssh_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With the real ssh: a hostfile line "-oProxyCommand=..." would run that command on this machine."""
+    marker, evil = tmp_path / "ran", tmp_path / "evil"
+    evil.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    evil.chmod(0o755)
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(f"mac-1 slots=1\n# the next one is hostile\n-oProxyCommand={evil} slots=1\n")
+    assert check(hostfile, None, "ssh") == 2
+    assert f"{hostfile}:3: host name '-oProxyCommand={evil}' starts with '-'" in capsys.readouterr().err
+    assert not marker.exists()
+    for name in ("a\x1bb", "a\u200bb", "-x"):
+        with pytest.raises(ConfigError, match=r"h:7: host name"):
+            check_host_names(Path("h"), [HostEntry("ok", 1, 1), HostEntry(name, 1, 7)])
+    check_host_names(Path("h"), [HostEntry("studio-2.local", 1, 1), HostEntry("10.0.0.2", 1, 2)])
+
+
+def test_ssh_gets_the_host_after_the_end_of_its_options(tmp_path: Path) -> None:
+    marker, evil = tmp_path / "ran", tmp_path / "evil"
+    evil.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    evil.chmod(0o755)
+    cmd = ssh_command("ssh", f"-oProxyCommand={evil}", ["true"])
+    assert cmd[cmd.index("--") + 1] == f"-oProxyCommand={evil}"
+    subprocess.run(cmd, capture_output=True, timeout=30)  # real ssh refuses the name as a host
+    assert not marker.exists()

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.prompts import Prompt, PromptPool, ids_prompt, prompt_pool, text_prompt
 from api.service import Service
-from cluster.config import ServingConfig
+from cluster.config import ServingConfig, ServingLimits
 from cluster.engine_client import EngineClient
 from rank.tokenizer import ChatTokenizer
 
@@ -35,7 +35,8 @@ def make_app(model_dir: Path, template_prefix: str = "") -> FastAPI:
     tok = ChatTokenizer(model_dir)
     assert tok.chat_template is not None
     tok.chat_template = template_prefix + tok.chat_template
-    config = ServingConfig("tiny", context_length=2048)
+    # Room for the 55,000-message body below: this file is about where rendering runs, not that limit.
+    config = ServingConfig("tiny", context_length=2048, limits=ServingLimits(max_messages=100_000))
     return create_app(Service(EngineClient(max_waiting=4), tok, config, tok.vocab_size))
 
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 
 from cluster.manifest import Manifest
-from rank.ssd import SsdBlockStore
+from rank.ssd import LOCK_NAME, SsdBlockStore
 from tests.jobs import Job, tiny_args
 
 H1, H2, H3 = (bytes([i]) * 16 for i in (1, 2, 3))
@@ -36,9 +36,11 @@ def test_damaged_files_are_refused_and_deleted(tmp_path: Path) -> None:
     assert store.counters.corrupt == 2 and not f1.exists() and not f2.exists()
     k3, v3 = store.load(H3)  # type: ignore[misc]
     assert mx.array_equal(k3, k).item() and mx.array_equal(v3, v).item()
-    (tmp_path / "stranger.tmp123").write_bytes(b"x")
+    (tmp_path / "stranger.tmp123").write_bytes(b"x")  # not the tier's: left alone, with a warning
+    (tmp_path / f"{H2.hex()}.tmp123").write_bytes(b"x")  # an interrupted write's (older writers' name)
+    (tmp_path / f".{H2.hex()}.{'ab' * 8}.tmp").write_bytes(b"x")  # an interrupted write's
     assert store.keep_only({H3, H1}) == [H1]  # H1's file is gone: reported missing
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{H3.hex()}.kv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{H3.hex()}.kv", LOCK_NAME, "stranger.tmp123"]
     store.close()
 
 
