@@ -40,7 +40,8 @@ def probe(model: str | None) -> dict[str, Any]:
         "mpi": bool(find_libmpi()),
     }
     try:
-        facts["model"] = fingerprint(resolve_model(model, default_cache_dir(), lambda _: None))[:12]
+        # download=None: a preflight looks in this host's Hugging Face cache, it never fetches gigabytes
+        facts["model"] = fingerprint(resolve_model(model, default_cache_dir(), lambda _: None, download=None))[:12]
     except Exception as exc:  # report, do not crash: the table says what is wrong
         facts["model"] = f"error: {exc}"
     return facts
