@@ -225,6 +225,9 @@ def _run(cmd: list[str]) -> tuple[int, list[str]]:
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal signals_seen
+        if signum == signal.SIGUSR1:  # the ranks' own drain signal: pass it on (its default would kill
+            proc.send_signal(signal.SIGUSR1)  # the launcher alone and orphan mpirun and every rank)
+            return
         signals_seen += 1
         if signals_seen == 1:
             print(
@@ -235,7 +238,7 @@ def _run(cmd: list[str]) -> tuple[int, list[str]]:
         else:
             proc.send_signal(signal.SIGTERM)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
     while True:
         try:

@@ -114,6 +114,13 @@ def test_sigterm_to_the_launcher_drains_then_every_rank_exits_zero(job_factory, 
     drain_scenario(job, lambda: job.signal(signal.SIGTERM))
 
 
+def test_sigusr1_to_the_launcher_drains_too(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGUSR1 is the ranks' drain signal (mpirun forwards it): sent to the launcher it must drain the job,
+    not kill the launcher alone and leave mpirun and the ranks running without it."""
+    job = job_factory.start(2, tiny_args(tiny_model), "drain-launcher-usr1", launcher=True)
+    drain_scenario(job, lambda: job.signal(signal.SIGUSR1))
+
+
 def test_sigterm_to_rank0_drains_then_every_rank_exits_zero(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     job = job_factory.start(2, tiny_args(tiny_model), "drain-rank0")
     rank0 = job.rank_pid(0)
