@@ -189,6 +189,19 @@ class OrchardCollector(Collector):
                 h.add_metric(name, t.hit_tokens)
                 ev.add_metric(name, t.evictions)
             yield from (used, cap, blocks, hit, q, h, ev)
+        if snap.adapters:
+            live = GaugeMetricFamily(
+                "orchard_adapter_live_requests", "Running or queued requests per LoRA adapter.", labels=["adapter"]
+            )
+            total = CounterMetricFamily(
+                "orchard_adapter_requests", "Requests accepted per LoRA adapter since it was loaded.",
+                labels=["adapter"],
+            )  # fmt: skip
+            for a in snap.adapters:
+                live.add_metric([a.name], a.requests)
+                total.add_metric([a.name], a.total_requests)
+            yield live
+            yield total
         up = GaugeMetricFamily("orchard_rank_up", "1 when the rank is ok or slow.", labels=["rank", "host"])
         step = GaugeMetricFamily(
             "orchard_rank_step_seconds", "Duration of the rank's last step.", labels=["rank", "host"]

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.adapters import router as adapters_router
 from api.admin import metrics_registry, metrics_router
 from api.admin import router as admin_router
 from api.errors import error_body, install_error_handlers
@@ -78,6 +79,7 @@ def create_app(service: Service) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(adapters_router)
     app.include_router(metrics_router)
     app.state.metrics_registry = metrics_registry(service)
 

@@ -53,20 +53,19 @@ def _svc(request: Request) -> Service:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_svc(request).model_card()]}
+    return {"object": "list", "data": _svc(request).model_cards()}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     svc = _svc(request)
-    svc.check_model(model_id, param=None)
-    return svc.model_card()
+    return svc.model_card(svc.check_model(model_id, param=None))
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(screen_chat_body)])
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     svc = _svc(request)
-    svc.check_model(body.model)
+    adapter = svc.check_model(body.model)
     _reject_unsupported(body)
     if body.tools or body.functions:
         raise APIError(
@@ -101,13 +100,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         include_usage,
         "",
         body.return_tokens_as_token_ids,
+        adapter,
     )
 
 
 @router.post("/v1/completions", dependencies=[Depends(screen_body)])
 async def completions(body: CompletionRequest, request: Request) -> Any:
     svc = _svc(request)
-    svc.check_model(body.model)
+    adapter = svc.check_model(body.model)
     _reject_unsupported(body)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
@@ -129,6 +129,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         include_usage,
         prompt.text,
         body.return_tokens_as_token_ids,
+        adapter,
     )
 
 
@@ -259,6 +260,7 @@ async def _generate(
     include_usage: bool,
     echo: str,
     as_ids: bool,
+    adapter: str = "",
 ) -> Any:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     rid = f"{prefix}-{uuid.uuid4().hex}"
@@ -269,11 +271,11 @@ async def _generate(
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
     client = request.client.host if request.client else ""
-    req = GenerationRequest(rid, tuple(prompt), sampling, sink, client=client)
+    req = GenerationRequest(rid, tuple(prompt), sampling, sink, client=client, adapter_name=adapter)
     admission = svc.client.submit(req)
     if admission is not Admission.ACCEPTED:
-        raise _admission_error(admission)
-    render = (ChatRender if kind == "chat" else TextRender)(svc, as_ids)
+        raise _admission_error(admission, adapter)
+    render = (ChatRender if kind == "chat" else TextRender)(svc, as_ids, adapter)
     created = int(time.time())
     if stream:
         return StreamingResponse(
@@ -284,7 +286,11 @@ async def _generate(
     return await _collect(request, svc, rid, queue, render, created, echo)
 
 
-def _admission_error(admission: Admission) -> APIError:
+def _admission_error(admission: Admission, adapter: str = "") -> APIError:
+    if admission is Admission.UNKNOWN_MODEL:  # unloaded while its prompt was being rendered
+        return APIError(
+            404, f"the model {adapter!r} does not exist (any more)", param="model", code="model_not_found"
+        )
     if admission is Admission.QUEUE_FULL:
         return APIError(
             429, "the server's queue is full; retry shortly", code="queue_full", headers={"Retry-After": "1"}

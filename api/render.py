@@ -13,9 +13,10 @@ class Render:
     full_object = ""
     chunk_object = ""
 
-    def __init__(self, svc: Service, as_ids: bool = False) -> None:
+    def __init__(self, svc: Service, as_ids: bool = False, model: str = "") -> None:
         self.svc = svc
         self.as_ids = as_ids  # vLLM's return_tokens_as_token_ids
+        self.model = model or svc.config.model_name  # the name asked for: an adapter's, or the base's
 
     def token_text(self, tid: int) -> str:
         return f"token_id:{tid}" if self.as_ids else self.svc.tokenizer.decode([tid])
@@ -43,7 +44,7 @@ class Render:
             "id": rid,
             "object": obj,
             "created": created,
-            "model": self.svc.config.model_name,
+            "model": self.model,
             "choices": choices,
         }
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from api.errors import APIError
+from cluster.adapters import AdapterInspector, AdapterState
 from cluster.config import ServingConfig
 from cluster.engine_client import EngineClient
 from cluster.snapshot import JobFacts, JobSnapshot
@@ -33,6 +34,9 @@ class Service:
     config: ServingConfig
     vocab_size: int
     started: float = field(default_factory=time.time)
+    # Validates an adapter folder for POST /admin/adapters (rank/lora.py's inspect_adapter, bound to this
+    # model and rank count); None: runtime loading is off. Run on a worker thread: it reads files.
+    inspect_adapter: AdapterInspector | None = None
 
     def snapshot(self) -> JobSnapshot:
         """What /health, /metrics and /admin/* show: the engine's last published snapshot, never its live
@@ -48,19 +52,39 @@ class Service:
             )
         return snap.with_lifecycle(c.state.value, c.admission_paused, c.failure)
 
-    def model_card(self) -> dict[str, Any]:
-        return {
-            "id": self.config.model_name,
+    def model_card(self, adapter: str = "") -> dict[str, Any]:
+        """OpenAI's model object; an adapter's names its base model as `parent`, as vLLM's does."""
+        card: dict[str, Any] = {
+            "id": adapter or self.config.model_name,
             "object": "model",
             "created": int(self.started),
             "owned_by": "orchard",
         }
+        if adapter:
+            card["parent"] = self.config.model_name
+        return card
 
-    def check_model(self, name: str, param: str | None = "model") -> None:
-        if name != self.config.model_name:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
-                param=param,
-                code="model_not_found",
-            )
+    def model_cards(self) -> list[dict[str, Any]]:
+        """The base model, then every adapter that serves requests now."""
+        rows = self.client.adapters.rows() if self.client.adapters is not None else ()
+        ready = [a.name for a in rows if a.state == AdapterState.READY.value]
+        return [self.model_card()] + [self.model_card(name) for name in ready]
+
+    def check_model(self, name: str, param: str | None = "model") -> str:
+        """The adapter `name` selects ("" for the base model), or a 404 naming what is served. The engine
+        door checks again when it accepts the request (an unload may come in between)."""
+        if name == self.config.model_name:
+            return ""
+        reg = self.client.adapters
+        if reg is not None and reg.state_of(name) is AdapterState.READY:
+            return name
+        served = [self.config.model_name] + [
+            a.name for a in (reg.rows() if reg is not None else ()) if a.state == AdapterState.READY.value
+        ]
+        listing = ", ".join(repr(n) for n in served[:8]) + (", ..." if len(served) > 8 else "")
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {listing}",
+            param=param,
+            code="model_not_found",
+        )

@@ -30,7 +30,7 @@ from cluster.messages import (
     StepPlan,
 )
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6  # 6: LoRA adapters (Admit.adapter, StepPlan.adapter_load / adapter_unload)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 R = TypeVar("R", bound=Reply)

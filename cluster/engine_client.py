@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cluster.adapters import AdapterRegistry
 from cluster.requests import Admission, FinishReason, GenerationRequest, RequestEvent
 
 if TYPE_CHECKING:
@@ -49,8 +50,16 @@ Command = GenerationRequest | Cancel | ClearCache
 
 
 class EngineClient:
-    def __init__(self, max_waiting: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_waiting: int,
+        clock: Callable[[], float] = time.monotonic,
+        adapters: AdapterRegistry | None = None,
+    ) -> None:
         self.max_waiting = max_waiting
+        # The LoRA adapters served (None: none can be). A request's use of one is counted here, when it
+        # is accepted, so an unload is refused while requests the engine has not taken yet use it.
+        self.adapters = adapters
         self.clock = clock  # the engine's: arrival is stamped here, not when the engine next looks
         self._lock = threading.Lock()
         self._inbox: deque[Command] = deque()
@@ -77,6 +86,11 @@ class EngineClient:
                 return Admission.PAUSED
             if self.waiting >= self.max_waiting:
                 return Admission.QUEUE_FULL
+            if request.adapter_name:
+                slot = self.adapters.acquire(request.adapter_name) if self.adapters is not None else None
+                if slot is None:
+                    return Admission.UNKNOWN_MODEL
+                request.adapter = slot
             if request.arrival == 0.0:
                 # A request that arrives mid-step waits for the step to end before the engine sees it:
                 # that wait is part of its time to first token.
@@ -85,6 +99,10 @@ class EngineClient:
             self._inbox_ids.add(request.request_id)
         self._wake.set()
         return Admission.ACCEPTED
+
+    def wake(self) -> None:
+        """The engine has work that is not in the inbox (an adapter to load or unload): step now."""
+        self._wake.set()
 
     def clear_cache(self, tier: str) -> None:
         self._command(ClearCache(tier))
@@ -123,6 +141,9 @@ class EngineClient:
         """Answer every unfinished request with an error (any thread; used when the engine is stuck)."""
         with self._lock:
             victims: list[Any] = [c for c in self._inbox if isinstance(c, GenerationRequest)]
+            if self.adapters is not None:
+                for sub in victims:
+                    self.adapters.release(sub.adapter)
             self._inbox.clear()
             self._inbox_ids.clear()
             if self._scheduler is not None:

@@ -39,3 +39,8 @@ class BusVersionMismatch(BusError):
 
 class EngineError(OrchardError):
     """The engine loop failed; in-flight requests are answered with an error."""
+
+
+class AdapterError(ModelError):
+    """A LoRA adapter is missing, malformed, or cannot be served on this model and rank count; the
+    message says which and why (checked on rank 0 before anything is queued)."""

@@ -25,6 +25,40 @@ class Admit:
 
     seq_id: int
     cached: tuple[int, ...] = ()
+    adapter: int = 0  # the LoRA slot its tokens run with (AdapterLoad); 0: the base model
+
+
+# What bounds the adapter fields of a plan (checked when decoding; the registry never exceeds them).
+MAX_ADAPTER_OPS_PER_PLAN = 4  # loads per plan, and unloads per plan
+MAX_ADAPTER_PATH_BYTES = 4096  # Linux's PATH_MAX (macOS's is 1024)
+MAX_ADAPTER_DIGEST_BYTES = 64
+
+
+@dataclass(slots=True, frozen=True)
+class AdapterLoad:
+    """Every rank loads the LoRA adapter in folder `path` into `slot` (1..--max-loras; free until then)
+    before anything else in the step, and checks that its content hashes to `digest` (the digest rank 0
+    validated): hosts whose copies differ would serve different models."""
+
+    slot: int
+    path: str
+    digest: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [self.slot, self.path, self.digest]
+
+    @classmethod
+    def from_wire(cls, w: Any) -> AdapterLoad:
+        if not isinstance(w, list) or len(w) != 3:
+            raise BusDecodeError("step plan: an adapter load is not a [slot, path, digest] array")
+        slot, path, digest = w
+        if type(path) is not str or not path or len(path.encode()) > MAX_ADAPTER_PATH_BYTES:
+            raise BusDecodeError(
+                f"step plan: an adapter path is not a string of 1 to {MAX_ADAPTER_PATH_BYTES} bytes"
+            )
+        if type(digest) is not bytes or not 0 < len(digest) <= MAX_ADAPTER_DIGEST_BYTES:
+            raise BusDecodeError("step plan: an adapter digest is not 1 to 64 bytes")
+        return cls(_slot(slot), path, digest)
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,7 +87,8 @@ class PrefillChunk:
 
 @dataclass(slots=True, frozen=True)
 class StepPlan:
-    """One engine step. Order of execution on every rank: release, evict, admit, prefill, store, decode.
+    """One engine step. Order of execution on every rank: adapter unloads and loads, release, evict, admit,
+    prefill, store, decode (an adapter loaded by a plan may serve the sequences that plan admits).
 
     `decode_ids[i]` is row i of the decode batch and `decode_tokens[i]` its input token: the batch rows
     on every rank are put in exactly this order before the forward pass.
@@ -71,13 +106,15 @@ class StepPlan:
     ssd_load: tuple[tuple[int, bytes], ...] = ()  # (RAM block id to fill, block hash): read from disk
     ssd_save: tuple[tuple[int, bytes], ...] = ()  # (RAM block id, block hash): write to disk
     ssd_delete: tuple[bytes, ...] = ()
+    adapter_load: tuple[AdapterLoad, ...] = ()
+    adapter_unload: tuple[int, ...] = ()  # slots to free (no sequence uses them)
 
     def to_wire(self) -> list[Any]:
         return [
             self.KIND,
             self.step,
             list(self.release),
-            [[a.seq_id, list(a.cached)] for a in self.admit],
+            [[a.seq_id, list(a.cached), a.adapter] for a in self.admit],
             [[p.seq_id, p.start, list(p.tokens), p.last] for p in self.prefill],
             list(self.decode_ids),
             list(self.decode_tokens),
@@ -86,17 +123,24 @@ class StepPlan:
             [[b, h] for b, h in self.ssd_load],
             [[b, h] for b, h in self.ssd_save],
             list(self.ssd_delete),
+            [a.to_wire() for a in self.adapter_load],
+            list(self.adapter_unload),
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> StepPlan:
-        _, step, release, admit, prefill, decode_ids, decode_tokens, store, evict, load, save, delete = w
+        (_, step, release, admit, prefill, decode_ids, decode_tokens, store, evict, load, save, delete,
+         adapter_load, adapter_unload) = w  # fmt: skip
         if len(decode_ids) != len(decode_tokens):
             raise BusDecodeError("step plan: decode ids and tokens differ in length")
+        loads = _list(adapter_load, "step plan: adapter_load")
+        unloads = _list(adapter_unload, "step plan: adapter_unload")
+        if len(loads) > MAX_ADAPTER_OPS_PER_PLAN or len(unloads) > MAX_ADAPTER_OPS_PER_PLAN:
+            raise BusDecodeError(f"step plan: more than {MAX_ADAPTER_OPS_PER_PLAN} adapter loads or unloads")
         return cls(
             step=_int(step),
             release=_ints(release),
-            admit=tuple(Admit(_int(s), _ints(cached)) for s, cached in admit),
+            admit=tuple(_admit(a) for a in _list(admit, "step plan: admit")),
             prefill=tuple(PrefillChunk(_int(s), _int(a), _ints(toks), _bool(last)) for s, a, toks, last in prefill),
             decode_ids=_ints(decode_ids),
             decode_tokens=_ints(decode_tokens),
@@ -105,7 +149,27 @@ class StepPlan:
             ssd_load=tuple((_int(b), _hash(h)) for b, h in load),
             ssd_save=tuple((_int(b), _hash(h)) for b, h in save),
             ssd_delete=tuple(_hash(h) for h in delete),
+            adapter_load=tuple(AdapterLoad.from_wire(a) for a in loads),
+            adapter_unload=tuple(_slot(x) for x in unloads),
         )
+
+
+def _admit(w: Any) -> Admit:
+    if not isinstance(w, list) or len(w) != 3:
+        raise BusDecodeError("step plan: an admit is not a [seq_id, cached, adapter] array")
+    seq_id, cached, adapter = w
+    adapter = _int(adapter)
+    if adapter < 0:
+        raise BusDecodeError(f"step plan: adapter slot {adapter} is negative")
+    return Admit(_int(seq_id), _ints(cached), adapter)
+
+
+def _slot(x: Any) -> int:
+    """An adapter slot a plan loads or unloads: 1 and up (slot 0 is the base model, never unloaded)."""
+    slot = _int(x)
+    if slot < 1:
+        raise BusDecodeError(f"step plan: adapter slot {slot} is not 1 or more")
+    return slot
 
 
 @dataclass(slots=True, frozen=True)
@@ -119,6 +183,7 @@ class PlanLimits:
     block_tokens: int
     max_evictions: int  # RAM blocks dropped per plan (PrefixCache)
     max_ssd_ops: int  # SSD loads and deletes per plan, each (SsdTier); saves follow the plan's stores
+    max_adapter_ops: int = MAX_ADAPTER_OPS_PER_PLAN  # adapter loads per plan, and unloads (AdapterRegistry)
 
     def largest_plan(self) -> StepPlan:
         """Every field at its bound, with ids and tokens of the widest encoding (msgpack uint32)."""
@@ -133,7 +198,7 @@ class PlanLimits:
         return StepPlan(
             step=big,
             release=(big,) * n,
-            admit=tuple(Admit(big, (big,) * self.max_prompt_blocks) for _ in range(n)),
+            admit=tuple(Admit(big, (big,) * self.max_prompt_blocks, big) for _ in range(n)),
             prefill=chunks,
             decode_ids=(big,) * n,
             decode_tokens=(big,) * n,
@@ -142,6 +207,9 @@ class PlanLimits:
             ssd_load=((big, h),) * self.max_ssd_ops,
             ssd_save=((big, h),) * stored,  # saves follow stores, never deferred
             ssd_delete=(h,) * self.max_ssd_ops,
+            adapter_load=(AdapterLoad(big, "x" * MAX_ADAPTER_PATH_BYTES, b"\xff" * MAX_ADAPTER_DIGEST_BYTES),)
+            * self.max_adapter_ops,
+            adapter_unload=(big,) * self.max_adapter_ops,
         )
 
 

@@ -47,8 +47,10 @@ class PrefixCache:
         self._pending: list[Block] = []
         self._evict: list[int] = []
 
-    def state_for(self, tokens: tuple[int, ...]) -> PrefixState:
-        return PrefixState(block_hashes(self.root, tokens, self.block_tokens))
+    def state_for(self, tokens: tuple[int, ...], root: BlockHash | None = None) -> PrefixState:
+        """`root`: where the chain of block hashes starts; a request under a LoRA adapter starts from its
+        adapter's root (`cluster.adapters.adapter_root`), so its blocks are never another's."""
+        return PrefixState(block_hashes(self.root if root is None else root, tokens, self.block_tokens))
 
     def producing(self, states: Iterable[PrefixState]) -> set[BlockHash]:
         """Hashes that sequences already prefilling will store."""

@@ -91,6 +91,8 @@ class GenerationRequest:
     sink: EventSink
     client: str = ""
     arrival: float = 0.0
+    adapter_name: str = ""  # the LoRA adapter asked for by name (`model`); "": the base model
+    adapter: int = 0  # its slot, set by the engine door when it accepts the request (and counts its use)
 
 
 class RequestStatus(str, enum.Enum):
@@ -128,6 +130,7 @@ class Request:
     # imports MLX) and, with penalties, how often each token was generated.
     rng_key: object | None = None
     token_counts: Counter[int] | None = None
+    adapter: int = 0  # the LoRA slot its tokens run with (cluster/adapters.py); 0: the base model
 
     @classmethod
     def from_submission(cls, sub: GenerationRequest, seq_id: int, decode: Decode) -> Request:
@@ -141,6 +144,7 @@ class Request:
             detok=IncrementalDetokenizer(decode),
             stop=StopMatcher(sub.sampling.stop),
             arrival=sub.arrival,
+            adapter=sub.adapter,
         )
 
     @property
@@ -160,3 +164,4 @@ class Admission(str, enum.Enum):
     PAUSED = "paused"  # an operator paused admission (/admin/drain); the job keeps serving
     SHUTTING_DOWN = "shutting_down"  # the job is stopping (SIGTERM): in-flight requests finish
     UNAVAILABLE = "unavailable"
+    UNKNOWN_MODEL = "unknown_model"  # no adapter serves that name now (never loaded, or being unloaded)

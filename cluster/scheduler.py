@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from cluster.adapters import AdapterRegistry, adapter_root
 from cluster.messages import Admit, PrefillChunk, StepPlan
 from cluster.prefix import PrefixCache
 from cluster.requests import (
@@ -65,9 +66,12 @@ class Scheduler:
         decode: Decode,
         eos_token_ids: Iterable[int],
         prefix_cache: PrefixCache | None = None,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.config = config
         self.prefix_cache = prefix_cache
+        # LoRA adapters: their loads and unloads ride in plans; requests release their slot when they end
+        self.adapters = adapters
         self._decode = decode
         self._eos = frozenset(eos_token_ids)
         # Every unfinished request, by id: the one map of requests on rank 0. Other threads may test
@@ -91,7 +95,8 @@ class Scheduler:
 
     def has_work(self) -> bool:
         pending_evictions = self.prefix_cache is not None and self.prefix_cache.has_evictions
-        return bool(self._waiting or self._active or self._release or pending_evictions)
+        adapter_ops = self.adapters is not None and self.adapters.has_ops()
+        return bool(self._waiting or self._active or self._release or pending_evictions or adapter_ops)
 
     def queue(self) -> list[Request]:
         """Unfinished requests: the waiting in arrival order, then the running in admission order."""
@@ -101,7 +106,10 @@ class Scheduler:
     def add(self, submission: GenerationRequest) -> Request:
         req = Request.from_submission(submission, next(self._seq_ids), self._decode)
         if self.prefix_cache is not None:
-            req.prefix = self.prefix_cache.state_for(req.prompt_tokens)
+            root = None
+            if req.adapter and self.adapters is not None:
+                root = adapter_root(self.prefix_cache.root, self.adapters.digest(req.adapter))
+            req.prefix = self.prefix_cache.state_for(req.prompt_tokens, root)
         self._waiting.append(req)
         self.requests[req.request_id] = req
         return req
@@ -161,7 +169,7 @@ class Scheduler:
                     req.computed = len(cached) * cache.block_tokens
                     producing.update(req.prefix.hashes[req.prefix.covered :])
                 req.admitted = True
-                admits.append(Admit(req.seq_id, cached))
+                admits.append(Admit(req.seq_id, cached, req.adapter))
             end = min(req.prompt_len, req.computed + budget)
             prefill.append(PrefillChunk(req.seq_id, req.computed, tokens[req.computed : end], end == req.prompt_len))
             prefilled.append((req, end))
@@ -177,6 +185,7 @@ class Scheduler:
         ssd_delete: tuple[bytes, ...] = ()
         if cache is not None and cache.ssd is not None:
             ssd_load, ssd_save, ssd_delete = cache.ssd.take()
+        adapter_load, adapter_unload = self.adapters.take_ops() if self.adapters is not None else ((), ())
         plan = StepPlan(
             step=self._step,
             release=release,
@@ -189,6 +198,8 @@ class Scheduler:
             ssd_load=ssd_load,
             ssd_save=ssd_save,
             ssd_delete=ssd_delete,
+            adapter_load=adapter_load,
+            adapter_unload=adapter_unload,
         )
         return ScheduledStep(plan, tuple(completed + decoding), tuple(prefilled))
 
@@ -201,6 +212,8 @@ class Scheduler:
         step produced no logits); returns the events to deliver, each request's final one included."""
         if self.prefix_cache is not None:
             self.prefix_cache.commit()
+        if self.adapters is not None:
+            self.adapters.ran(step.plan.adapter_load, step.plan.adapter_unload)
         for req, end in step.prefilled:
             if req.status is RequestStatus.PREFILL:
                 req.computed = end
@@ -260,6 +273,8 @@ class Scheduler:
             self._release.append(req.seq_id)
         if req.prefix is not None and self.prefix_cache is not None:
             self.prefix_cache.release(req.prefix)
+        if self.adapters is not None:
+            self.adapters.release(req.adapter)  # its last request gone, a draining adapter unloads
         req.status = RequestStatus.FINISHED
         self.requests.pop(req.request_id, None)
         event = RequestEvent(

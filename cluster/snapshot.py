@@ -378,10 +378,38 @@ _RANK_FIELDS = tuple(f.name for f in dataclasses.fields(RankView))
 
 
 @dataclass(slots=True, frozen=True)
+class AdapterView:
+    """One LoRA adapter served besides the base model (`cluster.adapters.AdapterRegistry.rows`)."""
+
+    name: str  # the `model` name that selects it
+    slot: int
+    state: str  # loading, ready, draining, unloading
+    requests: int  # running or queued requests that use it
+    total_requests: int  # requests accepted for it since it was loaded
+    rank: int  # the LoRA rank r
+    path: str
+    digest: str  # hex digest of its files
+
+    def to_json(self) -> dict[str, object]:
+        return {f: getattr(self, f) for f in _ADAPTER_FIELDS}
+
+    @classmethod
+    def from_json(cls, doc: object, path: str = "adapter") -> AdapterView:
+        d = Doc(doc, path)
+        return cls(
+            d.text("name"), d.integer("slot"), d.text("state"), d.integer("requests"),
+            d.integer("total_requests"), d.integer("rank"), d.text("path"), d.text("digest"),
+        )  # fmt: skip
+
+
+_ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(AdapterView))
+
+
+@dataclass(slots=True, frozen=True)
 class JobSnapshot:
     """The whole job as `/admin/state` shows it. The first keys of `to_json()` are the document
     operators' scripts have read since the dashboard came (same keys, same nesting); `steps`,
-    `sequences_on_ranks`, `latency` and `published_unix` came with this class."""
+    `sequences_on_ranks`, `latency` and `published_unix` came with this class, `adapters` with LoRA."""
 
     model: str
     tensor_parallel: int
@@ -401,6 +429,7 @@ class JobSnapshot:
     sequences_on_ranks: int  # sequences whose KV the ranks hold (rank 0's executor mirrors all)
     latency: LatencyView
     published_unix: float  # when the engine thread captured it
+    adapters: tuple[AdapterView, ...] = ()  # LoRA adapters, by slot (the base model is not listed)
 
     @classmethod
     def starting(cls, facts: JobFacts) -> JobSnapshot:
@@ -443,6 +472,7 @@ class JobSnapshot:
             "sequences_on_ranks": self.sequences_on_ranks,
             "latency": self.latency.to_json(),
             "published_unix": self.published_unix,
+            "adapters": [a.to_json() for a in self.adapters],
         }
 
     @classmethod
@@ -470,6 +500,7 @@ class JobSnapshot:
             sequences_on_ranks=d.integer("sequences_on_ranks"),
             latency=LatencyView.from_json(d.get("latency")),
             published_unix=d.number("published_unix"),
+            adapters=tuple(AdapterView.from_json(a.d, a.path) for a in d.children("adapters")),
         )
 
 
@@ -490,6 +521,7 @@ def capture(
     tiers: Sequence[TierSource],
     ranks: Sequence[RankSource],
     now_unix: float,
+    adapters: Sequence[AdapterView] = (),
 ) -> JobSnapshot:
     """The job as it is now, for `EngineClient.publish`. Engine thread only (it reads `stats`, which
     only that thread writes). Cheap: the statistics' views are cached until they change."""
@@ -512,4 +544,5 @@ def capture(
         sequences_on_ranks=sequences_on_ranks,
         latency=stats.latency_view(),
         published_unix=now_unix,
+        adapters=tuple(adapters),
     )

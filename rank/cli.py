@@ -58,6 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
         "far slower than fp32 with OpenBLAS on Linux; keep it quantized on a Mac",
     )
     m.add_argument(
+        "--adapter-path",
+        type=Path,
+        help="a LoRA adapter folder in mlx-lm's format (adapter_config.json + adapters.safetensors), fused "
+        "into the weights at load: served as the model itself, at no cost per token",
+    )
+    m.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="an unfused LoRA adapter served as model NAME (repeatable); requests choose it by `model`",
+    )
+    m.add_argument(
+        "--max-loras",
+        type=int,
+        default=0,
+        help="unfused adapters held at once, --lora ones included (0: as many as --lora gives)",
+    )
+    m.add_argument(
         "--allow-special-tokens-in-content",
         action="store_true",
         help="read special-token text inside chat messages (<|im_end|>, ...) as special tokens, as before; "
@@ -350,4 +369,7 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--heartbeat-interval must be positive")
     if args.kv_ssd_queue_mb < 0:
         raise ConfigError("--kv-ssd-queue-mb must be 0 or more")
+    from rank.lora import adapter_slots
+
+    adapter_slots(args.lora, args.max_loras)  # --lora NAME=DIR and --max-loras
     http_front(args)  # bad HTTP front settings fail here, before any rank loads the model

@@ -233,6 +233,7 @@ class Leader:
                 tiers=tiers,
                 ranks=self.health.snapshot(),
                 now_unix=time.time(),
+                adapters=self.scheduler.adapters.rows() if self.scheduler.adapters is not None else (),
             )
         )
 

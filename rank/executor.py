@@ -18,7 +18,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -27,6 +29,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from cluster.errors import EngineError
 from cluster.messages import PrefillChunk, StepPlan
 from rank import mlx_patch, model_caps
+from rank.lora_layers import LoraSlots
 from rank.model_head import ModelHead, VocabSlice
 from rank.packing import RowLayout, pass_caches
 
@@ -70,9 +73,20 @@ class _Rows:
 
 class Executor:
     def __init__(
-        self, model: Any, want_logits: bool, block_tokens: int = 32, ssd: Any = None, group: Any = None
+        self,
+        model: Any,
+        want_logits: bool,
+        block_tokens: int = 32,
+        ssd: Any = None,
+        group: Any = None,
+        max_loras: int = 0,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
+        # unfused adapters (rank.lora_layers): slots 1..max_loras; none, and the layers stay as they are
+        self.lora = LoraSlots(model, group, max_loras) if max_loras > 0 else None
+        self.config = config or {}
+        self.seq_adapter: dict[int, int] = {}  # sequence -> its adapter slot, for those not on the base
         self.head = ModelHead(model)  # the model's own output path, for the rows that need logits
         self.inner = self.head.inner
         mlx_patch.fix_upstream(model)
@@ -102,7 +116,33 @@ class Executor:
     def _holds(self, seq_id: int) -> bool:
         return seq_id in self.prefilling or seq_id in self.batch_ids
 
+    @property
+    def lora_targets(self) -> dict[str, Any]:
+        """What an unfused adapter may modify on this model (rank.lora.inspect_adapter's `targets`); empty
+        without adapter slots. Fixed once the executor exists, so any thread may read it."""
+        return self.lora.targets if self.lora is not None else {}
+
+    def load_adapter(self, slot: int, path: Path | str, digest: bytes | None = None) -> Any:
+        """Load the adapter at `path` into `slot` on this rank (its own disk, as the model); returns its
+        rank.lora.AdapterInfo. `digest`: rank 0's, checked against this rank's copy."""
+        if self.lora is None:
+            raise EngineError("this job holds no adapter slots (start it with --lora or --max-loras)")
+        if slot in self.seq_adapter.values():
+            raise EngineError(f"adapter slot {slot} is replaced while sequences use it")
+        return self.lora.load(slot, Path(path), self.config, digest)
+
+    def unload_adapter(self, slot: int) -> None:
+        if self.lora is None:
+            raise EngineError("this job holds no adapter slots (start it with --lora or --max-loras)")
+        if slot in self.seq_adapter.values():
+            raise EngineError(f"adapter slot {slot} is unloaded while sequences use it")
+        self.lora.unload(slot)
+
     def execute(self, plan: StepPlan) -> StepOutput:
+        for slot in plan.adapter_unload:
+            self.unload_adapter(slot)
+        for load in plan.adapter_load:
+            self.load_adapter(load.slot, load.path, load.digest)
         self._release(plan.release)
         for block_id in plan.evict:
             self.blocks.pop(block_id, None)
@@ -110,7 +150,12 @@ class Executor:
         for admit in plan.admit:
             if self._holds(admit.seq_id):
                 raise EngineError(f"sequence {admit.seq_id} admitted twice")
+            slot = admit.adapter
+            if slot and (self.lora is None or slot not in self.lora.loaded):
+                raise EngineError(f"sequence {admit.seq_id} admitted on empty adapter slot {slot}")
             self.prefilling[admit.seq_id] = self._cache_from_blocks(admit.cached)
+            if slot:
+                self.seq_adapter[admit.seq_id] = slot
         for chunk in plan.prefill:
             at = _positions(self.prefilling[chunk.seq_id])
             if at is not None and at != chunk.start:
@@ -186,7 +231,8 @@ class Executor:
         # a lone decode batch is B rows of one token; anything else, one row
         inputs = inputs[None] if chunks else inputs[:, None]
         cache = pass_caches([self.prefilling[c.seq_id] for c in chunks], layout, self.batch)
-        h = self.inner(inputs, cache=cache)
+        with self._adapters(chunks, decode_ids):
+            h = self.inner(inputs, cache=cache)
         positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, 1, D): one hidden state a position
         for c, (_, end) in zip(chunks, layout.spans, strict=True):
             if c.last:
@@ -198,6 +244,15 @@ class Executor:
             rows.hidden.append(positions[lo:hi])
         if chunks:
             mx.eval(h)
+
+    def _adapters(self, chunks: tuple[PrefillChunk, ...], decode_ids: tuple[int, ...]) -> Any:
+        """The pass's token slots, in its token order: each chunk's tokens, then one per decode row."""
+        if self.lora is None or not self.seq_adapter:
+            return nullcontext()
+        slot = self.seq_adapter.get
+        slots = [slot(c.seq_id, 0) for c in chunks for _ in range(c.end - c.start)]
+        slots += [slot(sid, 0) for sid in decode_ids]
+        return self.lora.tokens(slots)
 
     def _ssd_load(self, loads: tuple[tuple[int, bytes], ...]) -> tuple[int, ...]:
         failed = []
@@ -214,7 +269,8 @@ class Executor:
         for sid, token in zip(decode_ids, tokens, strict=True):
             if sid not in self.prefilling:
                 raise EngineError(f"decode of unknown sequence {sid}")
-            h = self.inner(mx.array([[token]], dtype=mx.int32), cache=self.prefilling[sid])
+            with self._adapters((), (sid,)):
+                h = self.inner(mx.array([[token]], dtype=mx.int32), cache=self.prefilling[sid])
             rows.ids.append(sid)
             rows.hidden.append(h[0, -1:])
 
@@ -301,6 +357,7 @@ class Executor:
         gone = set(seq_ids)
         for sid in seq_ids:
             self.prefilling.pop(sid, None)
+            self.seq_adapter.pop(sid, None)
         if self.batch is not None and gone.intersection(self.batch_ids):
             keep = [i for i, sid in enumerate(self.batch_ids) if sid not in gone]
             self.batch_ids = [self.batch_ids[i] for i in keep]

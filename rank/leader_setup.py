@@ -15,8 +15,11 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from cluster.adapters import AdapterCheck, AdapterRegistry, AdapterSpec, Reserve
 from cluster.messages import Hello
 from cluster.prefix import PrefixCache
 from cluster.snapshot import JobFacts
@@ -78,7 +81,47 @@ def _prefix_cache(args: argparse.Namespace, started: Started) -> PrefixCache | N
             args.kv_ssd_gb,
         )
     model_id = fingerprint(started.model_dir, args.cache_dir or default_cache_dir())
+    fused = started.adapter_digest  # --adapter-path: the fused model is another model
+    if fused:
+        model_id = f"{model_id}+adapter:{fused}"
     return PrefixCache(index, root_hash(model_id, f"tp{world_size}"), ssd)
+
+
+def _adapters(args: argparse.Namespace, started: Started, base_name: str) -> AdapterRegistry:
+    """The LoRA adapters served besides the base model: the `--lora` ones every rank loaded at start-up,
+    in their slots; `--max-loras` bounds the runtime ones too."""
+    from cluster.errors import ConfigError
+    from rank.lora import adapter_slots
+
+    registry = AdapterRegistry(adapter_slots(args.lora, args.max_loras), base_name)
+    for a in started.adapters:
+        spec = AdapterSpec(str(Path(a.path).resolve()), a.info.digest, a.info.rank)
+        outcome = registry.add_loaded(a.name, a.slot, spec)
+        if outcome is not Reserve.RESERVED:
+            why = f"cannot serve it as model {a.name!r} ({outcome.value})"
+            raise ConfigError(f"--lora {a.name}={a.path}: {why}")
+        log.info("serving adapter %s (rank %d) as model %r from slot %d", a.path, a.info.rank, a.name, a.slot)
+    return registry
+
+
+def _adapter_inspector(started: Started) -> Callable[[str], AdapterCheck]:
+    """POST /admin/adapters' validation (on a worker thread): rank/lora.py's check of an adapter folder
+    against this model, its rank count and the layers the executor's slots can modify."""
+    from cluster.errors import AdapterError
+    from rank.lora import inspect_adapter
+
+    config, world_size, executor = started.config, started.bus.size, started.executor
+
+    def check(path: str) -> AdapterCheck:
+        try:
+            info = inspect_adapter(Path(path), config, world_size, executor.lora_targets or None)
+        except AdapterError as exc:
+            return AdapterCheck(None, str(exc))
+        except OSError as exc:
+            return AdapterCheck(None, f"cannot read it: {exc}")
+        return AdapterCheck(AdapterSpec(path, info.digest, info.rank))
+
+    return check
 
 
 def _pulse_monitor(
@@ -172,7 +215,8 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         world_size=bus.size,
         front=http_front(args),
     )
-    client = EngineClient(max_waiting=limits.max_waiting)
+    adapters = _adapters(args, started, name)
+    client = EngineClient(max_waiting=limits.max_waiting, adapters=adapters)
     prefix_cache = _prefix_cache(args, started)
     scheduler = Scheduler(
         SchedulerConfig(
@@ -184,6 +228,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         decode=tokenizer.decode,
         eos_token_ids=tokenizer.eos_token_ids,
         prefix_cache=prefix_cache,
+        adapters=adapters,
     )
     leader = Leader(
         executor,
@@ -219,6 +264,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
                 serving,
                 vocab,
                 started=leader.facts.started,
+                inspect_adapter=_adapter_inspector(started) if adapters.max_loras else None,
             )
         ),
         args.host,

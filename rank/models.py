@@ -413,10 +413,16 @@ def dequantize(model: Any) -> bool:
 
 
 def load_model(
-    path: Path, group: Any, dequantize_weights: bool = False, log: Progress | None = None
+    path: Path,
+    group: Any,
+    dequantize_weights: bool = False,
+    log: Progress | None = None,
+    adapter_path: Path | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Load lazily, check the TP degree divides the model, shard across `group`, then materialise.
-    `dequantize_weights`: quantized checkpoints become float32 first (then shard as plain linears)."""
+    `dequantize_weights`: quantized checkpoints become float32 first (then shard as plain linears).
+    `adapter_path`: a LoRA adapter fused into the unsharded weights first (rank.lora.fuse_adapter), so
+    every rank shards the same fused model and serving it costs nothing more than the base."""
     import mlx.core as mx
     from mlx_lm.utils import load_model as mlx_load_model
 
@@ -426,6 +432,12 @@ def load_model(
         raise ModelError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
     n = group.size() if group is not None else 1
     check_tensor_parallel(config, n)
+    if adapter_path is not None:
+        from rank.lora import fuse_adapter
+
+        digest = fuse_adapter(model, adapter_path, dequantize=dequantize_weights)
+        if log is not None:
+            log(f"{path.name}: adapter {adapter_path} fused (content {digest[:12]})")
     if dequantize_weights and dequantize(model) and log is not None:
         log(f"{path.name}: quantized weights dequantized to float32 (--dequantize)")
     if n > 1:

@@ -26,6 +26,7 @@ from cluster.errors import BusDecodeError, BusError, OrchardError
 from cluster.messages import Hello
 from rank.env import under_mpi
 from rank.executor import Executor
+from rank.lora import NamedAdapter
 from rank.pulse import Activity, PulseResponder
 from rank.ssd import SsdBlockStore
 
@@ -43,6 +44,10 @@ class Started:
     ranks: tuple[Hello, ...]  # rank 0: every rank's hello, in rank order; followers: ()
     ssd_dir: Path | None  # the job's SSD tier folder; None: the tier is off
     activity: Activity | None = None  # a follower's, reported to rank 0's liveness pings; None: not pinged
+    # `--adapter-path`'s content digest (hex; "" without one): the fused model is another model, so it
+    # joins the prefix cache's root hash and the SSD folder name
+    adapter_digest: str = ""
+    adapters: tuple[NamedAdapter, ...] = ()  # `--lora` adapters, loaded unfused into slots 1..k in order
 
     @property
     def rank(self) -> int:
@@ -118,6 +123,7 @@ def ends_job_on_failure(transport: _Abortable) -> Iterator[None]:
 def start(args: argparse.Namespace) -> Iterator[Started]:
     from rank import cpu_kernels
     from rank.env import blas_in_use
+    from rank.lora import adapter_digest, adapter_slots
     from rank.models import default_cache_dir, load_model, resolve_model
 
     group, transport = init_distributed()
@@ -127,7 +133,10 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
     with ends_job_on_failure(transport):
         cache_dir = args.cache_dir or default_cache_dir()
         model_dir = resolve_model(args.model, cache_dir, progress=log.info if leader else log.debug)
-        model, config = load_model(model_dir, group, args.dequantize, log.info if leader else log.debug)
+        adapter_path = args.adapter_path
+        model, config = load_model(
+            model_dir, group, args.dequantize, log.info if leader else log.debug, adapter_path
+        )
         cpu_fast = cpu_kernels.install(model, args.cpu_kernels)
     log.info(
         "loaded %s as shard %d/%d in %.1f s (BLAS: %s; CPU kernels: %s)",
@@ -158,14 +167,22 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
             else:
                 bus.reply(hello)  # who this rank is, and where rank 0 can ping it
                 ranks = ()
-            ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size)
+            digest = adapter_digest(adapter_path).hex() if adapter_path is not None else ""
+            ssd_dir, ssd_store = _ssd_store(args, model_dir, rank, size, digest)
             executor = Executor(
-                model, want_logits=leader, block_tokens=args.kv_block_tokens, ssd=ssd_store, group=group
+                model,
+                want_logits=leader,
+                block_tokens=args.kv_block_tokens,
+                ssd=ssd_store,
+                group=group,
+                max_loras=adapter_slots(args.lora, args.max_loras),
+                config=config,
             )
+            adapters = _load_loras(executor, args.lora, log.info if leader else log.debug)
             if ssd_store is not None:
                 ssd_store.block_bytes = executor.block_bytes  # reads of larger files are refused
             activity = responder.activity if responder is not None else None
-            started = Started(bus, executor, model_dir, config, ranks, ssd_dir, activity)
+            started = Started(bus, executor, model_dir, config, ranks, ssd_dir, activity, digest, adapters)
         yield started
     finally:
         if responder is not None:
@@ -233,10 +250,23 @@ def gather_hellos(bus: ControlBus, own: Hello) -> tuple[Hello, ...]:
     return ranks
 
 
+def _load_loras(executor: Executor, flags: list[str], progress: Any) -> tuple[NamedAdapter, ...]:
+    """`--lora NAME=DIR` adapters into slots 1, 2, ... in flag order, alike on every rank."""
+    from rank.lora import lora_flags
+
+    loaded = []
+    for slot, (name, path) in enumerate(lora_flags(flags), start=1):
+        info = executor.load_adapter(slot, path)
+        progress(f"adapter {name} ({path}, rank {info.rank}, {len(info.targets)} layers) in slot {slot}")
+        loaded.append(NamedAdapter(name, slot, path, info))
+    return tuple(loaded)
+
+
 def _ssd_store(
-    args: argparse.Namespace, model_dir: Path, rank: int, size: int
+    args: argparse.Namespace, model_dir: Path, rank: int, size: int, adapter: str = ""
 ) -> tuple[Path | None, SsdBlockStore | None]:
-    """This rank's SSD folder: <dir>/<model fingerprint>-tp<N>/rank<r>, or (None, None) when off."""
+    """This rank's SSD folder: <dir>/<model fingerprint>[-a<fused adapter digest>]-tp<N>/rank<r>, or
+    (None, None) when off."""
     from rank.models import default_cache_dir, fingerprint
 
     if (args.kv_ssd_dir or "").lower() == "none" or args.kv_ram_gb == 0:
@@ -246,7 +276,8 @@ def _ssd_store(
         if args.kv_ssd_dir
         else (args.cache_dir or default_cache_dir()) / "kv"
     )
-    ssd_dir = base / f"{fingerprint(model_dir, args.cache_dir or default_cache_dir())[:16]}-tp{size}"
+    model_id = fingerprint(model_dir, args.cache_dir or default_cache_dir())[:16]
+    ssd_dir = base / f"{model_id}{f'-a{adapter[:16]}' if adapter else ''}-tp{size}"
     return ssd_dir, SsdBlockStore(ssd_dir / f"rank{rank}", queue_bytes=int(args.kv_ssd_queue_mb * 2**20))
 
 

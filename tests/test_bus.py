@@ -136,15 +136,15 @@ def test_version_mismatch_names_both_versions() -> None:
         [
             PROTOCOL_VERSION,
             1,
-            [1, 1, [], [], [], [1, 2], [3], [], [], [], [], []],
+            [1, 1, [], [], [], [1, 2], [3], [], [], [], [], [], [], []],
         ],  # decode ids/tokens differ
-        [PROTOCOL_VERSION, 1, [1, 1, ["a"], [], [], [], [], [], [], [], [], []]],  # non-int id
+        [PROTOCOL_VERSION, 1, [1, 1, ["a"], [], [], [], [], [], [], [], [], [], [], []]],  # non-int id
         [
             PROTOCOL_VERSION,
             1,
-            [1, 1, [], [[1, [2], 3]], [], [], [], [], [], [], [], []],
+            [1, 1, [], [[1, 2, 0]], [], [], [], [], [], [], [], [], [], []],
         ],  # cached not an array
-        [PROTOCOL_VERSION, 1, [1, 1, [], [], [], [], [], [], [], [[1, b"short"]], [], []]],  # bad hash
+        [PROTOCOL_VERSION, 1, [1, 1, [], [], [], [], [], [], [], [[1, b"short"]], [], [], [], []]],  # bad hash
         [PROTOCOL_VERSION, 1, [4, [b"x" * 15], False]],  # bad hash in a sync
         [PROTOCOL_VERSION, 1, [4, [], 0]],  # `more` not a boolean
         [PROTOCOL_VERSION, 1, [1, 1]],  # truncated plan

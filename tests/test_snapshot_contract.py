@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.service import Service
+from cluster.adapters import AdapterRegistry, AdapterSpec
 from cluster.config import ServingConfig
 from cluster.engine_client import EngineClient, EngineState
 from cluster.health import HealthTable, RankReport
@@ -55,6 +56,7 @@ LEGACY_RANK = {
     "rank", "host", "pid", "state", "report_age_s", "step", "step_ms", "median_step_ms", "active_bytes",
     "peak_bytes", "rss_bytes", "kv_blocks", "kv_bytes", "last_error", "liveness_age_s",
 }  # fmt: skip
+ADAPTER_KEYS = {"name", "slot", "state", "requests", "total_requests", "rank", "path", "digest"}
 LEGACY_ROW = {"request_id", "state", "age_s", "prompt_tokens", "generated_tokens", "tokens_per_s", "client"}
 
 
@@ -105,6 +107,15 @@ def ranks() -> list[Any]:
     return table.snapshot()
 
 
+def adapters() -> Any:
+    """Two LoRA adapters from the real registry: one serving a request, one being loaded."""
+    reg = AdapterRegistry(4, "tiny")
+    reg.add_loaded("sql", 1, AdapterSpec("/adapters/sql", b"\x01" * 32, 8))
+    reg.reserve("chat", AdapterSpec("/adapters/chat", b"\x02" * 32, 16))
+    assert reg.acquire("sql") == 1
+    return reg.rows()
+
+
 QUEUE = (
     RequestRow("cmpl-1", "running", 3.5, 40, 12, 8.25, "10.0.0.2"),
     RequestRow("cmpl-2", "waiting", 0.5, 1000, 0, 0.0, ""),
@@ -116,7 +127,7 @@ def full(tmp_path: Path) -> JobSnapshot:
     return capture(
         facts=FACTS, engine_state="ready", admission_paused=True, failure="rank 1 is slow",
         running=1, waiting=1, max_batch=8, sequences_on_ranks=1, steps=321, last_step_ms=41.237,
-        stats=stats(), queue=QUEUE, tiers=tiers(tmp_path), ranks=ranks(), now_unix=NOW,
+        stats=stats(), queue=QUEUE, tiers=tiers(tmp_path), ranks=ranks(), now_unix=NOW, adapters=adapters(),
     )  # fmt: skip
 
 
@@ -153,6 +164,9 @@ def test_populated_snapshot_round_trips_equal(full: JobSnapshot) -> None:
     }  # fmt: skip
     assert full.throughput.output_tokens_per_s > 0 and any(full.throughput.history)
     assert full.admission == "paused" and full.uptime_s == 100.0
+    assert [(a.name, a.slot, a.state, a.requests) for a in full.adapters] == [
+        ("sql", 1, "ready", 1), ("chat", 2, "loading", 0),
+    ]  # fmt: skip
     assert JobSnapshot.from_json(wire(full)) == full
     starting = JobSnapshot.starting(FACTS)
     assert JobSnapshot.from_json(wire(starting)) == starting
@@ -161,7 +175,7 @@ def test_populated_snapshot_round_trips_equal(full: JobSnapshot) -> None:
 def test_legacy_keys_and_nesting_are_kept(full: JobSnapshot) -> None:
     doc = wire(full)
     assert LEGACY_TOP <= set(doc)
-    assert set(doc) - LEGACY_TOP == {"steps", "sequences_on_ranks", "latency", "published_unix"}
+    assert set(doc) - LEGACY_TOP == {"steps", "sequences_on_ranks", "latency", "published_unix", "adapters"}
     for key, keys in LEGACY_NESTED.items():
         assert set(doc[key]) == keys, key
     ram, ssd = doc["kv"]["tiers"]
@@ -169,6 +183,7 @@ def test_legacy_keys_and_nesting_are_kept(full: JobSnapshot) -> None:
     assert set(ssd["rank0_io"]) == LEGACY_IO
     assert all(set(r) == LEGACY_RANK for r in doc["ranks"])
     assert all(set(q) == LEGACY_ROW for q in doc["queue"])
+    assert all(set(a) == ADAPTER_KEYS for a in doc["adapters"]) and len(doc["adapters"]) == 2
     assert len(doc["throughput"]["history"]) == 36 and doc["throughput"]["history_step_s"] == 5
 
 
@@ -257,6 +272,9 @@ def test_api_serves_the_published_snapshot(full: JobSnapshot) -> None:
             'orchard_kv_hit_rate{tier="ssd"} 0.2',
             'orchard_rank_up{host="studio-2",rank="1"} 1.0',
             "orchard_queue_depth 1.0",
+            'orchard_adapter_live_requests{adapter="sql"} 1.0',
+            'orchard_adapter_requests_total{adapter="sql"} 1.0',
+            'orchard_adapter_requests_total{adapter="chat"} 0.0',
         ):
             assert needle in metrics, needle
         svc.client.set_state(EngineState.FAILED, "rank 1 died")

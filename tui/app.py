@@ -20,6 +20,7 @@ from textual.theme import Theme
 from textual.widgets import Footer, Sparkline, Static
 
 from cluster.snapshot import JobSnapshot
+from tui.adapters import AdaptersTable, unload_question
 from tui.client import AdminClient, AdminError
 from tui.connection import Link
 from tui.events import diff
@@ -56,6 +57,7 @@ class OrchardApp(App[None]):
     #queue { height: 1fr; }
     #totals { height: 1; padding: 0 1; color: $text-muted; text-wrap: nowrap; text-overflow: ellipsis; }
     #tiers { height: auto; max-height: 1fr; padding: 0 1; }
+    #adapters { height: auto; max-height: 8; }
     #throughput { height: 1fr; min-height: 3; padding: 0 1; }
     #tput { height: 1fr; }
     #bottom { height: 10; }
@@ -75,6 +77,12 @@ class OrchardApp(App[None]):
         Binding("d", "drain", "drain", tooltip="drain: stop admission (new requests get 503)"),
         Binding("r", "resume", "resume", tooltip="resume admission"),
         Binding("x", "clear_tier", "clear", tooltip="clear a KV cache tier (pick it, then confirm)"),
+        Binding(
+            "u",
+            "unload_adapter",
+            "unload",
+            tooltip="unload the selected LoRA adapter (asks first; one in use drains)",
+        ),
         Binding("s", "sort", "sort", tooltip="sort the queue by the next column"),
         Binding("S", "reverse_sort", "reverse", show=False, tooltip="reverse the queue's sort order"),
         Binding("p", "pause", "pause", tooltip="pause / resume the view (polling goes on)"),
@@ -113,6 +121,7 @@ class OrchardApp(App[None]):
         self.queue = QueueTable(id="queue", classes="pane")
         self.totals = Static(id="totals")
         self.tiers = TiersPanel(id="tiers", classes="pane")
+        self.adapters = AdaptersTable(id="adapters", classes="pane")
         self.tput = Sparkline([], id="tput")
         self.ranks = RanksTable(id="ranks", classes="pane")
         self.events = EventLog(id="events", classes="pane")
@@ -125,6 +134,7 @@ class OrchardApp(App[None]):
                     yield self.totals
                 with Vertical(id="side"):
                     yield self.tiers
+                    yield self.adapters
                     with Vertical(id="throughput", classes="pane") as box:
                         self.tput_box = box
                         yield self.tput
@@ -137,6 +147,7 @@ class OrchardApp(App[None]):
         self.queue.border_title, self.tiers.border_title = "queue", "KV cache"
         self.ranks.border_title, self.events.border_title = "ranks", "events"
         self.tput_box.border_title = "throughput"
+        self.adapters.display = False  # shown once the job serves an adapter
         self.restyle()
         self.theme_changed_signal.subscribe(self, self.on_theme)
         self.render_header()
@@ -153,6 +164,7 @@ class OrchardApp(App[None]):
         styles = palette(self.theme_variables)
         self.queue.restyle(styles)
         self.ranks.restyle(styles)
+        self.adapters.restyle(styles)
         self.events.styles_by_level = styles
         self.events.rewrite()
 
@@ -246,6 +258,10 @@ class OrchardApp(App[None]):
             self.queue.show(snap.queue)
             self.ranks.show(snap.ranks)
             self.tiers.show(snap.tiers, self.hits.series)
+            had = self.adapters.display
+            self.adapters.show(snap.adapters)
+            if had != self.adapters.display:
+                self.refresh_bindings()  # the unload key shows only while there is something to unload
             self.tput.data = list(snap.throughput.history)
         except Exception as exc:
             self.display_bug(exc)
@@ -341,6 +357,30 @@ class OrchardApp(App[None]):
             confirm(tiers[0])
         else:
             self.push_screen(ChooseTier(tiers), confirm)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "unload_adapter":
+            return bool(self.snapshot is not None and self.snapshot.adapters)
+        return True
+
+    def action_unload_adapter(self) -> None:
+        table = self.adapters
+        name = table.selected_key() if table.row_count != 1 else next(iter(table.by_name), None)
+        adapter = table.by_name.get(name or "")
+        if adapter is None:
+            self.notify("no adapter selected: pick a row in the adapters pane first", severity="warning")
+            return
+        title, question, drain = unload_question(adapter)
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.admin_call(
+                    "unload adapter",
+                    lambda: self.client.unload_adapter(adapter.name, drain),
+                    lambda state: f"adapter {adapter.name}: {state}",
+                )
+
+        self.push_screen(Confirm(title, question), answered)
 
     def action_sort(self) -> None:
         self.queue.cycle_sort()

@@ -110,3 +110,8 @@ class AdminClient:
 
     async def clear_tier(self, tier: str) -> str:
         return str((await self._call("DELETE", f"/admin/cache/{quote(tier, safe='')}")).get("clearing", tier))
+
+    async def unload_adapter(self, name: str, drain: bool = False) -> str:
+        """DELETE /admin/adapters/NAME: the adapter's state after the call (unloaded, unloading, draining)."""
+        path = f"/admin/adapters/{quote(name, safe='')}" + ("?drain=true" if drain else "")
+        return str((await self._call("DELETE", path)).get("state", "?"))
