@@ -1,48 +1,25 @@
 """Per-rank health: what each rank reports about itself, and rank 0's judgement of it.
 
 Followers post a `RankReport` (a bus message, cluster/messages.py) to rank 0 at most once per report
-interval; rank 0 builds its own. `HealthTable` (rank 0) turns reports into one `RankHealth` per rank with a state:
+interval; rank 0 builds its own. `HealthTable` (rank 0) turns reports into one `RankView` (the snapshot's own type) per rank with a state:
 ok, slow (step time far above the rank's own median), unresponsive (no report within the timeout) or
 dead (a fault was detected on it). Pure logic with an injected clock.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from cluster.messages import RankReport
+from cluster.snapshot import RankView
 
-__all__ = ["DEAD", "OK", "SLOW", "UNRESPONSIVE", "HealthTable", "RankHealth", "RankReport"]
+__all__ = ["DEAD", "OK", "SLOW", "UNRESPONSIVE", "HealthTable", "RankReport", "RankView"]
 
 OK, SLOW, UNRESPONSIVE, DEAD = "ok", "slow", "unresponsive", "dead"
-
-
-@dataclass(slots=True, frozen=True)
-class RankHealth:
-    rank: int
-    host: str
-    pid: int
-    state: str
-    report_age_s: float
-    step: int
-    step_ms: float
-    median_step_ms: float
-    active_bytes: int
-    peak_bytes: int
-    rss_bytes: int
-    kv_blocks: int
-    kv_bytes: int
-    last_error: str
-    liveness_age_s: float | None = None  # since the last answer to a liveness ping (None: not pinged)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(slots=True)
@@ -85,7 +62,7 @@ class HealthTable:
             if rank in self._ranks:
                 self._ranks[rank].dead_reason = reason
 
-    def snapshot(self) -> list[RankHealth]:
+    def snapshot(self) -> list[RankView]:
         now = self.clock()
         with self._lock:
             records = sorted(self._ranks.items())
@@ -108,7 +85,7 @@ class HealthTable:
                 else:
                     state = OK
                 out.append(
-                    RankHealth(
+                    RankView(
                         rank,
                         r.host,
                         r.pid,

@@ -11,7 +11,10 @@ sync, SSD write results) is split into messages that each fit the bus limit (`ch
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from typing import Self
 
 from cluster.errors import BusDecodeError
 from cluster.pulse import TOKEN_BYTES
@@ -252,25 +255,41 @@ class Shutdown:
 
 
 @dataclass(slots=True, frozen=True)
-class SsdSync:
-    """Start-up: the blocks rank 0's manifest lists as persisted; each rank checks its files against it.
-    Sent in chunks that each fit the bus limit; `more` is False on the last one."""
+class _HashList:
+    """A list of block hashes sent in chunks that each fit the bus limit; `more` is False on the last."""
 
-    KIND: ClassVar[int] = 4
+    KIND: ClassVar[int] = 0
+    LABEL: ClassVar[str] = ""
     hashes: tuple[bytes, ...] = ()
     more: bool = False
 
     @classmethod
-    def chunks(cls, hashes: list[bytes], max_message_bytes: int) -> list[SsdSync]:
+    def chunks(cls, hashes: list[bytes], max_message_bytes: int) -> list[Self]:
         return [cls(part, more) for part, more in _hash_chunks(hashes, max_message_bytes)]
 
     def to_wire(self) -> list[Any]:
         return [self.KIND, list(self.hashes), self.more]
 
     @classmethod
-    def from_wire(cls, w: list[Any]) -> SsdSync:
+    def from_wire(cls, w: list[Any]) -> Self:
         _, hashes, more = w
-        return cls(_hashes(hashes, "ssd sync"), _bool(more))
+        return cls(_hashes(hashes, cls.LABEL), _bool(more))
+
+
+@dataclass(slots=True, frozen=True)
+class SsdSync(_HashList):
+    """Start-up: the blocks rank 0's manifest lists as persisted; each rank checks its files against it."""
+
+    KIND: ClassVar[int] = 4
+    LABEL: ClassVar[str] = "ssd sync"
+
+
+@dataclass(slots=True, frozen=True)
+class SsdMissing(_HashList):
+    """A follower's answer to the SSD start-up sync: listed blocks it lacks (it may lack every one)."""
+
+    KIND: ClassVar[int] = 7
+    LABEL: ClassVar[str] = "ssd missing"
 
 
 # -- follower to rank 0 ------------------------------------------------------------------------------
@@ -356,28 +375,6 @@ class SsdLoadResult:
     def from_wire(cls, w: list[Any]) -> SsdLoadResult:
         _, failed = w
         return cls(_ints(failed))
-
-
-@dataclass(slots=True, frozen=True)
-class SsdMissing:
-    """A follower's answer to the SSD start-up sync: listed blocks it lacks. In chunks like `SsdSync`: a
-    follower may lack every listed block."""
-
-    KIND: ClassVar[int] = 7
-    hashes: tuple[bytes, ...] = ()
-    more: bool = False
-
-    @classmethod
-    def chunks(cls, hashes: list[bytes], max_message_bytes: int) -> list[SsdMissing]:
-        return [cls(part, more) for part, more in _hash_chunks(hashes, max_message_bytes)]
-
-    def to_wire(self) -> list[Any]:
-        return [self.KIND, list(self.hashes), self.more]
-
-    @classmethod
-    def from_wire(cls, w: list[Any]) -> SsdMissing:
-        _, hashes, more = w
-        return cls(_hashes(hashes, "ssd missing"), _bool(more))
 
 
 @dataclass(slots=True, frozen=True)

@@ -292,44 +292,10 @@ class TierView:
         return cls.from_json(j, f"tier {j.get('tier')!r}")
 
 
-class RankSource(Protocol):
-    """`cluster.health.RankHealth` (not imported here: it needs msgpack, and the TUI imports this)."""
-
-    @property
-    def rank(self) -> int: ...
-    @property
-    def host(self) -> str: ...
-    @property
-    def pid(self) -> int: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def report_age_s(self) -> float: ...
-    @property
-    def step(self) -> int: ...
-    @property
-    def step_ms(self) -> float: ...
-    @property
-    def median_step_ms(self) -> float: ...
-    @property
-    def active_bytes(self) -> int: ...
-    @property
-    def peak_bytes(self) -> int: ...
-    @property
-    def rss_bytes(self) -> int: ...
-    @property
-    def kv_blocks(self) -> int: ...
-    @property
-    def kv_bytes(self) -> int: ...
-    @property
-    def last_error(self) -> str: ...
-    @property
-    def liveness_age_s(self) -> float | None: ...
-
-
 @dataclass(slots=True, frozen=True)
 class RankView:
-    """One rank as rank 0 judges it (ok, slow, unresponsive, dead) from its own reports."""
+    """One rank as rank 0 judges it (ok, slow, unresponsive, dead) from its own reports; built by
+    `cluster.health.HealthTable.snapshot`."""
 
     rank: int
     host: str
@@ -363,14 +329,6 @@ class RankView:
             d.integer("step"), d.number("step_ms"), d.number("median_step_ms"), d.integer("active_bytes"),
             d.integer("peak_bytes"), d.integer("rss_bytes"), d.integer("kv_blocks"), d.integer("kv_bytes"),
             d.text("last_error"), d.optional_number("liveness_age_s"),
-        )  # fmt: skip
-
-    @classmethod
-    def of(cls, h: RankSource) -> RankView:
-        return cls(
-            h.rank, h.host, h.pid, h.state, h.report_age_s, h.step, h.step_ms, h.median_step_ms,
-            h.active_bytes, h.peak_bytes, h.rss_bytes, h.kv_blocks, h.kv_bytes, h.last_error,
-            h.liveness_age_s,
         )  # fmt: skip
 
 
@@ -519,7 +477,7 @@ def capture(
     stats: ServingStats,
     queue: tuple[RequestRow, ...],
     tiers: Sequence[TierSource],
-    ranks: Sequence[RankSource],
+    ranks: Sequence[RankView],
     now_unix: float,
     adapters: Sequence[AdapterView] = (),
 ) -> JobSnapshot:
@@ -539,7 +497,7 @@ def capture(
         totals=stats.totals_view(),
         queue=queue,
         tiers=tuple(TierView.of(t) for t in tiers),
-        ranks=tuple(RankView.of(h) for h in ranks),
+        ranks=tuple(ranks),
         steps=steps,
         sequences_on_ranks=sequences_on_ranks,
         latency=stats.latency_view(),

@@ -99,7 +99,7 @@ def resolve_model(
                 "(org/name)"
             )
     quantized = platform_keeps_quantized()
-    key = _file_digest(gguf)[:16]
+    key = sha256_file(gguf)[:16]
     out = cache_dir / "models" / f"{name}-{'q' if quantized else 'f32'}-{key}"
     if (out / "config.json").exists():
         return out
@@ -117,14 +117,6 @@ def resolve_model(
                 shutil.rmtree(tmp, ignore_errors=True)
             progress("conversion done")
     return out
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _meta_int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
