@@ -5,6 +5,14 @@ workload, printed side by side.
     python benchmarks/compare.py --np 3 --workload shared-prefix --raw --json results.json
     python benchmarks/compare.py --requests 4 --max-tokens 8 --servers orchard --raw   # quick check
 
+Like for like: every system gets only what keeps it on its fastest path. No request carries a `seed`
+(mlx_lm.server serves a seeded request on its sequential path), and each server's batched rate is checked
+against its own single-stream rate on the same prompts: a server whose rate at --concurrency does not
+exceed its single-stream rate did not batch, and its column is marked INVALID with the reason.
+Orchard runs twice (`--kernels both`, the default): with its Linux-only CPU kernels (numpy attention,
+rank/cpu_kernels.py) and with `--cpu-kernels off`. On a Mac neither system has those kernels, so the
+Mac-relevant comparison is the "kernels off" column; both get the same OpenBLAS with the same kernels.
+
 Workloads (serve_bench's prompt generator, seed 0): `distinct` is 8 concurrent ~150-token chats;
 `shared-prefix` is a burst of 8 concurrent chats about one ~1,500-word document. Orchard starts with an
 empty KV cache (a fresh SSD folder, or none with --kv-ssd none), so nothing is cached before the burst.
@@ -48,8 +56,6 @@ from jobs import (
     stop_all,
 )
 
-from rank.cli import add_cpu_kernels_argument
-
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = (
     ("output tok/s", "output_tok_s"),
@@ -61,6 +67,7 @@ ROWS = (
     ("E2E p50 ms", "e2e_p50_ms"),
     ("output tokens", "output_tokens"),
     ("errors", "errors"),
+    ("peak decoding streams", "peak_decoding_streams"),
 )
 
 
@@ -83,6 +90,7 @@ def bench_namespace(args: argparse.Namespace, url: str, model: str) -> argparse.
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        send_seed=args.send_seed,
         timeout=args.bench_timeout,
         max_duration=args.bench_timeout,
         ignore_eos=eos_ids(args.model_dir) if getattr(args, "ignore_eos", False) else None,
@@ -115,7 +123,8 @@ def warm_up(url: str, model: str, timeout: float) -> None:
 def measure_server(
     start: Callable[[int], Job], model: str, args: argparse.Namespace, jobs: list[Job]
 ) -> dict[str, Any]:
-    """Start a server, wait for it, warm it up, run serve_bench's workload, stop it."""
+    """Start a server, wait for it, warm it up, run serve_bench's workload, then the same prompts one at
+    a time (the batching check), stop it."""
     job = start(free_port())
     jobs.append(job)
     say(f"{job.name}: starting on {job.url} (log {job.log_path})")
@@ -123,15 +132,49 @@ def measure_server(
     say(f"{job.name}: ready after {ready:.1f} s; warm-up, then {args.requests} requests")
     for _ in range(args.warmup):
         warm_up(job.url, model, args.bench_timeout)
-    summary = asyncio.run(serve_bench.run(bench_namespace(args, job.url, model)))
+    bench = bench_namespace(args, job.url, model)
+    summary = asyncio.run(serve_bench.run(bench))
     summary["ready_s"] = round(ready, 1)
-    say(f"{job.name}: {summary['output_tok_s']} output tok/s, {summary['errors']} errors; stopping")
+    say(f"{job.name}: {summary['output_tok_s']} output tok/s, {summary['errors']} errors")
+    if args.concurrency > 1 and args.single_requests > 0:
+        bench.concurrency, bench.requests = 1, min(args.single_requests, args.requests)
+        say(f"{job.name}: the batching check: {bench.requests} of the same prompts one at a time")
+        single = asyncio.run(serve_bench.run(bench))
+        summary["single_stream_tok_s"] = single["output_tok_s"]
+        summary["single_stream_itl_p50_ms"] = single["itl_p50_ms"]
+        summary.update(
+            batching_verdict(
+                summary["output_tok_s"],
+                single["output_tok_s"],
+                summary["peak_decoding_streams"],
+                args.concurrency,
+            )
+        )
+        if not summary["valid"]:
+            say(f"{job.name}: INVALID: {summary['invalid_reason']}")
     job.stop()
     return summary
 
 
+def batching_verdict(batched: float, single: float, peak_streams: int, concurrency: int) -> dict[str, Any]:
+    """A server that batches serves more tokens a second at `concurrency` than one stream at a time, and
+    streams several requests' tokens at once; one that does not (mlx_lm.server given a `seed`, or any
+    sequential server) is no peer to compare with."""
+    reasons = []
+    if not batched > single:
+        reasons.append(
+            f"{batched} tok/s at {concurrency} concurrent does not exceed its single-stream {single} tok/s"
+        )
+    if peak_streams <= 1:
+        reasons.append("no two requests ever streamed tokens at the same time")
+    if not reasons:
+        return {"valid": True, "batching_gain": round(batched / single, 2) if single else None}
+    reason = "; ".join(reasons) + ": it did not batch (a per-request seed, or a sequential path)"
+    return {"valid": False, "invalid_reason": reason}
+
+
 def measure_raw(args: argparse.Namespace, model_dir: Path, logs: Path) -> dict[str, Any] | None:
-    name = f"raw-engine-np{args.np}"
+    name = f"raw-engine-np{args.np}-kernels-{os.environ.get('ORCHARD_CPU_KERNELS', 'auto')}"
     out = logs / f"{name}.json"
     script = Path(__file__).resolve().parent / "raw_engine.py"
     flags = ["--model", str(model_dir), "--workload", args.workload, "--requests", str(args.requests)]
@@ -158,19 +201,43 @@ def ratio(a: Any, b: Any) -> str:
 
 
 def table(results: dict[str, dict[str, Any] | None]) -> str:
-    orch, mlx, raw = (results.get(k) or {} for k in ("orchard", "mlx_lm.server", "raw engine"))
-    head = ("metric", "Orchard", "mlx_lm.server", "raw engine", "Orchard/mlx_lm", "Orchard/raw")
+    """One column per system measured, then Orchard / mlx_lm.server for each Orchard column (the "kernels
+    off" one is the Mac-relevant claim) and Orchard / raw engine with the same kernels."""
+    names = list(results)
+    peer = results.get("mlx_lm.server") or {}
+    ratios: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for name in names:
+        if not name.startswith("orchard"):
+            continue
+        orch = results[name] or {}
+        suffix = name[len("orchard") :]
+        if peer:
+            ratios.append((f"{name}/mlx_lm", orch, peer))
+        raw = results.get(f"raw engine{suffix}") or {}
+        if raw:
+            ratios.append((f"{name}/raw", orch, raw))
+    head = ("metric", *names, *(r[0] for r in ratios))
     rows = [head]
     for label, key in ROWS:
-        cells = [str(r.get(key, "n/a")) if r else "n/a" for r in (orch, mlx, raw)]
-        if key == "errors" and raw:
-            cells[2] = "0"
-        rows.append((label, *cells, ratio(orch.get(key), mlx.get(key)), ratio(orch.get(key), raw.get(key))))
+        cells = [str((results[n] or {}).get(key, "n/a")) if results[n] else "FAILED" for n in names]
+        rows.append((label, *cells, *(ratio(a.get(key), b.get(key)) for _, a, b in ratios)))
+    checks = [_verdict(results[n]) for n in names]
+    rows.append(
+        ("single-stream tok/s", *(str((results[n] or {}).get("single_stream_tok_s", "-")) for n in names))
+    )
+    rows.append(("batched?", *checks))
+    rows = [r + ("",) * (len(head) - len(r)) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join(
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         for r in rows
     )
+
+
+def _verdict(result: dict[str, Any] | None) -> str:
+    if not result or "valid" not in result:
+        return "-"
+    return f"yes ({result.get('batching_gain')}x)" if result["valid"] else "NO: INVALID"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,14 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--send-seed",
+        action="store_true",
+        help="send --seed in every request: shows the batching check catching mlx_lm.server's sequential path",
+    )
     p.add_argument("--servers", default="orchard,mlx_lm", help="comma-separated subset of orchard,mlx_lm")
     p.add_argument("--raw", action="store_true", help="also run raw_engine.py for the ceiling")
     p.add_argument(
         "--ignore-eos",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="servers get logit_bias -100 on the model's end tokens, so every request yields --max-tokens "
-        "like the raw engine (default: on; --no-ignore-eos lets them stop early)",
+        "like the raw engine (default: on with --raw, else off: natural EOS)",
     )
     p.add_argument(
         "--kv-ssd",
@@ -200,10 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="fresh",
         help="Orchard's SSD tier: empty temp dir or off",
     )
-    add_cpu_kernels_argument(
-        p,
-        "Orchard's CPU kernels (rank/cpu_kernels.py), for Orchard and the raw engine alike (mlx_lm.server runs "
-        "stock mlx-lm, as users would run it)",
+    p.add_argument(
+        "--kernels",
+        choices=("both", "auto", "on", "off"),
+        default="both",
+        help="Orchard's Linux-only CPU kernels (rank/cpu_kernels.py), for Orchard and the raw engine alike: "
+        "both (default) measures each with and without them (--cpu-kernels auto and off); mlx_lm.server "
+        "runs stock mlx-lm, as users would run it",
+    )
+    p.add_argument(
+        "--single-requests",
+        type=int,
+        default=3,
+        help="requests sent one at a time to each server after the run: its single-stream rate, which its "
+        "batched rate must exceed (0: skip the check)",
     )
     p.add_argument("--orchard-args", default="", help="more flags for python -m rank (one string)")
     p.add_argument("--mlx-lm-args", default="", help="more flags for mlx_lm server (one string)")
@@ -230,7 +312,9 @@ def main() -> int:
     except OrchardError as exc:
         raise SystemExit(f"compare: {exc}") from exc
     args.model_dir = model_dir
-    os.environ["ORCHARD_CPU_KERNELS"] = args.cpu_kernels  # read by Orchard's ranks and the raw engine
+    if args.ignore_eos is None:
+        args.ignore_eos = args.raw
+    kernels = ["auto", "off"] if args.kernels == "both" else [args.kernels]
     logs = log_dir()
     kv = tempfile.mkdtemp(prefix="orchard-bench-kv-") if args.kv_ssd == "fresh" else "none"
     say(f"model {model_dir}, np {args.np}, workload {args.workload}, logs in {logs}")
@@ -238,15 +322,19 @@ def main() -> int:
     jobs: list[Job] = []
     try:
         with StopOnSignal():
-            if "orchard" in servers:
+            for k in kernels if "orchard" in servers else []:
+                os.environ["ORCHARD_CPU_KERNELS"] = k  # read by Orchard's ranks
                 extra = ["--served-model-name", model_dir.name, *shlex.split(args.orchard_args)]
-                results["orchard"] = measure_server(
-                    lambda port: start_orchard(args.np, str(model_dir), port, logs, kv, extra),
+                if args.kv_ssd == "fresh":
+                    shutil.rmtree(kv, ignore_errors=True)  # every run starts with nothing cached
+                results[_column("orchard", k, kernels)] = measure_server(
+                    lambda port, extra=extra: start_orchard(args.np, str(model_dir), port, logs, kv, extra),
                     model_dir.name,
                     args,
                     jobs,
                 )
             if "mlx_lm" in servers:
+                os.environ.pop("ORCHARD_CPU_KERNELS", None)
                 extra = shlex.split(args.mlx_lm_args)
                 results["mlx_lm.server"] = measure_server(
                     lambda port: start_mlx_lm(args.np, model_dir, port, logs, extra),
@@ -254,8 +342,9 @@ def main() -> int:
                     args,
                     jobs,
                 )
-            if args.raw:
-                results["raw engine"] = measure_raw(args, model_dir, logs)
+            for k in kernels if args.raw else []:
+                os.environ["ORCHARD_CPU_KERNELS"] = k
+                results[_column("raw engine", k, kernels)] = measure_raw(args, model_dir, logs)
     except KeyboardInterrupt:
         say("interrupted: stopping every process started")
         return 130
@@ -282,7 +371,14 @@ def main() -> int:
         }
         path.write_text(json.dumps(report, indent=2))
         say(f"wrote {path}")
-    return 1 if any(r is None or r.get("errors") for r in results.values()) else 0
+    invalid = [name for name, r in results.items() if r and r.get("valid") is False]
+    for name in invalid:
+        print(f"INVALID {name}: {results[name]['invalid_reason']}")  # type: ignore[index]
+    return 1 if invalid or any(r is None or r.get("errors") for r in results.values()) else 0
+
+
+def _column(system: str, kernels: str, measured: list[str]) -> str:
+    return f"{system} (kernels off)" if kernels == "off" and len(measured) > 1 else system
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Load generator for any OpenAI-compatible endpoint (Orchard, mlx_lm.server, ...).
 
-Streams chat completions at a fixed concurrency (or request rate), with a fixed seed, bounded in count
-and time, and reports vLLM `bench serve`'s metrics: TTFT, TPOT (per request, excluding the first token),
+Streams chat completions at a fixed concurrency (or request rate), bounded in count and time, and reports vLLM `bench serve`'s metrics: TTFT, TPOT (per request, excluding the first token),
 ITL (every gap between streamed chunks) and E2E latency as p50/p90/p99, output tokens/s, requests/s.
 
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --concurrency 8 --requests 16
@@ -30,6 +29,7 @@ WORDS = (
 @dataclass
 class Result:
     ok: bool
+    start: float = 0.0  # perf_counter when the request was sent
     ttft: float = 0.0
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
@@ -65,13 +65,16 @@ async def one(
         "temperature": args.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "seed": args.seed,
     }
+    if getattr(args, "send_seed", False):
+        # Off by default: mlx_lm.server serves any request with a seed on its sequential path
+        # (`_is_batchable` requires seed None), so sending one measures a server that is not batching.
+        body["seed"] = args.seed
     if getattr(args, "ignore_eos", None):  # every request generates exactly max_tokens, like the raw engine
         body["logit_bias"] = {str(t): -100 for t in args.ignore_eos}
     start = time.perf_counter()
     last = start
-    res = Result(ok=False)
+    res = Result(ok=False, start=start)
     chunks = 0
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -113,6 +116,17 @@ def pct(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most requests streaming tokens at one instant (between their first and last token): 1 for a
+    server that serves requests one after another, however many were sent at once."""
+    edges = sorted([(a, 1) for a, b in spans if b > a] + [(b, -1) for a, b in spans if b > a])
+    peak = now = 0
+    for _, step in edges:  # at equal times -1 sorts first: touching spans do not overlap
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
 def summarise(results: list[Result], wall: float) -> dict[str, object]:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -136,6 +150,7 @@ def summarise(results: list[Result], wall: float) -> dict[str, object]:
         for q in (0.5, 0.9, 0.99):
             summary[f"{name}_p{int(q * 100)}_ms"] = round(pct(vals, q) * 1000, 1)
         summary[f"{name}_mean_ms"] = round(statistics.fmean(vals) * 1000, 1) if vals else float("nan")
+    summary["peak_decoding_streams"] = peak_overlap([(r.start + r.ttft, r.start + r.e2e) for r in ok])
     first_errors = [r.error for r in results if not r.ok][:3]
     if first_errors:
         summary["first_errors"] = first_errors
@@ -182,7 +197,12 @@ def main() -> int:
     p.add_argument("--prefix-tokens", type=int, default=1500, help="approximate words of the shared document")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
+    p.add_argument(
+        "--send-seed",
+        action="store_true",
+        help="also send --seed in every request (puts mlx_lm.server on its sequential, unbatched path)",
+    )
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument(
         "--max-duration", type=float, default=900.0, help="stop starting requests after this many seconds"

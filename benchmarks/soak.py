@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ class Soak:
     started: int = 0
     health_ms: list[float] = field(default_factory=list)  # /health latency, probed throughout
     health_failures: int = 0
+    health_at: list[float] = field(default_factory=list)  # unix time of each probe
 
     def error(self, text: str, status: int = 0) -> None:
         self.outcomes["error"] += 1
@@ -147,20 +149,38 @@ async def sampler(
             continue
 
 
-def health_prober(url: str, every: float, stop: threading.Event, soak: Soak) -> None:
-    """/health on a connection of its own, as a load balancer would probe it, for the whole run. A thread
-    of its own: on the load generator's event loop, 200 streams' parsing would be timed as server delay."""
+def health_prober(url: str, every: float) -> int:
+    """/health on a connection of its own, as a load balancer would probe it, until standard input closes;
+    one line per probe on standard output: "<unix time> <ms> <status>" (status 0: no answer). Run as a
+    process of its own (`--probe-health`): in the load generator's process, the GIL taken by 200 streams'
+    parsing would be timed as server delay (a thread there saw up to 265 ms that the server never spent)."""
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     with httpx.Client(base_url=url, timeout=10) as client:
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
-                r = client.get("/health")
-                if r.status_code != 200:
-                    soak.health_failures += 1
+                status = client.get("/health").status_code
             except httpx.HTTPError:
-                soak.health_failures += 1
-            soak.health_ms.append((time.perf_counter() - t0) * 1000)
+                status = 0
+            print(f"{time.time():.3f} {(time.perf_counter() - t0) * 1000:.2f} {status}", flush=True)
             stop.wait(every)
+    return 0
+
+
+def start_prober(url: str, every: float) -> subprocess.Popen[str]:
+    cmd = [sys.executable, __file__, "--url", url, "--health-every", str(every), "--probe-health"]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def stop_prober(proc: subprocess.Popen[str], soak: Soak) -> None:
+    out, _ = proc.communicate("", timeout=30)  # closing its stdin ends it
+    for line in out.splitlines():
+        when, ms, status = line.split()
+        soak.health_ms.append(float(ms))
+        soak.health_at.append(float(when))
+        if status != "200":
+            soak.health_failures += 1
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -240,11 +260,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         deadline = start + args.minutes * 60
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler(client, token, args.sample_every, start, stop, soak))
-        probe_stop = threading.Event()
-        probing = threading.Thread(
-            target=health_prober, args=(args.url, args.health_every, probe_stop, soak), daemon=True
-        )
-        probing.start()
+        probing = start_prober(args.url, args.health_every)
         print(
             f"soak: {args.minutes} min against {args.url} ({args.model}), {args.concurrency} at once",
             file=sys.stderr,
@@ -256,8 +272,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.settle)  # let cancellations and the last replies settle
         stop.set()
         await sampling
-        probe_stop.set()
-        probing.join()
+        stop_prober(probing, soak)
         after = await state(client, token)
         leaks = await leak_check(client, token)
     return {
@@ -277,6 +292,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99_ms": round(percentile(soak.health_ms, 0.99), 1),
             "max_ms": round(max(soak.health_ms, default=float("nan")), 1),
             "over_100ms": sum(1 for v in soak.health_ms if v > 100),
+            "slowest": sorted(
+                ({"unix": t, "ms": round(v, 1)} for t, v in zip(soak.health_at, soak.health_ms, strict=True)),
+                key=lambda x: -x["ms"],
+            )[:10],
         },
         "ranks": rss_report(soak),
         "samples": [
@@ -332,9 +351,12 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report here")
+    p.add_argument("--probe-health", action="store_true", help=argparse.SUPPRESS)  # the prober process
     args = p.parse_args()
     if urlparse(args.url).hostname not in LOOPBACK:
         raise SystemExit(f"--url {args.url}: the soak test only targets loopback addresses")
+    if args.probe_health:
+        return health_prober(args.url, args.health_every)
     report = asyncio.run(run(args))
     print_report(report)
     if args.json:
