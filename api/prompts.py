@@ -28,6 +28,7 @@ from cluster.config import ServingLimits
 
 T = TypeVar("T")
 
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 # Characters of input from which a prompt takes the large lane: about 20 ms of work at most in the
 # small lane (tokenizing runs at ~0.3 us a byte, a template at ~3 us a message).
 LARGE_PROMPT_CHARS = 64 * 1024
@@ -49,9 +50,11 @@ class RendersChat(Protocol):
     the rendered size is checked before the tokenizer sees it; `encode_chat` takes that render back
     (it alone knows how to keep special-token text in messages apart from the template's)."""
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str: ...
+    def render_chat(self, messages: list[dict[str, Any]], **extra: Any) -> str: ...
 
-    def encode_chat(self, messages: list[dict[str, Any]], rendered: str | None = None) -> list[int]: ...
+    def encode_chat(
+        self, messages: list[dict[str, Any]], rendered: str | None = None, **extra: Any
+    ) -> list[int]: ...
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,6 +63,7 @@ class Prompt:
 
     ids: list[int]
     text: str = ""
+    rendered: str = ""  # a chat prompt's text (its end says whether the template opened a <think> block)
 
 
 class PromptPool:
@@ -120,11 +124,24 @@ def chat_size(messages: Sequence[ChatMessage]) -> int:
     return size
 
 
-def chat_prompt(codec: TextCodec, messages: Sequence[ChatMessage], max_chars: int) -> Prompt:
+def chat_prompt(
+    codec: TextCodec,
+    messages: Sequence[ChatMessage],
+    max_chars: int,
+    extra: dict[str, Any] | None = None,
+    prepare: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+) -> Prompt:
+    """`extra`: more template arguments (`tools`, `chat_template_kwargs`' entries); `prepare`: the tool
+    format's rewrite of the messages for a template without a tools section (api/chat_tools.py)."""
     dicts = [_message_dict(m, i) for i, m in enumerate(messages)]
+    if prepare is not None:
+        dicts = _template_call(prepare, dicts)
+    kw = extra or {}
     if not isinstance(codec, RendersChat):
+        if kw:
+            return Prompt(_template_call(lambda d: codec.encode_chat(d, **kw), dicts))  # type: ignore[call-arg]
         return Prompt(_template_call(codec.encode_chat, dicts))
-    text = _template_call(codec.render_chat, dicts)
+    text = _template_call(lambda d: codec.render_chat(d, **kw), dicts)
     if len(text) > max_chars:
         raise APIError(
             400,
@@ -132,7 +149,7 @@ def chat_prompt(codec: TextCodec, messages: Sequence[ChatMessage], max_chars: in
             param="messages",
             code="template_output_too_large",
         )
-    return Prompt(_template_call(lambda d: codec.encode_chat(d, rendered=text), dicts))
+    return Prompt(_template_call(lambda d: codec.encode_chat(d, rendered=text, **kw), dicts), rendered=text)
 
 
 def _template_call(fn: Callable[[list[dict[str, Any]]], T], dicts: list[dict[str, Any]]) -> T:
@@ -169,4 +186,12 @@ def _message_dict(m: ChatMessage, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {"role": m.role, "content": content or ""}
     if m.name:
         out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    for key in REASONING_FIELDS:  # an assistant turn's thinking, for templates that render it
+        value = (m.model_extra or {}).get(key)
+        if isinstance(value, str):
+            out[key] = value
     return out

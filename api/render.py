@@ -1,15 +1,16 @@
-"""OpenAI's response shapes for chat and text completions, whole and as stream chunks."""
+"""OpenAI's response shapes for chat and text completions, whole and as stream chunks, one choice at a
+time (`index`): a request with n > 1 or several prompts merges its choices into one envelope."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from api.service import Service
 from cluster.requests import TokenLogprob
 
 
 class Render:
-    opening_chunk = False  # chat streams open with the assistant role, as OpenAI's do
     full_object = ""
     chunk_object = ""
 
@@ -21,48 +22,21 @@ class Render:
     def token_text(self, tid: int) -> str:
         return f"token_id:{tid}" if self.as_ids else self.svc.tokenizer.decode([tid])
 
-    def full(
-        self, rid: str, created: int, text: str, reason: str | None, lps: list[TokenLogprob] | None
-    ) -> dict[str, Any]:
-        return self._envelope(rid, created, self.full_object, [self._full_choice(text, reason, lps)])
-
-    def chunk(
-        self,
-        rid: str,
-        created: int,
-        text: str,
-        reason: str | None,
-        lps: list[TokenLogprob] | None,
-        first: bool = False,
-        usage_only: bool = False,
-    ) -> dict[str, Any]:
-        choices = [] if usage_only else [self._chunk_choice(text, reason, lps, first)]
-        return self._envelope(rid, created, self.chunk_object, choices)
-
-    def _envelope(self, rid: str, created: int, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    def envelope(self, rid: str, created: int, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
         return {
             "id": rid,
-            "object": obj,
+            "object": self.chunk_object if chunk else self.full_object,
             "created": created,
             "model": self.model,
             "choices": choices,
         }
 
-    def _full_choice(self, text: str, reason: str | None, lps: list[TokenLogprob] | None) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _chunk_choice(
-        self, text: str, reason: str | None, lps: list[TokenLogprob] | None, first: bool
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
 
 class ChatRender(Render):
-    opening_chunk = True
     full_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def _logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs(self, lps: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
         if lps is None:
             return None
 
@@ -75,41 +49,124 @@ class ChatRender(Render):
         ]
         return {"content": content, "refusal": None}
 
-    def _full_choice(self, text: str, reason: str | None, lps: list[TokenLogprob] | None) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text, "refusal": None}
-        return {"index": 0, "message": message, "logprobs": self._logprobs(lps), "finish_reason": reason}
-
-    def _chunk_choice(
-        self, text: str, reason: str | None, lps: list[TokenLogprob] | None, first: bool
+    def full_choice(
+        self, index: int, message: dict[str, Any], reason: str | None, lps: Sequence[TokenLogprob] | None
     ) -> dict[str, Any]:
-        delta: dict[str, Any] = (
-            {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        )
-        return {"index": 0, "delta": delta, "logprobs": self._logprobs(lps), "finish_reason": reason}
+        return {"index": index, "message": message, "logprobs": self.logprobs(lps), "finish_reason": reason}
+
+    def chunk_choice(
+        self, index: int, delta: dict[str, Any], reason: str | None, lps: Sequence[TokenLogprob] | None
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": self.logprobs(lps), "finish_reason": reason}
 
 
 class TextRender(Render):
     full_object = chunk_object = "text_completion"
 
-    def _logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs(
+        self,
+        lps: Sequence[TokenLogprob] | None,
+        offset: int = 0,
+        prompt_ids: Sequence[int] = (),
+        prompt_lps: Sequence[TokenLogprob | None] = (),
+    ) -> dict[str, Any] | None:
+        """OpenAI's legacy shape. With echo, the prompt's tokens come first (its first token has no
+        logprob: nothing precedes it); `offset` is where this piece starts in the choice's text."""
         if lps is None:
             return None
-        tokens = [self.token_text(t.token_id) for t in lps]
-        offsets, pos = [], 0
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        for i, tid in enumerate(prompt_ids):
+            lp = prompt_lps[i] if i < len(prompt_lps) else None
+            tokens.append(self.token_text(tid))
+            values.append(None if lp is None else lp.logprob)
+            tops.append(None if lp is None else {self.token_text(a): v for a, v in lp.top})
+        for t in lps:
+            tokens.append(self.token_text(t.token_id))
+            values.append(t.logprob)
+            tops.append({self.token_text(i): v for i, v in t.top})
+        offsets, pos = [], offset
         for tok in tokens:
             offsets.append(pos)
             pos += len(tok)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [{self.token_text(i): v for i, v in t.top} for t in lps],
-            "text_offset": offsets,
-        }
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
-    def _full_choice(self, text: str, reason: str | None, lps: list[TokenLogprob] | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": self._logprobs(lps), "finish_reason": reason}
-
-    def _chunk_choice(
-        self, text: str, reason: str | None, lps: list[TokenLogprob] | None, first: bool
+    def choice(
+        self, index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None
     ) -> dict[str, Any]:
-        return self._full_choice(text, reason, lps)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+class OutputParser(Protocol):
+    """TOOLS' `api.tools.OutputParser` as this module uses it (tool calls and reasoning out of text)."""
+
+    def parse(self, text: str) -> Any: ...
+
+    def feed(self, delta_text: str) -> list[Any]: ...
+
+    def finish(self) -> list[Any]: ...
+
+
+class ChatOutput:
+    """One chat choice's text as OpenAI's message (whole) or deltas (streamed). Without a parser the
+    text is the content; with one (tools, reasoning) it is split into content, reasoning_content and
+    tool_calls, and a choice that made a call finishes with "tool_calls"."""
+
+    def __init__(
+        self, parser: OutputParser | None = None, keep_reasoning: bool = True, max_calls: int | None = None
+    ) -> None:
+        self.parser = parser
+        self.keep_reasoning = keep_reasoning  # vLLM's include_reasoning: False drops it from the reply
+        self.max_calls = max_calls  # parallel_tool_calls false: 1 (a model may write more; the first counts)
+        self.called = False
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        if self.parser is None:
+            return [{"content": text}] if text else []
+        return self._deltas(self.parser.feed(text))
+
+    def finish(self) -> list[dict[str, Any]]:
+        return [] if self.parser is None else self._deltas(self.parser.finish())
+
+    def message(self, text: str) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if self.parser is None:
+            return message
+        parsed = self.parser.parse(text)
+        message["content"] = parsed.content
+        if parsed.reasoning is not None and self.keep_reasoning:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            self.called = True
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in parsed.tool_calls[: self.max_calls]
+            ]
+        return message
+
+    def reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if self.called and reason == "stop" else reason
+
+    def _deltas(self, deltas: list[Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for d in deltas:
+            if d.kind == "content":
+                if d.text:
+                    out.append({"content": d.text})
+            elif d.kind == "reasoning":
+                if d.text and self.keep_reasoning:
+                    out.append({"reasoning_content": d.text})
+            elif d.kind == "tool_call":
+                if self.max_calls is not None and d.index >= self.max_calls:
+                    continue
+                self.called = True
+                call: dict[str, Any] = {"index": d.index}
+                if d.name is not None:  # the first delta of a call
+                    call.update(id=d.id, type="function", function={"name": d.name, "arguments": d.text})
+                elif d.text:
+                    call["function"] = {"arguments": d.text}
+                else:
+                    continue
+                out.append({"tool_calls": [call]})
+        return out

@@ -23,6 +23,9 @@ from api.errors import APIError
 INT32_MAX = 2**31 - 1
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (the sampler's threshold, rank/sampler.py)
 MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each with n choices)
 
 Temperature = Annotated[
     float,
@@ -54,21 +57,59 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = Field(default=None, max_length=16384)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: the schema under `schema` (alias: it shadows pydantic)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = Field(default=None, max_length=4096)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
     """Fields chat and completions share."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = Field(min_length=1, max_length=256)
+    model: str | None = Field(
+        default=None, min_length=1, max_length=256, description="omitted: the base model"
+    )
     max_tokens: TokenCount | None = None
     temperature: Temperature | None = None
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -88,6 +129,16 @@ class SamplingFields(BaseModel):
     user: str | None = Field(default=None, max_length=512)
     # vLLM's extension: logprob tokens as "token_id:<id>", exact where bytes do not form characters.
     return_tokens_as_token_ids: bool = False
+    # vLLM's sampling extensions (docs/api.md)
+    ignore_eos: bool = Field(default=False, description="EOS does not end the output (max_tokens does)")
+    min_tokens: int = Field(
+        default=0, ge=0, le=INT32_MAX, description="no EOS, stop id or stop string before this many tokens"
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS, description="token ids that end the output like EOS"
+    )
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -96,13 +147,23 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(
+        default=None, max_length=MAX_TOOLS, json_schema_extra={"deprecated": True}
+    )
+    function_call: str | dict[str, Any] | None = Field(default=None, json_schema_extra={"deprecated": True})
+    # vLLM's: extra variables for the chat template (Qwen 3's enable_thinking), and whether the reply
+    # splits the model's <think> block into reasoning_content
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description=f"one prompt, or a list of at most {MAX_PROMPTS} (choices in order: prompt, then n)"
+    )
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from api.defaults import SamplingDefaults
 from api.errors import APIError
 from cluster.adapters import AdapterInspector, AdapterState
 from cluster.config import ServingConfig
@@ -37,6 +38,9 @@ class Service:
     # Validates an adapter folder for POST /admin/adapters (rank/lora.py's inspect_adapter, bound to this
     # model and rank count); None: runtime loading is off. Run on a worker thread: it reads files.
     inspect_adapter: AdapterInspector | None = None
+    # Sampling values for fields a request omits (the model's generation_config.json; api/defaults.py).
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    tool_parser: str | None = None  # --tool-parser: the tool-call format's name (None: from the template)
 
     def snapshot(self) -> JobSnapshot:
         """What /health, /metrics and /admin/* show: the engine's last published snapshot, never its live
@@ -70,10 +74,11 @@ class Service:
         ready = [a.name for a in rows if a.state == AdapterState.READY.value]
         return [self.model_card()] + [self.model_card(name) for name in ready]
 
-    def check_model(self, name: str, param: str | None = "model") -> str:
-        """The adapter `name` selects ("" for the base model), or a 404 naming what is served. The engine
-        door checks again when it accepts the request (an unload may come in between)."""
-        if name == self.config.model_name:
+    def check_model(self, name: str | None, param: str | None = "model") -> str:
+        """The adapter `name` selects ("" for the base model, also when `model` is omitted, as vLLM and
+        llama.cpp allow), or a 404 naming what is served. The engine door checks again when it accepts
+        the request (an unload may come in between)."""
+        if name is None or name == self.config.model_name:
             return ""
         reg = self.client.adapters
         if reg is not None and reg.state_of(name) is AdapterState.READY:

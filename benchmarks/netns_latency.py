@@ -19,6 +19,10 @@ figures on 2 cores: the load averages before and after are recorded.
     python benchmarks/netns_latency.py                    # the tiny test model, TP=2
     python benchmarks/netns_latency.py --model embedded   # the default model of `python -m rank`, TP=3
     python benchmarks/netns_latency.py --model /path/to/model --np 2 --out results.json
+    python benchmarks/netns_latency.py --collectives ring  # tensor collectives on MLX's ring (TCP)
+
+With `--collectives ring` the ring binds each host's address on the links that carry the delay (the
+hostfile's `# orchard: addr=`, rank/collectives.py), as MPI's data path does.
 """
 
 from __future__ import annotations
@@ -263,6 +267,12 @@ def main() -> None:
         "--force", action="store_true", help="remove test namespaces that exist already instead of stopping"
     )
     p.add_argument("--out", type=Path, help="JSON file to add this run to (a list of runs per model)")
+    p.add_argument(
+        "--collectives",
+        choices=["mpi", "ring"],
+        default="mpi",
+        help="the job's --collectives: the MLX backend of the tensor collectives (the control bus stays MPI)",
+    )
     args = p.parse_args()
     busy = namespaces_in_use()
     if busy and not args.force:
@@ -294,6 +304,8 @@ def main() -> None:
         args.yield_when_idle == "auto" and np > (os.cpu_count() or 1)
     )
     extra = ["--mca", "mpi_yield_when_idle", "1"] if yield_when_idle else []
+    model_args += ["--collectives", args.collectives]
+    extra += ["-x", "ORCHARD_HOSTFILE"]  # the ranks read each host's address for the ring from it
     print(f"{label}: TP={np}, delay by {method}, {args.rounds} x {args.tokens} tokens per delay", flush=True)
     result: dict[str, object] = {
         "model": label,
@@ -305,10 +317,12 @@ def main() -> None:
         "delayed_link_mtu": args.mtu if method == "tun" else None,
         "rounds": args.rounds,
         "mpi_yield_when_idle": yield_when_idle,
+        "collectives": args.collectives,
         "machine": f"{os.cpu_count()} cores, {platform.system()}",
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }
     with NamespaceHosts(np, workdir) as hosts:
+        os.environ["ORCHARD_HOSTFILE"] = str(hosts.hostfile)
         bridge_ping = lambda: ping_ms(hosts.names[0], hosts.address(1), count=5)  # noqa: E731
         if method == "netem":
             job = Job(hosts, np, model_args, [*extra, *hosts.mpirun_args(np)], workdir / "job-netem.log")
@@ -357,6 +371,13 @@ def main() -> None:
                     return delta
 
                 print("delayed links:", flush=True)
+                delayed = workdir / "hostfile-delayed"  # mpirun skips the comments; the ring binds addr=
+                delayed.write_text(
+                    "".join(
+                        f"{hosts.address(i)} slots=1  # orchard: addr={links.address(i)}\n" for i in range(np)
+                    )
+                )
+                os.environ["ORCHARD_HOSTFILE"] = str(delayed)
                 net = steer_btl(hosts.mpirun_args(np), links.cidr)
                 job = Job(hosts, np, model_args, [*extra, *net], workdir / "job-tun.log")
                 try:

@@ -30,7 +30,8 @@ from cluster.messages import (
     StepPlan,
 )
 
-PROTOCOL_VERSION = 6  # 6: LoRA adapters (Admit.adapter, StepPlan.adapter_load / adapter_unload)
+# 6: LoRA adapters (Admit.adapter, StepPlan.adapter_load / adapter_unload); 7: PrefillChunk.prompt_logprobs
+PROTOCOL_VERSION = 7
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 R = TypeVar("R", bound=Reply)

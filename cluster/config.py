@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.memory import KvMemory
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,6 +33,7 @@ class HttpFront:
     allowed_hosts: tuple[str, ...] = ()  # more Host names a key-less loopback server answers ("*": any)
     trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For names the client (IPs, CIDRs, "*")
     metrics_token: str | None = None  # read-only token for /metrics (Prometheus), besides the admin token
+    sse_keepalive: float = 10.0  # seconds a stream waits silent (queue, prefill) before a comment; 0: off
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,6 +45,17 @@ class ServingConfig:
     admin_token: str | None = None
     world_size: int = 1
     front: HttpFront = field(default_factory=HttpFront)
+    memory: KvMemory | None = None  # the KV budget per rank (cluster.memory); None: not enforced
+
+    def kv_refusal(self, prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request of this size can never run within the job's KV budget (the message of a 400:
+        what it needs, what the job has), or None when it can."""
+        return self.memory.refusal(prompt_tokens, max_tokens) if self.memory is not None else None
+
+    def kv_room(self, prompt_tokens: int) -> int | None:
+        """The most completion tokens a prompt of this size may have within the KV budget (a default
+        max_tokens is capped to it; 0: none fit, see `kv_refusal`), or None when no budget is enforced."""
+        return self.memory.room(prompt_tokens) if self.memory is not None else None
 
     @property
     def prompt_limit(self) -> int:

@@ -82,6 +82,9 @@ class PrefillChunk:
     start: int
     tokens: tuple[int, ...]
     last: bool = False
+    # k >= 0: rank 0 also computes the logits of every position (prompt logprobs with k alternatives; on
+    # every rank, so a vocabulary-parallel head gathers the same rows); -1: only the last one's, if `last`
+    prompt_logprobs: int = -1
 
     @property
     def end(self) -> int:
@@ -118,7 +121,7 @@ class StepPlan:
             self.step,
             list(self.release),
             [[a.seq_id, list(a.cached), a.adapter] for a in self.admit],
-            [[p.seq_id, p.start, list(p.tokens), p.last] for p in self.prefill],
+            [[p.seq_id, p.start, list(p.tokens), p.last, p.prompt_logprobs] for p in self.prefill],
             list(self.decode_ids),
             list(self.decode_tokens),
             [[s.seq_id, s.first, list(s.block_ids)] for s in self.store],
@@ -144,7 +147,9 @@ class StepPlan:
             step=_int(step),
             release=_ints(release),
             admit=tuple(_admit(a) for a in _list(admit, "step plan: admit")),
-            prefill=tuple(PrefillChunk(_int(s), _int(a), _ints(toks), _bool(last)) for s, a, toks, last in prefill),
+            prefill=tuple(
+                PrefillChunk(_int(s), _int(a), _ints(toks), _bool(last), _int(k)) for s, a, toks, last, k in prefill
+            ),
             decode_ids=_ints(decode_ids),
             decode_tokens=_ints(decode_tokens),
             store=tuple(StoreBlocks(_int(s), _int(first), _ints(ids)) for s, first, ids in store),
@@ -195,7 +200,7 @@ class PlanLimits:
         n = self.max_batch
         per_chunk, extra = divmod(self.prefill_tokens, n)
         chunks = tuple(
-            PrefillChunk(big, big, (big,) * (per_chunk + (1 if i < extra else 0)), True) for i in range(n)
+            PrefillChunk(big, big, (big,) * (per_chunk + (1 if i < extra else 0)), True, big) for i in range(n)
         )
         stored = self.prefill_tokens // self.block_tokens + n  # a chunk may complete one block besides
         return StepPlan(

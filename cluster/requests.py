@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from cluster.textstream import Decode, IncrementalDetokenizer, StopMatcher
 
 if TYPE_CHECKING:
+    from cluster.constraints import Constraint
     from cluster.prefix import PrefixState
 
 
@@ -24,6 +25,9 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or the context limit
     CANCELLED = "cancelled"  # client went away or an operator cancelled it
     ERROR = "error"  # the engine failed; `RequestEvent.error` says why
+    # the constraint's matcher allowed no token or failed (`RequestEvent.error` says why); the text so far
+    # is delivered, but it does not match the constraint
+    GRAMMAR_ERROR = "grammar_error"
 
 
 @dataclass(slots=True, frozen=True)
@@ -42,6 +46,13 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated text
     repetition_penalty: float = 1.0  # vLLM/HF: divides positive (multiplies negative) logits of seen tokens
+    # vLLM's extensions (docs/extensions.md)
+    ignore_eos: bool = False  # EOS does not finish the request (max_tokens and the context still do)
+    min_tokens: int = 0  # neither EOS, stop ids nor stop strings finish it before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # finish STOP on these ids, like EOS (the id is not in the text)
+    include_stop_str_in_output: bool = False  # the matched stop string stays in the output
+    skip_special_tokens: bool = True  # False: the detokenizer keeps special tokens (tool-call markers)
+    prompt_logprobs: int | None = None  # echo+logprobs: each prompt token's logprob plus top-k alternatives
 
     @property
     def penalised(self) -> bool:
@@ -72,6 +83,9 @@ class RequestEvent:
     completion_tokens: int = 0
     error: str | None = None
     error_type: str = "server_error"  # with `error`: "timeout", "server_error" or "unavailable"
+    # With `SamplingParams.prompt_logprobs`, on the first event only: one entry per prompt token, None for
+    # position 0 (nothing precedes it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -93,6 +107,10 @@ class GenerationRequest:
     arrival: float = 0.0
     adapter_name: str = ""  # the LoRA adapter asked for by name (`model`); "": the base model
     adapter: int = 0  # its slot, set by the engine door when it accepts the request (and counts its use)
+    # n > 1: the id of a sibling with the same prompt whose prompt KV this one shares ("": none). The route
+    # submits "<rid>", "<rid>-1", ...; the scheduler prefills the first and starts the others from its blocks.
+    fork_of: str = ""
+    constraint: Constraint | None = None  # what the output must match (cluster/constraints.py)
 
 
 class RequestStatus(str, enum.Enum):
@@ -131,6 +149,13 @@ class Request:
     rng_key: object | None = None
     token_counts: Counter[int] | None = None
     adapter: int = 0  # the LoRA slot its tokens run with (cluster/adapters.py); 0: the base model
+    fork_of: str = ""  # n > 1: the sibling whose prompt KV it starts from (GenerationRequest.fork_of)
+    constraint: Constraint | None = None
+    # rank 0's llguidance matcher for `constraint` (rank/grammar.py), made when it is first sampled
+    matcher: object | None = None
+    # With sampling.prompt_logprobs: the entries for prompt tokens 1.. as the executor computes them
+    # (rank 0), delivered on the first event with None for token 0.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @classmethod
     def from_submission(cls, sub: GenerationRequest, seq_id: int, decode: Decode) -> Request:
@@ -142,9 +167,11 @@ class Request:
             sink=sub.sink,
             client=sub.client,
             detok=IncrementalDetokenizer(decode),
-            stop=StopMatcher(sub.sampling.stop),
+            stop=StopMatcher(sub.sampling.stop, include=sub.sampling.include_stop_str_in_output),
             arrival=sub.arrival,
             adapter=sub.adapter,
+            constraint=sub.constraint,
+            fork_of=sub.fork_of,
         )
 
     @property

@@ -9,12 +9,14 @@ at the next plan's `release`; nobody waits for the batch to drain. Modelled on v
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.adapters import AdapterRegistry, adapter_root
+from cluster.memory import KvMemory
 from cluster.messages import Admit, PrefillChunk, StepPlan
 from cluster.prefix import PrefixCache
 from cluster.requests import (
@@ -67,12 +69,18 @@ class Scheduler:
         eos_token_ids: Iterable[int],
         prefix_cache: PrefixCache | None = None,
         adapters: AdapterRegistry | None = None,
+        decode_special: Decode | None = None,
+        memory: KvMemory | None = None,
     ) -> None:
         self.config = config
+        self.memory = memory  # KV budget per rank (cluster.memory): requests wait for room before starting
+        self._refused: list[Emit] = []  # requests that can never fit the budget: delivered by `update`
         self.prefix_cache = prefix_cache
         # LoRA adapters: their loads and unloads ride in plans; requests release their slot when they end
         self.adapters = adapters
         self._decode = decode
+        # the detokenizer of requests with skip_special_tokens=False (keeps tool-call markers and the like)
+        self._decode_special = decode_special or decode
         self._eos = frozenset(eos_token_ids)
         # Every unfinished request, by id: the one map of requests on rank 0. Other threads may test
         # membership and copy its values (single dict operations, atomic under the GIL); only the engine
@@ -85,6 +93,11 @@ class Scheduler:
         self._step = 0
 
     # -- queries ---------------------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The model's end-of-sequence ids (the sampler bans them before `min_tokens`)."""
+        return self._eos
+
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
@@ -104,7 +117,12 @@ class Scheduler:
 
     # -- inputs ----------------------------------------------------------------------------------
     def add(self, submission: GenerationRequest) -> Request:
-        req = Request.from_submission(submission, next(self._seq_ids), self._decode)
+        decode = self._decode if submission.sampling.skip_special_tokens else self._decode_special
+        req = Request.from_submission(submission, next(self._seq_ids), decode)
+        if req.fork_of and req.sampling.seed is not None:
+            req.sampling = replace(req.sampling, seed=fork_seed(req.sampling.seed, req.request_id, req.fork_of))
+        if req.sampling.prompt_logprobs is not None:
+            req.prompt_logprobs = []
         if self.prefix_cache is not None:
             root = None
             if req.adapter and self.adapters is not None:
@@ -120,6 +138,17 @@ class Scheduler:
         if req is None:
             return []
         return [self._finish(req, reason, "")]
+
+    def end(self, request_id: str, reason: FinishReason) -> list[Emit]:
+        """Finish a running request as if its output ended here (a complete or dead-ended grammar): the
+        text the detokenizer and stop matcher still hold is delivered, unlike `cancel`."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        text = req.stop.feed(req.detok.flush())
+        if not req.stop.stopped:
+            text += req.stop.flush()
+        return [self._finish(req, reason, text)]
 
     def fail_all(self, message: str, error_type: str = "server_error") -> list[Emit]:
         out = []
@@ -138,9 +167,18 @@ class Scheduler:
         cached prefixes, storing new full blocks), decode every running sequence."""
         cfg, cache = self.config, self.prefix_cache
         while self._waiting and len(self._active) < cfg.max_batch:
+            if self.memory is not None and (why := self.memory.never_fits(self._waiting[0])):
+                emit = self._finish(self._waiting[0], FinishReason.ERROR, "")  # the API 400s these first
+                emit[1].error, emit[1].error_type = why, "invalid_request_error"
+                self._refused.append(emit)
+                continue
+            if self.memory is not None and not self.memory.admits(self._active, self._waiting[0]):
+                break  # the head waits until running sequences free enough KV (nobody overtakes it)
             req = self._waiting.popleft()
             req.status = RequestStatus.PREFILL
             self._active.append(req)
+        if self.memory is not None:
+            self.memory.observe(self._active, len(self._waiting))
         producing: set[bytes] = set()
         if cache is not None:
             producing = cache.producing(
@@ -162,7 +200,9 @@ class Scheduler:
             tokens = req.prompt_tokens
             if not req.admitted:
                 cached: tuple[int, ...] = ()
-                if cache is not None and req.prefix is not None:
+                if cache is not None and self._fork_waits(req):
+                    continue  # its first sibling is computing the same prompt: start from its blocks
+                if cache is not None and req.prefix is not None and not _computes_prompt(req):
                     if cache.should_wait(tokens, req.prefix, producing):
                         continue  # another sequence is computing this prefix right now
                     cached = cache.start(tokens, req.prefix)
@@ -171,7 +211,14 @@ class Scheduler:
                 req.admitted = True
                 admits.append(Admit(req.seq_id, cached, req.adapter))
             end = min(req.prompt_len, req.computed + budget)
-            prefill.append(PrefillChunk(req.seq_id, req.computed, tokens[req.computed : end], end == req.prompt_len))
+            if _computes_prompt(req):  # rank 0 holds a chunk's logits, chunk x vocabulary: keep it short
+                end = min(end, req.computed + cfg.prefill_chunk)
+            k = req.sampling.prompt_logprobs if _computes_prompt(req) else None
+            prefill.append(
+                PrefillChunk(
+                    req.seq_id, req.computed, tokens[req.computed : end], end == req.prompt_len, -1 if k is None else k
+                )
+            )
             prefilled.append((req, end))
             if end == req.prompt_len:
                 completed.append(req)
@@ -217,11 +264,12 @@ class Scheduler:
         for req, end in step.prefilled:
             if req.status is RequestStatus.PREFILL:
                 req.computed = end
+        refused, self._refused = self._refused, []
         if not sampled:
-            return []
+            return refused
         if len(sampled) != len(step.rows):
             raise ValueError(f"{len(sampled)} tokens sampled for {len(step.rows)} rows")
-        events: list[Emit] = []
+        events: list[Emit] = refused
         for req, tok in zip(step.rows, sampled, strict=True):
             if req.status is RequestStatus.FINISHED:
                 continue  # cancelled while the step ran
@@ -230,18 +278,58 @@ class Scheduler:
             events.append(self._append(req, tok))
         return events
 
+    def record_prompt_logprobs(self, seq_id: int, entries: Sequence[TokenLogprob]) -> None:
+        """Rank 0's executor computed prompt logprobs of a sequence (the next prompt tokens, in order);
+        they wait on its `Request` for its first event."""
+        for req in self._active:
+            if req.seq_id == seq_id and req.prompt_logprobs is not None:
+                req.prompt_logprobs.extend(entries)
+                return
+
     # -- internals -------------------------------------------------------------------------------
+    def _fork_waits(self, req: Request) -> bool:
+        """n > 1: a sibling waits while its first computes the prompt, then starts from its blocks (and
+        copies its prompt logprobs). Once the first has left (finished, cancelled) nobody waits for it."""
+        if not req.fork_of:
+            return False
+        first = self.requests.get(req.fork_of)
+        if first is None or first.status not in (RequestStatus.WAITING, RequestStatus.PREFILL):
+            return False
+        assert self.prefix_cache is not None
+        return (req.prompt_len - 1) // self.prefix_cache.block_tokens > 0 or req.prompt_logprobs is not None
+
     def _append(self, req: Request, tok: SampledToken) -> Emit:
+        emit = self._next(req, tok)
+        if len(req.output) == 1 and req.prompt_logprobs is not None:
+            emit[1].prompt_logprobs = (None, *req.prompt_logprobs)
+            self._share_prompt_logprobs(req)
+        return emit
+
+    def _share_prompt_logprobs(self, first: Request) -> None:
+        """Siblings still waiting take the first's prompt logprobs: they need not compute the prompt."""
+        if first.fork_of or first.prompt_logprobs is None or len(first.prompt_logprobs) != first.prompt_len - 1:
+            return
+        for sib in self.queue():
+            if sib.fork_of == first.request_id and not sib.admitted and sib.prompt_logprobs == []:
+                sib.prompt_logprobs = list(first.prompt_logprobs)
+
+    def _next(self, req: Request, tok: SampledToken) -> Emit:
         req.output.append(tok.token_id)
         params = req.sampling
         lp = (tok.logprob,) if tok.logprob is not None else ()
-        if tok.token_id in self._eos:
-            return self._finish(req, FinishReason.STOP, req.detok.flush(), (tok.token_id,), lp)
-        text = req.stop.feed(req.detok.push(tok.token_id))
+        n = len(req.output)
+        # min_tokens: the sampler bans EOS and stop ids before it; should one come anyway, it is text
+        stop_id = tok.token_id in params.stop_token_ids or (tok.token_id in self._eos and not params.ignore_eos)
+        if stop_id and n - 1 >= params.min_tokens:
+            text = req.stop.feed(req.detok.flush())
+            if not req.stop.stopped:
+                text += req.stop.flush()
+            return self._finish(req, FinishReason.STOP, text, (tok.token_id,), lp)
+        text = req.stop.feed(req.detok.push(tok.token_id), check=n >= params.min_tokens)
         if req.stop.stopped:
             return self._finish(req, FinishReason.STOP, text, (tok.token_id,), lp)
-        total = req.prompt_len + len(req.output)
-        if len(req.output) >= params.max_tokens or total >= self.config.context_length:
+        total = req.prompt_len + n
+        if n >= params.max_tokens or total >= self.config.context_length:
             text += req.stop.feed(req.detok.flush())
             if not req.stop.stopped:
                 text += req.stop.flush()
@@ -253,7 +341,7 @@ class Scheduler:
             token_ids=(tok.token_id,),
             logprobs=lp,
             prompt_tokens=req.prompt_len,
-            completion_tokens=len(req.output),
+            completion_tokens=n,
         )
         return req, event
 
@@ -287,3 +375,18 @@ class Scheduler:
             completion_tokens=len(req.output),
         )
         return req, event
+
+
+def _computes_prompt(req: Request) -> bool:
+    """A request with prompt logprobs computes every prompt position (no prefix-cache hit) unless it has
+    them already (copied from its first sibling)."""
+    lps = req.prompt_logprobs
+    return lps is not None and len(lps) < req.prompt_len - 1
+
+
+def fork_seed(seed: int, request_id: str, fork_of: str) -> int:
+    """The seed of sibling i of an n > 1 request ("<rid>-i"): derived from the request's seed and i, so
+    the siblings differ from each other and every run of the same request gives the same n outputs."""
+    index = request_id[len(fork_of) + 1 :] if request_id.startswith(fork_of + "-") else request_id
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: within every PRNG's seed range

@@ -226,6 +226,43 @@ class SsdExtra:
         return cls(enabled, reason, dropped, io)
 
 
+@dataclass(slots=True, frozen=True)
+class MemoryView:
+    """The running sequences' KV cache against the budget, per rank (`cluster.memory.KvMemory`; every
+    rank holds the same share): `kv_bytes` the caches now, padding of the decode batch included
+    (`padding_bytes` of it), `reserved_bytes` what they may grow to, `waiting_for_memory` requests queued
+    because the budget is full. All zero when no budget is enforced."""
+
+    budget_bytes: int
+    kv_bytes: int
+    padding_bytes: int
+    reserved_bytes: int
+    waiting_for_memory: int
+    admitted: int  # requests admitted against the budget since start
+    delayed: int  # of them, those that waited for memory first
+
+    @property
+    def pressure(self) -> float:
+        """Reserved over budget: near 1.0 the next request waits."""
+        return round(self.reserved_bytes / self.budget_bytes, 4) if self.budget_bytes else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {f: getattr(self, f) for f in _MEMORY_FIELDS}
+        out["pressure"] = self.pressure
+        return out
+
+    @classmethod
+    def from_json(cls, doc: object, path: str = "memory") -> MemoryView:
+        d = Doc(doc, path)
+        view = cls(*(d.integer(f) for f in _MEMORY_FIELDS))
+        d.number("pressure")  # derived, but part of the document: it must be there
+        return view
+
+
+_MEMORY_FIELDS = tuple(f.name for f in dataclasses.fields(MemoryView))
+NO_MEMORY = MemoryView(0, 0, 0, 0, 0, 0, 0)
+
+
 class TierSource(Protocol):
     """A live KV tier as the engine holds it (`cluster.kvindex.TierStats`, `cluster.ssdtier.SsdTier`)."""
 
@@ -388,6 +425,7 @@ class JobSnapshot:
     latency: LatencyView
     published_unix: float  # when the engine thread captured it
     adapters: tuple[AdapterView, ...] = ()  # LoRA adapters, by slot (the base model is not listed)
+    memory: MemoryView = NO_MEMORY  # the KV budget per rank (cluster.memory); came with #17
 
     @classmethod
     def starting(cls, facts: JobFacts) -> JobSnapshot:
@@ -431,6 +469,7 @@ class JobSnapshot:
             "latency": self.latency.to_json(),
             "published_unix": self.published_unix,
             "adapters": [a.to_json() for a in self.adapters],
+            "memory": self.memory.to_json(),
         }
 
     @classmethod
@@ -459,6 +498,7 @@ class JobSnapshot:
             latency=LatencyView.from_json(d.get("latency")),
             published_unix=d.number("published_unix"),
             adapters=tuple(AdapterView.from_json(a.d, a.path) for a in d.children("adapters")),
+            memory=MemoryView.from_json(d.get("memory")),
         )
 
 
@@ -503,4 +543,5 @@ def capture(
         latency=stats.latency_view(),
         published_unix=now_unix,
         adapters=tuple(adapters),
+        memory=stats.memory_view(),
     )

@@ -5,17 +5,23 @@ them and nobody reads them live."""
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from cluster.snapshot import (
     HISTORY_SHOWN_S,
     HISTORY_STEP_S,
     LATENCY_BUCKETS,
+    NO_MEMORY,
     HistogramView,
     LatencyView,
+    MemoryView,
     RequestRow,
     ThroughputView,
     Totals,
 )
+
+if TYPE_CHECKING:
+    from cluster.memory import KvMemory
 
 __all__ = ["LATENCY_BUCKETS", "Histogram", "RequestRow", "ServingStats"]
 
@@ -71,6 +77,10 @@ class ServingStats:
         self._totals: tuple[tuple[int, int, int], Totals] | None = None
         self._rates: tuple[tuple[int, int], ThroughputView] | None = None
         self._latency: LatencyView | None = None
+        self.memory: KvMemory | None = None  # the KV budget's accounting, when one is enforced
+
+    def memory_view(self) -> MemoryView:
+        return self.memory.view() if self.memory is not None else NO_MEMORY
 
     def record_tokens(self, now_unix: float, n: int) -> None:
         self.generated_tokens += n

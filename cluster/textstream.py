@@ -44,33 +44,49 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Finds the first stop string in streamed text; never emits any part of it.
+    """Finds the first stop string in streamed text; never emits any part of it (with `include`, emits the
+    text up to the end of the matched stop string: vLLM's `include_stop_str_in_output`).
 
     Up to `max(len(stop)) - 1` characters are held back, because they may be the start of a stop string
-    that the next token completes.
+    that the next token completes. Text fed with `check=False` (before `min_tokens`) is never searched on
+    its own: a stop string must end in text fed with checking on to count.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
         self._stops = tuple(s for s in stops if s)
         self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._include = include
         self._pending = ""
+        self._unchecked = 0  # leading characters of `_pending` that arrived while checking was off
         self.stopped = False
 
-    def feed(self, text: str) -> str:
+    def feed(self, text: str, check: bool = True) -> str:
         """Return the text that is safe to emit; sets `stopped` when a stop string appears."""
         if self.stopped:
             return ""
         if not self._stops:
             return text
         buf = self._pending + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self._pending = ""
-            return buf[:cut]
+        if check:
+            cut = self._find(buf)
+            if cut >= 0:
+                self.stopped = True
+                self._pending = ""
+                return buf[:cut]
         keep = min(self._hold, len(buf))
         self._pending = buf[len(buf) - keep :] if keep else ""
+        self._unchecked = 0 if check else len(self._pending)
         return buf[: len(buf) - keep]
+
+    def _find(self, buf: str) -> int:
+        """Where the output ends at the earliest stop string in `buf` that ends past the unchecked text;
+        -1 when there is none."""
+        best, cut = len(buf) + 1, -1
+        for s in self._stops:
+            i = buf.find(s, max(0, self._unchecked - len(s) + 1))
+            if 0 <= i < best:
+                best, cut = i, i + len(s) if self._include else i
+        return cut
 
     def flush(self) -> str:
         out, self._pending = ("" if self.stopped else self._pending), ""

@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="where converted models live (default: $ORCHARD_CACHE or ~/.cache/orchard)",
     )
+    m.add_argument(
+        "--tool-parser",
+        choices=("hermes", "llama3_json", "mistral", "pythonic", "smollm2"),
+        help="the model's tool-call format (default: read from its chat template; api/tools)",
+    )
+    m.add_argument(
+        "--generation-config",
+        default="auto",
+        help="sampling defaults for fields a request omits, as vLLM's flag: 'auto' reads the model's "
+        "generation_config.json, 'vllm' uses OpenAI's defaults, or a folder holding that file",
+    )
     m.add_argument("--max-context", type=int, default=0, help="context length in tokens (0: the model's own)")
     m.add_argument(
         "--dequantize",
@@ -123,6 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="SSD writes waiting in a rank's memory, in MiB; when its disk falls further behind, new blocks "
         "are not saved (they stay in RAM only; 0: one write at a time)",
     )
+    kv.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(4, 8, 16),
+        default=8,
+        help="prefix-cache blocks in RAM and on the SSD tier stored quantized to this many bits (16: as the "
+        "model computes them); 8 is within 0.005 nats/token of 16 (docs/kv-quantization.md)",
+    )
+    kv.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=(32, 64, 128),
+        default=64,
+        help="values per quantization group, along the head dimension",
+    )
+    kv.add_argument(
+        "--kv-budget",
+        type=float,
+        default=None,
+        help="KV cache of running sequences per rank in GiB, padding of the batch included; requests wait "
+        "beyond it (default: device memory minus weights, the RAM prefix cache and a margin)",
+    )
     h = p.add_argument_group("HTTP (rank 0)")
     h.add_argument(
         "--host", default="127.0.0.1", help="address to bind; use 0.0.0.0 only on a trusted network"
@@ -179,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=_F.request_read_timeout,
         help="seconds a client has to send a request's body after its headers; then 408 (0: no limit)",
+    )
+    h.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=_F.sse_keepalive,
+        help="seconds a stream may stay silent (queued, prefilling) before a ': keep-alive' SSE comment, so "
+        "clients with read timeouts survive (0: off)",
     )
     h.add_argument(
         "--admin-token-file",
@@ -283,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--hostfile", help="start one rank per slot of this Open MPI hostfile (e.g. hostfiles/studio.txt)"
     )
+    job.add_argument(
+        "--collectives",
+        choices=("auto", "mpi", "ring", "jaccl"),
+        default=os.environ.get("ORCHARD_COLLECTIVES", "auto"),
+        help="MLX backend of the tensor collectives (the control bus is always MPI): mpi; ring (MLX's TCP "
+        "ring); jaccl (RDMA over Thunderbolt 5, devices from the hostfile); auto: jaccl when the hostfile "
+        "lists RDMA devices and MLX has it, else the hostfile's collectives=, else mpi (docs/collectives.md; "
+        "env ORCHARD_COLLECTIVES)",
+    )
     p.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity"
     )
@@ -331,7 +380,10 @@ def http_front(args: argparse.Namespace) -> HttpFront:
         token = next((ln.strip() for ln in lines if ln.strip()), None)
         if token is None:
             raise ConfigError(f"--metrics-token-file {args.metrics_token_file} is empty")
+    if args.sse_keepalive < 0:
+        raise ConfigError("--sse-keepalive must be 0 (off) or positive")
     return HttpFront(
+        sse_keepalive=args.sse_keepalive,
         max_connections=args.max_connections,
         header_timeout=args.header_timeout,
         request_read_timeout=args.request_read_timeout,
@@ -369,6 +421,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--heartbeat-interval must be positive")
     if args.kv_ssd_queue_mb < 0:
         raise ConfigError("--kv-ssd-queue-mb must be 0 or more")
+    if getattr(args, "kv_budget", None) is not None and args.kv_budget <= 0:
+        raise ConfigError("--kv-budget must be positive (GiB per rank)")
     from rank.lora import adapter_slots
 
     adapter_slots(args.lora, args.max_loras)  # --lora NAME=DIR and --max-loras

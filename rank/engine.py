@@ -17,10 +17,11 @@ from cluster.ledger import RequestLedger
 from cluster.messages import Heartbeat, Shutdown, SsdLoadResult, StepPlan
 from cluster.pulse import PulseBook
 from cluster.requests import FinishReason, Request, RequestEvent
-from cluster.scheduler import Emit, ScheduledStep, Scheduler
+from cluster.scheduler import Emit, SampledToken, ScheduledStep, Scheduler
 from cluster.snapshot import JobFacts, RequestRow, capture
 from cluster.stats import ServingStats
 from rank.executor import Executor
+from rank.grammar import GrammarRuntime, StepMasks
 from rank.report import Reporter
 from rank.sampler import Sampler
 from rank.watchdog import StepWatchdog
@@ -43,13 +44,15 @@ class Leader:
         rank_names: dict[int, str] | None = None,
         facts: JobFacts | None = None,
         clock: Callable[[], float] = time.monotonic,
+        grammar: GrammarRuntime | None = None,
     ) -> None:
         self.executor = executor
         self.scheduler = scheduler
         self.bus = bus
         self.client = client
         client.attach(scheduler)
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_ids=scheduler.eos_token_ids)
+        self.grammar = grammar  # constrained decoding (rank/grammar.py); None: constrained requests fail
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_timeout = shutdown_timeout
         self.request_timeout = request_timeout
@@ -239,7 +242,12 @@ class Leader:
 
     def _step(self, step: ScheduledStep) -> list[Emit]:
         plan = step.plan
+        # the constrained rows' masks fill on the grammar's worker while the forward pass runs
+        job = self.grammar.start(step.rows) if self.grammar is not None else None
         out = self.executor.execute(plan)
+        masks = job.join() if job is not None else None
+        for seq_id, entries in out.prompt_logprobs:
+            self.scheduler.record_prompt_logprobs(seq_id, entries)
         if plan.ssd_load and self.scheduler.prefix_cache is not None:
             failed = set(out.ssd_failed)
             for result in self.bus.gather(SsdLoadResult):
@@ -250,7 +258,39 @@ class Leader:
             return self.scheduler.update(step, ())
         if out.row_ids != [r.seq_id for r in step.rows]:
             raise EngineError(f"step {plan.step}: the executor's rows differ from the scheduler's")
-        return self.scheduler.update(step, self.sampler.sample(step.rows, out.logits))
+        sampled = self.sampler.sample(step.rows, out.logits, masks)
+        emits = self._grammar_ends(step, masks, sampled)
+        if masks is not None and self.grammar is not None:
+            self.grammar.consume(step.rows, [t.token_id for t in sampled], masks)
+        return emits + self.scheduler.update(step, sampled)
+
+    def _grammar_ends(
+        self, step: ScheduledStep, masks: StepMasks | None, sampled: list[SampledToken]
+    ) -> list[Emit]:
+        """Finish the rows whose constraint allows no token (their sampled token is dropped: the
+        scheduler skips finished rows), and constrained rows on a leader without a grammar engine.
+        A complete grammar allows EOS alone: that EOS ends the request even under ignore_eos or before
+        min_tokens, which would otherwise repeat it until max_tokens."""
+        dead = dict(masks.dead) if masks is not None else {}
+        if self.grammar is None:
+            missing = "this server has no grammar engine"
+            dead.update({i: missing for i, r in enumerate(step.rows) if r.constraint is not None})
+        emits: list[Emit] = []
+        for row in masks.rows if masks is not None else ():
+            req = step.rows[row]
+            matcher: Any = req.matcher
+            if row in dead or matcher is None or sampled[row].token_id not in self.sampler.eos_token_ids:
+                continue
+            eos_is_text = req.sampling.ignore_eos or len(req.output) < req.sampling.min_tokens
+            if eos_is_text and matcher.is_stopped():
+                emits += self.scheduler.end(req.request_id, FinishReason.STOP)
+        for row, why in dead.items():
+            req = step.rows[row]
+            log.info("%s: finished by its constraint: %s", req.request_id, why)
+            for emit in self.scheduler.end(req.request_id, FinishReason.GRAMMAR_ERROR):
+                emit[1].error = why
+                emits.append(emit)
+        return emits
 
     def _take_inbox(self, now: float) -> None:
         emits: list[Emit] = []
@@ -265,6 +305,8 @@ class Leader:
                     if cmd.arrival == 0.0:
                         cmd.arrival = now
                     self.ledger.arrived(self.scheduler.add(cmd))
+                    if cmd.constraint is not None and self.grammar is not None:
+                        self.grammar.prepare(cmd.constraint.grammar)
         self._deliver(emits)
 
     def _expire(self, now: float) -> None:
@@ -300,6 +342,8 @@ class Leader:
             return
         now, now_unix = self.clock(), time.time()
         for req, event in emits:
+            if event.finished:
+                req.matcher = None  # the grammar's state goes with the request, whatever ended it
             self.ledger.on_event(req, event, now, now_unix)
             _safe_send(req, event)
 

@@ -41,6 +41,29 @@ def local_ranks() -> int:
     return max(1, int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")))
 
 
+# Open MPI settings for a job whose ranks span hosts (MPI over TCP). Its default all-reduce pays 2 one-way
+# link delays for 18 KB (8 decode rows) and 8-23 for 576 KB (a 256-token prefill chunk), the rendezvous
+# handshake and segmenting each crossing the link; recursive doubling with messages up to 1 MiB sent
+# eagerly pays 1.0-1.3 delays at every size (2 hosts at 1 and 5 ms one-way, benchmarks/collectives_bench.py,
+# docs/collectives.md). `mpirun --mca NAME VALUE` still wins. Ranks on one host use shared memory instead.
+ACROSS_HOSTS_MCA = {
+    "coll_tuned_use_dynamic_rules": "1",
+    "coll_tuned_allreduce_algorithm": "3",  # recursive doubling
+    "btl_tcp_eager_limit": "1048576",
+    "btl_tcp_rndv_eager_limit": "1048576",
+    "btl_tcp_max_send_size": "1048576",
+}
+
+
+def across_hosts_mca(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """OMPI_MCA_* variables for the tensor all-reduces of a job with ranks on several hosts ({} otherwise)."""
+    world = int(env.get("OMPI_COMM_WORLD_SIZE", "1"))
+    local = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", str(world)))
+    if local >= world or env.get("ORCHARD_MPI_TUNING", "on") == "off":
+        return {}
+    return {f"OMPI_MCA_{name}": value for name, value in ACROSS_HOSTS_MCA.items()}
+
+
 def find_openblas() -> str | None:
     """The first OpenBLAS that loads here: ORCHARD_OPENBLAS, Debian/Fedora paths, cmeel's wheel."""
     arch = platform.machine()
@@ -124,6 +147,8 @@ def prepare_process(argv: list[str]) -> None:
         # Ranks sharing a host share its cores: without this, Open MPI busy-polls in every collective and
         # the waiting ranks starve the computing one (TP=3 on 2 cores: 6x slower, measured).
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    for name, value in across_hosts_mca(os.environ).items():
+        os.environ.setdefault(name, value)
     if sys.platform != "linux" or os.environ.get(_REEXEC_MARK) or "--help" in argv or "-h" in argv:
         return
     mode = blas_mode(argv)

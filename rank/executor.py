@@ -19,7 +19,7 @@ import ctypes
 import logging
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,13 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from cluster.errors import EngineError
 from cluster.messages import PrefillChunk, StepPlan
+from cluster.requests import TokenLogprob
 from rank import mlx_patch, model_caps
+from rank.kvquant import KvFormat
 from rank.lora_layers import LoraSlots
 from rank.model_head import ModelHead, VocabSlice
 from rank.packing import RowLayout, pass_caches
+from rank.prompt_logprobs import PromptLogprobs, rows_wanted
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +64,18 @@ class StepOutput:
     row_ids: list[int]
     logits: mx.array | None
     ssd_failed: tuple[int, ...] = ()  # blocks of this plan's `ssd_load` this rank could not read
+    # rank 0: (sequence id, entries) of the prompt logprobs this step computed (rank/prompt_logprobs.py)
+    prompt_logprobs: list[tuple[int, list[TokenLogprob]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class _Rows:
-    """A step's output rows as its passes produce them: sequence ids and their last hidden states."""
+    """A step's output rows as its passes produce them: sequence ids and their last hidden states; and
+    the chunks that want prompt logprobs, with their other positions' hidden states (None: none)."""
 
     ids: list[int]
     hidden: list[mx.array]
+    prompt: list[tuple[PrefillChunk, mx.array | None]] = field(default_factory=list)
 
 
 class Executor:
@@ -81,6 +88,7 @@ class Executor:
         group: Any = None,
         max_loras: int = 0,
         config: dict[str, Any] | None = None,
+        kv_format: KvFormat | None = None,
     ) -> None:
         self.model = model
         # unfused adapters (rank.lora_layers): slots 1..max_loras; none, and the layers stay as they are
@@ -95,8 +103,14 @@ class Executor:
         self.caps.log(name, logging.INFO if want_logits else logging.DEBUG)
         # the SSD tier holds prefix blocks: without them, it steps aside on every rank alike
         self.ssd = ssd if self.caps.prefix_blocks else None  # rank.ssd.SsdBlockStore or None
+        # how blocks are stored (rank.kvquant), fitted to the model's head dimension alike on every rank
+        geometry = self.caps.geometry
+        kv = kv_format or KvFormat(16)
+        self.kv = kv.fit(geometry.dim) if geometry is not None else kv
+        if self.ssd is not None:
+            self.ssd.kv_format = self.kv.name
         self.block_tokens = block_tokens
-        self.blocks: dict[int, tuple[mx.array, mx.array]] = {}
+        self.blocks: dict[int, tuple[mx.array, ...]] = {}  # a block's stored parts (rank.kvquant)
         self.prefill_tokens = 0  # prompt positions computed (not loaded from cache), for tests and stats
         self.packed_passes = 0  # passes that ran several sequences' rows at once
         self.want_logits = want_logits
@@ -108,6 +122,7 @@ class Executor:
         self.group = group if group is not None and group.size() > 1 else None
         self._packs = self.caps.packable  # a step in one pass (rank.packing, its seam from rank.mlx_patch)
         self._slice = self._head_slice() if self.group is not None and self.head.splits_vocabulary else None
+        self.prompt_logprobs = PromptLogprobs()
 
     @property
     def num_sequences(self) -> int:
@@ -193,12 +208,13 @@ class Executor:
                 self._forward((), plan.decode_ids, plan.decode_tokens, rows)
             else:
                 self._decode_one_by_one(plan.decode_ids, plan.decode_tokens, rows)
-        if not rows.hidden:
+        if not rows.hidden and not rows.prompt:
             return StepOutput([], None, failed)
-        row_ids, hidden = rows.ids, rows.hidden
+        row_ids = rows.ids
+        hidden = rows.hidden + [h for _, h in rows.prompt if h is not None]  # prompt logprobs' rows last
         last = mx.concatenate(hidden, axis=0) if len(hidden) > 1 else hidden[0]
         if self._slice is not None:
-            return self._vocab_parallel(row_ids, last, failed)
+            return self._prompt_rows(self._vocab_parallel(row_ids, last, failed), rows)
         if not self.want_logits and self.group is None:
             mx.eval(last)
             return StepOutput(row_ids, None, failed)
@@ -211,7 +227,22 @@ class Executor:
         # whole step (collectives included, waiting for the other ranks) while holding it, starving
         # uvicorn's thread for the length of the step.
         mx.eval(logits)
-        return StepOutput(row_ids, logits, failed)
+        return self._prompt_rows(StepOutput(row_ids, logits, failed), rows)
+
+    def _prompt_rows(self, out: StepOutput, rows: _Rows) -> StepOutput:
+        """Rank 0: the rows after the sampler's are prompt positions: their logprobs go in the output."""
+        if not rows.prompt or out.logits is None:
+            return out
+        n = len(out.row_ids)
+        at = n
+        for chunk, h in rows.prompt:
+            m = 0 if h is None else h.shape[0]
+            entries = self.prompt_logprobs.chunk(chunk, out.logits[at : at + m] if m else None)
+            if entries:
+                out.prompt_logprobs.append((chunk.seq_id, entries))
+            at += m
+        out.logits = out.logits[:n] if n else None
+        return out
 
     def _forward(
         self,
@@ -234,10 +265,13 @@ class Executor:
         with self._adapters(chunks, decode_ids):
             h = self.inner(inputs, cache=cache)
         positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, 1, D): one hidden state a position
-        for c, (_, end) in zip(chunks, layout.spans, strict=True):
+        for c, (start, end) in zip(chunks, layout.spans, strict=True):
             if c.last:
                 rows.ids.append(c.seq_id)
                 rows.hidden.append(positions[end - 1 : end])
+            if c.prompt_logprobs >= 0:
+                m = rows_wanted(c)
+                rows.prompt.append((c, positions[start : start + m] if m else None))
         if decode_ids:
             lo, hi = layout.batch_span
             rows.ids.extend(decode_ids)
@@ -256,8 +290,12 @@ class Executor:
 
     def _ssd_load(self, loads: tuple[tuple[int, bytes], ...]) -> tuple[int, ...]:
         failed = []
+        geometry = self.caps.geometry
+        want = geometry.stored_shapes(self.kv, self.block_tokens) if geometry is not None else None
         for block_id, h in loads:
             arrays = self.ssd.load(h) if self.ssd is not None else None
+            if arrays is not None and [(str(a.dtype).split(".")[-1], tuple(a.shape)) for a in arrays] != want:
+                arrays = None  # a file of the right format but another block shape: never loaded
             if arrays is None:
                 failed.append(block_id)
             else:
@@ -279,7 +317,7 @@ class Executor:
         """Bytes of one block on this rank (keys and values); 1 for a model without prefix blocks (so
         that sizes divided by it stay defined: such a model's tiers are off, see `caps`)."""
         geometry = self.caps.geometry
-        return geometry.bytes(self.block_tokens) if geometry is not None else 1
+        return geometry.stored_bytes(self.kv, self.block_tokens) if geometry is not None else 1
 
     def _cache_from_blocks(self, block_ids: tuple[int, ...]) -> list[Any]:
         caches = make_prompt_cache(self.model)
@@ -289,14 +327,10 @@ class Executor:
         if not self.caps.prefix_blocks or geometry is None:
             raise EngineError("a prefix-cache hit for a model without prefix blocks (see its caps)")
         try:
-            firsts = [self.blocks[b][0] for b in block_ids]
-            seconds = [self.blocks[b][1] for b in block_ids]
+            stored = [self.blocks[b] for b in block_ids]
         except KeyError as exc:
             raise EngineError(f"cached block {exc} is not on this rank (ranks out of step)") from None
-        k_all, v_all = geometry.unpack(
-            mx.concatenate(firsts, axis=2) if len(firsts) > 1 else firsts[0],
-            mx.concatenate(seconds, axis=2) if len(seconds) > 1 else seconds[0],
-        )
+        k_all, v_all = geometry.unpack(*self.kv.decode(stored))
         for layer, cache in enumerate(caches):
             cache.keys, cache.values = k_all[layer][None], v_all[layer][None]
             cache.offset = k_all.shape[2]
@@ -317,8 +351,8 @@ class Executor:
                 raise EngineError(f"block {first + i} of sequence {seq_id} is not computed yet")
             k = mx.stack([c.keys[0, :, lo:hi, :] for c in cache])
             v = mx.stack([c.values[0, :, lo:hi, :] for c in cache])
-            self.blocks[block_id] = pair = geometry.pack(k, v)
-            new += pair
+            self.blocks[block_id] = parts = self.kv.encode(*geometry.pack(k, v))
+            new += parts
         mx.eval(new)
 
     def _head_slice(self) -> tuple[VocabSlice, list[int]]:
@@ -358,6 +392,7 @@ class Executor:
         for sid in seq_ids:
             self.prefilling.pop(sid, None)
             self.seq_adapter.pop(sid, None)
+            self.prompt_logprobs.forget(sid)
         if self.batch is not None and gone.intersection(self.batch_ids):
             keep = [i for i, sid in enumerate(self.batch_ids) if sid not in gone]
             self.batch_ids = [self.batch_ids[i] for i in keep]

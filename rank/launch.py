@@ -125,6 +125,9 @@ def mpirun_command(
         "ORCHARD_STATUS_FILE",
         "ORCHARD_RANKS_FILE",
         "ORCHARD_PULSE_PORT",
+        "ORCHARD_HOSTFILE",  # rank 0 reads the hostfile's collectives settings (rank/collectives.py)
+        "ORCHARD_COLLECTIVES",
+        "ORCHARD_MPI_TUNING",  # off: Open MPI's own settings across hosts (rank/env.py)
     ):
         if name in env:
             cmd += ["-x", name]
@@ -138,6 +141,8 @@ def launch(np: int | None, hostfile: str | None, rank_args: list[str], extra: li
         print(f"orchard: {exc}", file=sys.stderr, flush=True)
         return 2
     os.environ.update(moved)
+    if hostfile:
+        os.environ["ORCHARD_HOSTFILE"] = str(Path(hostfile).resolve())
     # Under ULFM mpirun exits 0 even after MPI_Abort; rank 0 leaves its exit code in this file instead,
     # and which rank runs where in the other (to name the ranks of a host mpirun reports lost).
     files = []

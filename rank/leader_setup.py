@@ -9,13 +9,15 @@ signatures touch only that function.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,13 @@ def _prefix_cache(args: argparse.Namespace, started: Started) -> PrefixCache | N
     fused = started.adapter_digest  # --adapter-path: the fused model is another model
     if fused:
         model_id = f"{model_id}+adapter:{fused}"
-    return PrefixCache(index, root_hash(model_id, f"tp{world_size}"), ssd)
+    # the blocks' storage format (rank.kvquant) is part of what a block is: another format, another chain
+    return PrefixCache(index, root_hash(model_id, f"tp{world_size}|{executor.kv.name}"), ssd)
+
+
+def _keeping_special(tokenizer: Any) -> Callable[[Sequence[int]], str]:
+    """The detokenizer of requests with skip_special_tokens=False: it keeps special tokens' text."""
+    return functools.partial(tokenizer.decode, skip_special=False)
 
 
 def _adapters(args: argparse.Namespace, started: Started, base_name: str) -> AdapterRegistry:
@@ -167,6 +175,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
     from cluster.scheduler import Scheduler, SchedulerConfig
     from rank.cli import api_keys, http_front
     from rank.engine import Leader
+    from rank.grammar import GrammarRuntime
     from rank.launch import tell_launcher
     from rank.models import EMBEDDED_NAME
     from rank.report import Reporter
@@ -218,6 +227,13 @@ def lead(args: argparse.Namespace, started: Started) -> int:
     adapters = _adapters(args, started, name)
     client = EngineClient(max_waiting=limits.max_waiting, adapters=adapters)
     prefix_cache = _prefix_cache(args, started)
+    # the running sequences' KV budget per rank (cluster.memory): the scheduler admits within it, the API
+    # refuses (400) what could never fit
+    from rank.kvquant import kv_memory
+
+    ram_tier = prefix_cache.index.capacity_blocks * prefix_cache.index.block_bytes if prefix_cache else 0
+    memory = kv_memory(args, executor, ram_tier, context)
+    serving = dataclasses.replace(serving, memory=memory)
     scheduler = Scheduler(
         SchedulerConfig(
             max_batch=args.max_batch,
@@ -229,6 +245,8 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         eos_token_ids=tokenizer.eos_token_ids,
         prefix_cache=prefix_cache,
         adapters=adapters,
+        decode_special=_keeping_special(tokenizer),
+        memory=memory,
     )
     leader = Leader(
         executor,
@@ -241,7 +259,9 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         step_timeout=args.step_timeout or 1e9,
         rank_names=names,
         facts=JobFacts(serving.model_name, serving.world_size, serving.context_length, time.time()),
+        grammar=GrammarRuntime(tokenizer),  # constrained decoding (rank/grammar.py); ~1 s at a 150k vocab
     )
+    leader.stats.memory = memory  # /metrics, /admin/state and the dashboard show it (cluster.stats)
     for h in ranks:
         leader.health.register(h.rank, h.host, h.pid)
     leader.reporter = Reporter(0, socket.gethostname(), interval=1.0)
@@ -256,6 +276,14 @@ def lead(args: argparse.Namespace, started: Started) -> int:
     )
     leader.watchdog.start()
     vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
+    from api.defaults import load_defaults
+
+    sampling_defaults = load_defaults(model_dir, args.generation_config)
+    log.info("%s", sampling_defaults.describe())
+    from api.tools import tool_format_for
+
+    fmt = tool_format_for(tokenizer.chat_template, args.tool_parser, tokenizer.special_ids)
+    log.info("tool calls: %r%s", fmt, "" if args.tool_parser else " (from the chat template; --tool-parser)")
     server = ApiServer(
         create_app(
             Service(
@@ -265,6 +293,8 @@ def lead(args: argparse.Namespace, started: Started) -> int:
                 vocab,
                 started=leader.facts.started,
                 inspect_adapter=_adapter_inspector(started) if adapters.max_loras else None,
+                defaults=sampling_defaults,
+                tool_parser=args.tool_parser,
             )
         ),
         args.host,
@@ -298,8 +328,10 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         signal.signal(sig, on_signal)
     keys = "on" if serving.api_keys else "off"
     log.info(
-        "serving %s on http://%s:%d/v1 with %d rank(s), context %d, max batch %d, API keys %s",
+        "serving %s (model directory %s) on http://%s:%d/v1 with %d rank(s), context %d, max batch %d, "
+        "API keys %s",
         name,
+        model_dir,
         args.host,
         args.port,
         bus.size,

@@ -33,6 +33,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from rank import packing
+from rank.kvquant import KvFormat
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,20 @@ class BlockGeometry:
     dtype: mx.Dtype
 
     def bytes(self, tokens: int) -> int:
+        """Bytes of `tokens` positions of every layer as the model computes them (a live cache's)."""
         return self.layers * self.heads * tokens * (self.key_dim + self.value_dim) * self.dtype.size
+
+    @property
+    def dim(self) -> int:
+        """Values in a row of each array of a packed pair (`pack`)."""
+        return (self.key_dim + self.value_dim) // 2
+
+    def stored_bytes(self, kv: KvFormat, tokens: int) -> int:
+        """Bytes of a block of `tokens` positions as stored in `kv`'s format (rank.kvquant)."""
+        return kv.block_bytes(self.layers, self.heads, tokens, self.dim, self.dtype.size)
+
+    def stored_shapes(self, kv: KvFormat, tokens: int) -> list[tuple[str, tuple]]:
+        return kv.shapes(self.layers, self.heads, tokens, self.dim, self.dtype)
 
     def pack(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """(layers, heads, T, key_dim) and (..., value_dim) as two arrays of one shape (see the module)."""

@@ -102,6 +102,8 @@ def resolve_model(
     key = sha256_file(gguf)[:16]
     out = cache_dir / "models" / f"{name}-{'q' if quantized else 'f32'}-{key}"
     if (out / "config.json").exists():
+        if arg is None:
+            write_card_defaults(out)  # a folder converted before the defaults were shipped
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Every rank of a local job starts here at once: one converts, the others wait for it.
@@ -112,11 +114,33 @@ def resolve_model(
             tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
             try:
                 convert_gguf(gguf, tmp, quantized=quantized, progress=progress)
+                if arg is None:
+                    write_card_defaults(tmp)
                 os.replace(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             progress("conversion done")
     return out
+
+
+# The embedded model's card recommends these (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct); the GGUF
+# carries no generation config, and at OpenAI's temperature 1 the model answers nonsense (api/defaults.py).
+EMBEDDED_GENERATION_CONFIG = {"temperature": 0.2, "top_p": 0.9, "do_sample": True}
+
+
+def write_card_defaults(out: Path) -> None:
+    """Add the card's sampling values to the embedded model's generation_config.json where missing."""
+    path = out / "generation_config.json"
+    try:
+        current = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        current = {}
+    if not isinstance(current, dict) or all(k in current for k in EMBEDDED_GENERATION_CONFIG):
+        return
+    merged = {**EMBEDDED_GENERATION_CONFIG, **current}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # ranks of a local job may all get here at once
+    tmp.write_text(json.dumps(merged, indent=2))
+    os.replace(tmp, path)
 
 
 def _meta_int(meta: dict[str, Any], key: str, default: int | None = None) -> int:

@@ -2,8 +2,10 @@
 
 The sampler keeps no state of its own: a request's PRNG key and generated-token counts live on its
 `Request` (the scheduler's), so they go when it does. Each request with a seed gets its own PRNG key stream, so the same seed gives the same output whatever
-else is in the batch. Filters follow the usual order: logit bias, penalties, temperature, top-k, top-p,
-min-p. Logprobs are those of the model's distribution after bias and penalties, before temperature.
+else is in the batch. Filters follow the usual order: logit bias, penalties, the constraint's mask
+(rank/grammar.py) and min_tokens' ban on EOS and stop ids, temperature, top-k, top-p, min-p. Logprobs are
+those of the model's distribution after bias and penalties, before the mask and temperature (so they stay
+finite: a masked token's would be -inf, which JSON cannot carry).
 
 Whatever the settings or the model's logits, every row gives a token of the vocabulary and finite
 logprobs: a NaN or infinity here would reach the client as invalid JSON (or a 500). Logits are clamped
@@ -22,6 +24,7 @@ import mlx.core as mx
 
 from cluster.requests import Request, SamplingParams, TokenLogprob
 from cluster.scheduler import SampledToken
+from rank.grammar import StepMasks
 
 # Far beyond any real model's logits (tens), small enough that dividing by `GREEDY_BELOW`, subtracting a
 # logsumexp or adding a bias stays finite in float32 (1e4 / 1e-5 = 1e9 < 3.4e38).
@@ -30,8 +33,9 @@ GREEDY_BELOW = 1e-5  # temperatures under this (vLLM's threshold too) pick the m
 
 
 class Sampler:
-    def __init__(self, default_seed: int = 0) -> None:
+    def __init__(self, default_seed: int = 0, eos_token_ids: frozenset[int] = frozenset()) -> None:
         self._fallback = mx.random.key(default_seed)  # splits into the keys of requests without a seed
+        self.eos_token_ids = eos_token_ids  # banned with stop_token_ids until min_tokens are out
 
     def _next_key(self, req: Request) -> mx.array:
         key = req.rng_key
@@ -44,12 +48,35 @@ class Sampler:
         req.rng_key = key
         return sub
 
-    def sample(self, rows: Sequence[Request], logits: mx.array) -> list[SampledToken]:
-        """One token for each row of `logits`, whose row i belongs to `rows[i]`."""
+    def sample(
+        self, rows: Sequence[Request], logits: mx.array, masks: StepMasks | None = None
+    ) -> list[SampledToken]:
+        """One token for each row of `logits`, whose row i belongs to `rows[i]`; `masks`: the tokens the
+        constrained rows may take (rows without one are untouched, so they get what they get alone)."""
         logits = _finite(logits)
-        if all(_plain_greedy(req.sampling) for req in rows):
+        penalty = masks.penalty(*logits.shape) if masks is not None else None
+        bans = {i: self._banned(req) for i, req in enumerate(rows) if self._bans(req)}
+        if not bans and all(_plain_greedy(req.sampling) for req in rows):
+            if penalty is not None:
+                logits = logits + penalty  # + 0 leaves a free row's logits exactly as they were
             return [SampledToken(int(tok)) for tok in mx.argmax(logits, axis=-1).tolist()]
-        return [self._sample_row(logits[i], req) for i, req in enumerate(rows)]
+        if penalty is not None:
+            mx.eval(penalty)  # once: each row's sampling evaluates on its own
+        masked = set(masks.rows) if masks is not None else set()
+        return [
+            self._sample_row(
+                logits[i], req, penalty[i] if penalty is not None and i in masked else None, bans.get(i)
+            )
+            for i, req in enumerate(rows)
+        ]
+
+    def _bans(self, req: Request) -> bool:
+        """min_tokens still to go (a constrained row's length is its grammar's business: once the
+        grammar is complete it allows EOS alone, and a ban would leave no token)."""
+        return len(req.output) < req.sampling.min_tokens and req.constraint is None
+
+    def _banned(self, req: Request) -> mx.array:
+        return mx.array(sorted(self.eos_token_ids | set(req.sampling.stop_token_ids)), dtype=mx.int32)
 
     def _penalise(self, row: mx.array, req: Request) -> mx.array:
         p = req.sampling
@@ -68,7 +95,9 @@ class Sampler:
             row = row.at[ids].multiply(factor.astype(row.dtype))
         return row
 
-    def _sample_row(self, row: mx.array, req: Request) -> SampledToken:
+    def _sample_row(
+        self, row: mx.array, req: Request, penalty: mx.array | None = None, banned: mx.array | None = None
+    ) -> SampledToken:
         p = req.sampling
         if p.logit_bias:
             ids = mx.array([t for t, _ in p.logit_bias], dtype=mx.int32)
@@ -77,6 +106,10 @@ class Sampler:
             row = self._penalise(row, req)
         row = _finite(row)  # a bias or penalty can push a logit past the limit (or to inf in float32)
         logprobs = row - mx.logsumexp(row)
+        if penalty is not None:  # the constraint's mask (rank/grammar.py)
+            row = row + penalty
+        if banned is not None and banned.size:
+            row = row.at[banned].add(-mx.inf)
         if _greedy(p):
             token = int(mx.argmax(row).item())
         else:

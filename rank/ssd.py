@@ -1,7 +1,10 @@
 """This rank's SSD tier: its slice of each block in its own file, written off the step loop.
 
-File `<hash>.kv`: `ORKV2\\n`, the SHA-256 (hex) of everything after that line, then one JSON header line
-(hash, dtype, shape, payload size) and the keys' and values' raw bytes. The header is parsed only once
+File `<hash>.kv`: `ORKV3\\n`, the SHA-256 (hex) of everything after that line, then one JSON header line
+(format version, hash, the block's KV format (rank.kvquant: `kv16`, `q8g64`, ...), each stored array's
+dtype and shape, payload size) and the arrays' raw bytes in order: keys and values, or for a quantized
+format each as (packed, scales, biases). A file of another version or KV format is refused: a block is
+never read as a format it was not written in (the format also names the job's folder). The header is parsed only once
 the checksum holds, so a damaged or planted file is never interpreted. Written to a fresh temporary name
 (created exclusively, never through a symlink), fsynced, renamed, directory fsynced: a crash leaves
 either the whole file or none. Reads do not follow symlinks and refuse a file larger than a block; every
@@ -42,7 +45,8 @@ import numpy as np
 from cluster.errors import ConfigError
 
 log = logging.getLogger("orchard.ssd")
-MAGIC = b"ORKV2\n"
+MAGIC = b"ORKV3\n"
+FORMAT_VERSION = 3
 DIGEST_HEX = 64
 MAX_HEADER = 4096
 PREFIX_BYTES = len(MAGIC) + DIGEST_HEX + 1 + MAX_HEADER + 1  # everything of a file but the payload, at most
@@ -51,7 +55,7 @@ DEFAULT_QUEUE_BYTES = 256 << 20
 LOCK_NAME = "orchard.lock"
 _BLOCK_FILE = re.compile(r"[0-9a-f]{32}\.kv")
 _TEMP_FILE = re.compile(r"\.[0-9a-f]{32}\.[0-9a-f]{16}\.tmp|[0-9a-f]{32}\.tmp\d+")  # ours, and older writers'
-_DTYPES = {name: getattr(mx, name) for name in ("float16", "bfloat16", "float32")}
+_DTYPES = {name: getattr(mx, name) for name in ("float16", "bfloat16", "float32", "uint32")}
 _DROP_WARNING_SECONDS = 30.0
 WriteAll = Callable[[int, bytes], None]  # writes every byte to a file descriptor (a seam for tests)
 
@@ -126,9 +130,12 @@ def _lock_folder(directory: Path) -> int | None:
     return fd
 
 
-def decode_block(data: bytes, h: bytes) -> tuple[str, tuple[int, ...], memoryview]:
-    """(dtype, shape, payload) of a block file's bytes; ValueError when they are not block `h`'s. The
-    checksum is verified before anything else is read."""
+ArraySpec = tuple[str, tuple[int, ...]]  # (dtype name, shape) of one stored array
+
+
+def decode_block(data: bytes, h: bytes, kv_format: str = "kv16") -> tuple[list[ArraySpec], memoryview]:
+    """(array specs, payload) of a block file's bytes; ValueError when they are not block `h`'s in
+    `kv_format`. The checksum is verified before anything else is read."""
     end = len(MAGIC) + DIGEST_HEX
     if not data.startswith(MAGIC):
         raise ValueError("bad magic (not an Orchard KV block file, or an older format)")
@@ -144,16 +151,26 @@ def decode_block(data: bytes, h: bytes) -> tuple[str, tuple[int, ...], memoryvie
     payload = memoryview(data)[stop + 1 :]
     if not isinstance(header, dict) or header.get("hash") != h.hex():
         raise ValueError("misnamed (the header names another block)")
-    dtype, shape = header.get("dtype"), header.get("shape")
-    if (
-        dtype not in _DTYPES
-        or not isinstance(shape, list)
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
+    if header.get("version") != FORMAT_VERSION or header.get("format") != kv_format:
+        raise ValueError(f"KV format {header.get('format')!r}, not this job's {kv_format!r}")
+    arrays = header.get("arrays")
+    if not isinstance(arrays, list) or not arrays or not all(_spec_ok(a) for a in arrays):
         raise ValueError("unusable header")
-    if header.get("payload") != len(payload) or 2 * math.prod(shape) * _DTYPES[dtype].size != len(payload):
+    specs = [(str(a[0]), tuple(a[1])) for a in arrays]
+    size = sum(math.prod(shape) * _DTYPES[dtype].size for dtype, shape in specs)
+    if header.get("payload") != len(payload) or size != len(payload):
         raise ValueError("payload size does not match its header")
-    return dtype, tuple(shape), payload
+    return specs, payload
+
+
+def _spec_ok(a: object) -> bool:
+    return (
+        isinstance(a, list)
+        and len(a) == 2
+        and a[0] in _DTYPES
+        and isinstance(a[1], list)
+        and all(type(d) is int and d >= 0 for d in a[1])
+    )
 
 
 class SsdBlockStore:
@@ -163,10 +180,13 @@ class SsdBlockStore:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         block_bytes: int | None = None,
         write_all: WriteAll = _write_all,
+        kv_format: str = "kv16",
     ) -> None:
         """`queue_bytes`: most bytes waiting for (or in) a write before saves are dropped; `block_bytes`:
-        one block's payload on this rank, when known (caps reads; else `MAX_FILE_BYTES` does)."""
+        one block's payload on this rank, when known (caps reads; else `MAX_FILE_BYTES` does);
+        `kv_format`: the blocks' format name (rank.kvquant), written in and required of every file."""
         self.dir = directory
+        self.kv_format = kv_format
         self.dir.mkdir(parents=True, exist_ok=True)
         self.queue_bytes = queue_bytes
         self.block_bytes = block_bytes
@@ -194,10 +214,11 @@ class SsdBlockStore:
             return self._queued
 
     # -- engine thread ---------------------------------------------------------------------------
-    def save(self, h: bytes, keys: mx.array, values: mx.array) -> bool:
-        """Queue the block's write; False when it was dropped (the writer is `queue_bytes` behind). One
-        block is always accepted into an empty queue, whatever its size, so a tiny bound still writes."""
-        size = keys.nbytes + values.nbytes
+    def save(self, h: bytes, *arrays: mx.array) -> bool:
+        """Queue the block's write (its stored arrays: keys and values, or their quantized parts); False
+        when it was dropped (the writer is `queue_bytes` behind). One block is always accepted into an
+        empty queue, whatever its size, so a tiny bound still writes."""
+        size = sum(a.nbytes for a in arrays)
         with self._lock:
             drop = self._queued > 0 and self._queued + size > self.queue_bytes
             if drop:
@@ -217,24 +238,25 @@ class SsdBlockStore:
                     self.counters.dropped,
                 )
             return False
-        payload = _to_bytes(keys) + _to_bytes(values)
+        payload = b"".join(_to_bytes(a) for a in arrays)
         header = {
+            "version": FORMAT_VERSION,
             "hash": h.hex(),
-            "dtype": str(keys.dtype).split(".")[-1],
-            "shape": list(keys.shape),
+            "format": self.kv_format,
+            "arrays": [[str(a.dtype).split(".")[-1], list(a.shape)] for a in arrays],
             "payload": len(payload),
         }
         self._queue.put(_Save(h.hex(), json.dumps(header).encode() + b"\n", payload))
         return True
 
-    def load(self, h: bytes) -> tuple[mx.array, mx.array] | None:
-        """The block's arrays, or None (missing, oversize, not a plain file, truncated or corrupt: a
-        damaged file is deleted)."""
+    def load(self, h: bytes) -> tuple[mx.array, ...] | None:
+        """The block's arrays as saved, or None (missing, oversize, not a plain file, truncated, corrupt
+        or of another KV format: such a file is deleted)."""
         path = self.path(h.hex())
         start = time.perf_counter()
         try:
             data = self._read(path)
-            dtype, shape, payload = decode_block(data, h)
+            specs, payload = decode_block(data, h, self.kv_format)
         except FileNotFoundError:
             return None
         except OSError as exc:  # a symlink (ELOOP), a folder, an unreadable file: not ours to delete
@@ -246,15 +268,16 @@ class SsdBlockStore:
             log.warning("dropping damaged KV block file %s: %s", path.name, exc)
             path.unlink(missing_ok=True)
             return None
-        half = len(payload) // 2
-        arrays = [
-            mx.array(np.frombuffer(payload[i : i + half], dtype=np.uint8)).view(_DTYPES[dtype]).reshape(shape)
-            for i in (0, half)
-        ]
+        arrays, at = [], 0
+        for dtype, shape in specs:
+            n = math.prod(shape) * _DTYPES[dtype].size
+            raw = np.frombuffer(payload[at : at + n], dtype=np.uint8)
+            arrays.append(mx.array(raw).view(_DTYPES[dtype]).reshape(shape))
+            at += n
         self.counters.reads += 1
         self.counters.read_bytes += len(data)
         self.counters.read_seconds += time.perf_counter() - start
-        return arrays[0], arrays[1]
+        return tuple(arrays)
 
     def _read(self, path: Path) -> bytes:
         """The file's bytes, never through a symlink and never more than a block file can hold."""

@@ -54,9 +54,10 @@ class Started:
         return self.bus.rank
 
 
-def init_distributed() -> tuple[Any, Transport]:
-    """MLX first, then mpi4py on the already initialised MPI (ENVIRONMENT.md). Returns MLX's group (None
-    for one rank) and the bus's transport."""
+def init_distributed(collectives: str = "mpi") -> tuple[Any, Transport]:
+    """MLX first, then mpi4py on the already initialised MPI (ENVIRONMENT.md). Returns MLX's group for the
+    tensor collectives (None for one rank; from the `--collectives` backend, rank/collectives.py) and the
+    bus's transport (always MPI)."""
     from rank.transport import LocalTransport, MpiTransport
 
     world = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or "1"
@@ -76,6 +77,15 @@ def init_distributed() -> tuple[Any, Transport]:
     transport = MpiTransport(MPI.COMM_WORLD.Dup())
     if group.size() != transport.size:
         raise SystemExit(f"MLX sees {group.size()} ranks but MPI sees {transport.size}")
+    if collectives != "mpi" and group.size() > 1:
+        from rank.collectives import init_tensor_group
+
+        with ends_job_on_failure(transport):  # a rank whose ring or RDMA set-up fails must not strand the rest
+            comm = MPI.COMM_WORLD.Dup()
+            try:
+                group = init_tensor_group(collectives, group, comm).group
+            finally:
+                comm.Free()
     return (group if group.size() > 1 else None), transport
 
 
@@ -126,7 +136,7 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
     from rank.lora import adapter_digest, adapter_slots
     from rank.models import default_cache_dir, load_model, resolve_model
 
-    group, transport = init_distributed()
+    group, transport = init_distributed(getattr(args, "collectives", "mpi"))
     rank, size = transport.rank, transport.size
     leader = rank == 0  # the only role check of start-up
     t0 = time.monotonic()
@@ -177,6 +187,7 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
                 group=group,
                 max_loras=adapter_slots(args.lora, args.max_loras),
                 config=config,
+                kv_format=kv_format(args),
             )
             adapters = _load_loras(executor, args.lora, log.info if leader else log.debug)
             if ssd_store is not None:
@@ -262,11 +273,19 @@ def _load_loras(executor: Executor, flags: list[str], progress: Any) -> tuple[Na
     return tuple(loaded)
 
 
+def kv_format(args: argparse.Namespace) -> Any:
+    """`--kv-bits` / `--kv-group-size` as a rank.kvquant.KvFormat (the executor fits it to the model)."""
+    from rank.kvquant import KvFormat
+
+    return KvFormat(getattr(args, "kv_bits", 16), getattr(args, "kv_group_size", 64))
+
+
 def _ssd_store(
     args: argparse.Namespace, model_dir: Path, rank: int, size: int, adapter: str = ""
 ) -> tuple[Path | None, SsdBlockStore | None]:
-    """This rank's SSD folder: <dir>/<model fingerprint>[-a<fused adapter digest>]-tp<N>/rank<r>, or
-    (None, None) when off."""
+    """This rank's SSD folder: <dir>/<model fingerprint>[-a<fused adapter digest>]-tp<N>-<kv format>/rank<r>,
+    or (None, None) when off. The format asked for names the folder (the one the executor fits to the
+    model is a function of it and the model); block files also carry the fitted one."""
     from rank.models import default_cache_dir, fingerprint
 
     if (args.kv_ssd_dir or "").lower() == "none" or args.kv_ram_gb == 0:
@@ -277,7 +296,7 @@ def _ssd_store(
         else (args.cache_dir or default_cache_dir()) / "kv"
     )
     model_id = fingerprint(model_dir, args.cache_dir or default_cache_dir())[:16]
-    ssd_dir = base / f"{model_id}{f'-a{adapter[:16]}' if adapter else ''}-tp{size}"
+    ssd_dir = base / f"{model_id}{f'-a{adapter[:16]}' if adapter else ''}-tp{size}-{kv_format(args).name}"
     return ssd_dir, SsdBlockStore(ssd_dir / f"rank{rank}", queue_bytes=int(args.kv_ssd_queue_mb * 2**20))
 
 

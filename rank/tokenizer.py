@@ -20,15 +20,17 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cluster.errors import ModelError
-
-
-def _raise(message: str) -> None:
-    raise ValueError(message)
+from rank.chat_template import (
+    compile_template,
+    load_templates,
+    prepare_messages,
+    special_token_vars,
+    wants_object_arguments,
+)
 
 
 class ChatTokenizer:
@@ -54,19 +56,21 @@ class ChatTokenizer:
             except ImportError as exc:  # pragma: no cover
                 raise ModelError(f"{model_dir} has no tokenizer.json and transformers is missing") from exc
             self._hf = AutoTokenizer.from_pretrained(str(model_dir))
-        template = cfg.get("chat_template")
-        if template is None and (model_dir / "chat_template.jinja").exists():
-            template = (model_dir / "chat_template.jinja").read_text()
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template: str | None = template
+        self.chat_templates = load_templates(model_dir, cfg)  # by name: "default", "tool_use", ...
+        self.chat_template: str | None = self.chat_templates.get("default")
+        map_path = model_dir / "special_tokens_map.json"  # the older place for them
+        old_map: dict[str, Any] = json.loads(map_path.read_text()) if map_path.exists() else {}
+        # bos_token, eos_token, ... as transformers passes them to the template
+        self.template_vars = special_token_vars({**old_map, **cfg})
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.add_bos = bool(cfg.get("add_bos_token", False))
         self.eos_token_ids = self._eos_ids(model_dir)
-        self._compiled: Any = None
+        self._compiled: dict[str, Any] = {}  # template source -> compiled
         self._lock = threading.Lock()  # the lazy compile; transformers' tokenizers are not thread-safe
-        self.specials = SpecialText.of(self._special_tokens())
+        special = self._special_tokens()
+        self.specials = SpecialText.of(special)
+        self.special_ids = {text: tid for tid, text in special.items() if text}  # text -> id
 
     @property
     def vocab_size(self) -> int:
@@ -145,37 +149,47 @@ class ChatTokenizer:
                 out[tid] = text
         return out
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """`skip_special` False keeps special tokens' text (tool-call markers such as `[TOOL_CALLS]` or
+        `<|python_tag|>`, which the tool parsers need)."""
         if self._tok is not None:
             if len(ids) > 4096:  # an echoed prompt: the batch call lets go of the GIL (89 ms for 800k ids)
-                return str(self._tok.decode_batch([list(ids)], skip_special_tokens=True)[0])
-            return str(self._tok.decode(list(ids), skip_special_tokens=True))
-        return str(self._hf.decode(list(ids), skip_special_tokens=True))
+                return str(self._tok.decode_batch([list(ids)], skip_special_tokens=skip_special)[0])
+            return str(self._tok.decode(list(ids), skip_special_tokens=skip_special))
+        return str(self._hf.decode(list(ids), skip_special_tokens=skip_special))
 
-    def render_chat(self, messages: list[dict[str, Any]], **extra: Any) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> str:
+        """The prompt text, as transformers' `apply_chat_template(messages, tools=tools,
+        add_generation_prompt=True, tokenize=False, **extra)` renders it (rank/chat_template.py): the
+        "tool_use" template when tools are given and the model has one, `content: None` accepted,
+        call arguments given as JSON text turned into objects for templates that read objects."""
         source = self.chat_template
+        if tools is not None and "tool_use" in self.chat_templates:
+            source = self.chat_templates["tool_use"]
         if source is None:
             raise ModelError("this model has no chat template: use /v1/completions")
         return str(
             self._template(source).render(
-                messages=messages,
-                add_generation_prompt=True,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                **extra,
+                messages=prepare_messages(messages, wants_object_arguments(source)),
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                **{**self.template_vars, **extra},
             )
         )
 
     def _template(self, source: str) -> Any:
         with self._lock:
-            if self._compiled is None:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                env.globals["raise_exception"] = _raise
-                env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-                self._compiled = env.from_string(source)
-            return self._compiled
+            if source not in self._compiled:
+                self._compiled[source] = compile_template(source)
+            return self._compiled[source]
 
     def encode_chat(
         self, messages: list[dict[str, Any]], rendered: str | None = None, **extra: Any

@@ -122,8 +122,13 @@ def test_prometheus_metrics(job: Job) -> None:
         "orchard_rank_up{host=",
         'rank="1"',
         "orchard_rank_memory_bytes",
+        "orchard_kv_budget_bytes",  # the KV budget per rank (cluster.memory), on by default
+        "orchard_rank_kv_bytes{host=",
+        "orchard_kv_pressure",
     ):
         assert needle in text, needle
+    memory = admin(job, "GET", "/admin/state").json()["memory"]
+    assert memory["budget_bytes"] > 0 and memory["waiting_for_memory"] == 0 and memory["admitted"] >= 1
     assert admin(job, "DELETE", "/admin/cache/ssd-nope").status_code == 404
 
 

@@ -106,12 +106,15 @@ def test_error_shapes_and_statuses(job: Job) -> None:
         param="max_tokens",
     )
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
-    assert_error(post(job, "/v1/chat/completions", {**chat, "n": 2}), 400, "unsupported_parameter", "n")
+    assert_error(post(job, "/v1/chat/completions", {**chat, "n": 129}), 400, param="n")
     assert_error(
-        post(job, "/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}), 400, param="tools"
+        post(job, "/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}),
+        400,
+        param="tools.0.function",
     )
-    rf = {**chat, "response_format": {"type": "json_object"}}
-    assert_error(post(job, "/v1/chat/completions", rf), 400, param="response_format")
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    rf = {**chat, "response_format": bad_schema}
+    assert_error(post(job, "/v1/chat/completions", rf), 400, "invalid_schema", "response_format")
     assert_error(
         post(job, "/v1/chat/completions", {**chat, "stop": ["a", "b", "c", "d", "e"]}), 400, param="stop"
     )

@@ -31,8 +31,9 @@ class Allowed:
 
 
 RULES = {
-    # the pure core: no MLX, MPI, web or UI; msgpack is the bus codec and the manifest's encoding
-    "cluster": Allowed(frozenset({"cluster", "msgpack"})),
+    # the pure core: no MLX, MPI, web or UI; msgpack is the bus codec and the manifest's encoding;
+    # llguidance (pure computation) checks a request's schema or grammar before it is queued
+    "cluster": Allowed(frozenset({"cluster", "msgpack", "llguidance"})),
     # the HTTP side of rank 0: never MLX or the engine's internals
     "api": Allowed(
         frozenset({"api", "cluster", "fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client"})
@@ -55,6 +56,7 @@ RULES = {
                 "jinja2",  # chat templates
                 "transformers",  # tokenizers of models without tokenizer.json
                 "huggingface_hub",  # --model org/name when the weights are not in the local cache yet
+                "llguidance",  # constrained decoding: token masks (rank/grammar.py)
             }
         )
     ),

@@ -195,3 +195,161 @@ def test_store_splits_runs_around_blocks_others_stored() -> None:
     runs = cache.store(7, tokens, st, len(tokens))
     assert [(r.first, len(r.block_ids)) for r in runs] == [(0, 2), (3, 2)]
     assert st.covered == 5 and st.blocks[2] is other
+
+
+# -- vLLM's extensions (#15); with a model: tests/test_extensions.py --------------------------------------
+def ext(rid: str, prompt_len: int = 3, fork_of: str = "", **sampling: object) -> GenerationRequest:
+    params = SamplingParams(**{"max_tokens": 5, **sampling})  # type: ignore[arg-type]
+    return GenerationRequest(rid, tuple(range(1, prompt_len + 1)), params, sink=lambda e: None, fork_of=fork_of)
+
+
+def drive(s: Scheduler, tokens: Sequence[int]) -> list[RequestEvent]:
+    """One request: sample `tokens` in turn (the last one repeats)."""
+    events: list[RequestEvent] = []
+    i = 0
+    while s.has_work():
+        step = s.schedule()
+        out = s.update(step, [SampledToken(tokens[min(i, len(tokens) - 1)])] * len(step.rows))
+        i += bool(step.rows)
+        events.extend(e for _, e in out)
+    return events
+
+
+def text(events: Sequence[RequestEvent]) -> str:
+    return "".join(e.text for e in events)
+
+
+def test_ignore_eos_finishes_on_length_only() -> None:
+    s = make()
+    s.add(ext("i", ignore_eos=True, max_tokens=4))
+    events = drive(s, [EOS])
+    assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].completion_tokens == 4
+
+
+def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings() -> None:
+    s = make()
+    s.add(ext("m", min_tokens=3, max_tokens=10))
+    events = drive(s, [EOS])  # the sampler bans EOS before min_tokens; one that comes anyway is text
+    assert events[-1].finish_reason is FinishReason.STOP and events[-1].completion_tokens == 4
+    s = make()
+    s.add(ext("s", min_tokens=3, max_tokens=10, stop=("b",)))
+    events = drive(s, [2, 1, 2, 2])  # "b" "a" then "b" at the third token: min_tokens reached, stops
+    assert events[-1].finish_reason is FinishReason.STOP and text(events) == "ba"
+    s = make()
+    s.add(ext("s2", min_tokens=2, max_tokens=10, stop=("ab",)))
+    events = drive(s, [1, 2, 1, 2])  # "ab" ends at token 2 (= min_tokens): it counts
+    assert text(events) == "" and events[-1].completion_tokens == 2
+    s = make()
+    s.add(ext("s3", min_tokens=3, max_tokens=10, stop=("ab",)))
+    events = drive(s, [1, 2, 3, 1, 2])  # the first "ab" ends before min_tokens: passes; the second stops
+    assert text(events) == "abc" and events[-1].completion_tokens == 5
+
+
+def test_stop_token_ids_finish_without_their_text() -> None:
+    s = make()
+    s.add(ext("t", stop_token_ids=(3,), max_tokens=10))
+    events = drive(s, [1, 2, 3])
+    assert events[-1].finish_reason is FinishReason.STOP and text(events) == "ab"
+    assert [t for e in events for t in e.token_ids] == [1, 2, 3]
+    s = make()
+    s.add(ext("t2", stop_token_ids=(3,), ignore_eos=True, max_tokens=10))  # ignore_eos spares EOS only
+    events = drive(s, [EOS, 3])
+    assert events[-1].finish_reason is FinishReason.STOP and events[-1].completion_tokens == 2
+
+
+def test_include_stop_str_in_output_and_held_text_survives_eos() -> None:
+    s = make()
+    s.add(ext("inc", stop=("bc",), include_stop_str_in_output=True, max_tokens=10))
+    events = drive(s, [1, 2, 3, 4])
+    assert events[-1].finish_reason is FinishReason.STOP and text(events) == "abc"
+    s = make()
+    s.add(ext("held", stop=("xyz",), max_tokens=10))
+    events = drive(s, [1, 24, EOS])  # "ax" then EOS: the held-back "ax" is not lost
+    assert events[-1].finish_reason is FinishReason.STOP and text(events) == "ax"
+
+
+def test_skip_special_tokens_false_uses_the_keeping_decode() -> None:
+    s = Scheduler(SchedulerConfig(4, 16, 1000, 0), decode, [EOS], decode_special=lambda ids: decode(ids).upper())
+    s.add(ext("keep", skip_special_tokens=False, max_tokens=2))
+    s.add(ext("skip", max_tokens=2))
+    events = drive(s, [1])
+    assert text([e for e in events if e.request_id == "keep"]) == "AA"
+    assert text([e for e in events if e.request_id == "skip"]) == "aa"
+
+
+def cached(max_batch: int = 4, chunk: int = 16, block: int = 4) -> Scheduler:
+    from cluster.kvindex import BlockIndex
+    from cluster.prefix import PrefixCache
+
+    cache = PrefixCache(BlockIndex(block_tokens=block, capacity_blocks=64, block_bytes=1), b"r" * 16)
+    return Scheduler(SchedulerConfig(max_batch, chunk, 1000, 0), decode, [EOS], prefix_cache=cache)
+
+
+def prefilled(plans: Sequence[StepPlan]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for p in plans:
+        for c in p.prefill:
+            out[c.seq_id] = out.get(c.seq_id, 0) + c.end - c.start
+    return out
+
+
+def test_n_siblings_start_from_the_first_ones_blocks() -> None:
+    s = cached(chunk=8, block=4)
+    reqs = [s.add(ext(rid, 22, fork_of="r" if i else "", max_tokens=3)) for i, rid in enumerate(["r", "r-1", "r-2"])]
+    plans, events = run(s)
+    counts = prefilled(plans)
+    assert counts[reqs[0].seq_id] == 22
+    assert counts[reqs[1].seq_id] == counts[reqs[2].seq_id] == 2  # 5 blocks hit, the partial block recomputed
+    hits = {a.seq_id: len(a.cached) for p in plans for a in p.admit}
+    assert hits[reqs[1].seq_id] == hits[reqs[2].seq_id] == 5
+    assert sum(e.finished for e in events) == 3
+    # a prompt of whole blocks: each sibling recomputes one block at most (one position must be computed)
+    s = cached(chunk=8, block=4)
+    reqs = [s.add(ext(rid, 16, fork_of="q" if i else "")) for i, rid in enumerate(["q", "q-1"])]
+    counts = prefilled(run(s)[0])
+    assert counts[reqs[1].seq_id] == 4
+
+
+def test_n_siblings_without_a_prefix_cache_prefill_and_survive_the_first() -> None:
+    s = make(chunk=8)
+    reqs = [s.add(ext(rid, 10, fork_of="r" if i else "")) for i, rid in enumerate(["r", "r-1"])]
+    counts = prefilled(run(s)[0])
+    assert counts[reqs[0].seq_id] == counts[reqs[1].seq_id] == 10
+    s = cached(chunk=8)
+    for i, rid in enumerate(["c", "c-1", "c-2"]):
+        s.add(ext(rid, 30, fork_of="c" if i else ""))
+    s.update(s.schedule(), ())  # the first's first chunk; the siblings wait
+    assert [e.finish_reason for _, e in s.cancel("c")] == [FinishReason.CANCELLED]
+    _, events = run(s)
+    assert {e.request_id for e in events if e.finish_reason is FinishReason.LENGTH} == {"c-1", "c-2"}
+
+
+def test_fork_seeds_differ_per_sibling_and_repeat() -> None:
+    from cluster.scheduler import fork_seed
+
+    s = make()
+    seeds = [s.add(ext(rid, fork_of="x" if i else "", seed=7)).sampling.seed for i, rid in enumerate(["x", "x-1", "x-2"])]
+    assert seeds[0] == 7 and len(set(seeds)) == 3
+    assert seeds[1] == fork_seed(7, "y-1", "y") and 0 <= seeds[2] < 2**63  # type: ignore[operator]
+    assert s.add(ext("z-1", fork_of="z")).sampling.seed is None  # unseeded siblings draw their own keys
+
+
+def test_prompt_logprobs_compute_every_position_and_reach_the_first_event() -> None:
+    from cluster.requests import TokenLogprob
+
+    s = cached(chunk=8, block=4)
+    s.add(ext("warm", 12, max_tokens=1))
+    run(s)
+    req = s.add(ext("pl", 12, max_tokens=2, prompt_logprobs=2))
+    plans, seen = [], []
+    while s.has_work():
+        step = s.schedule()
+        plans.append(step.plan)
+        for c in step.plan.prefill:  # what rank 0's executor computes for the chunk
+            s.record_prompt_logprobs(c.seq_id, [TokenLogprob(t, -1.0) for t in c.tokens[1 if c.start == 0 else 0 :]])
+        seen += [e for _, e in s.update(step, [SampledToken(1)] * len(step.rows))]
+    assert [a.cached for p in plans for a in p.admit] == [()]  # no prefix-cache hit: positions are computed
+    assert [c.prompt_logprobs for p in plans for c in p.prefill] == [2, 2]
+    first = seen[0].prompt_logprobs
+    assert first[0] is None and [e.token_id for e in first[1:] if e] == list(req.prompt_tokens[1:])
+    assert seen[1].prompt_logprobs == ()

@@ -25,6 +25,8 @@ from cluster.engine_client import EngineClient, EngineState
 from cluster.health import HealthTable, RankReport
 from cluster.kvindex import BlockIndex
 from cluster.manifest import Manifest
+from cluster.memory import KvCost, KvMemory
+from cluster.requests import GenerationRequest, Request, SamplingParams
 from cluster.snapshot import JobFacts, JobSnapshot, RequestRow, SnapshotDecodeError, capture
 from cluster.ssdtier import SsdTier
 from cluster.stats import ServingStats
@@ -58,6 +60,10 @@ LEGACY_RANK = {
 }  # fmt: skip
 ADAPTER_KEYS = {"name", "slot", "state", "requests", "total_requests", "rank", "path", "digest"}
 LEGACY_ROW = {"request_id", "state", "age_s", "prompt_tokens", "generated_tokens", "tokens_per_s", "client"}
+MEMORY_KEYS = {
+    "budget_bytes", "kv_bytes", "padding_bytes", "reserved_bytes", "waiting_for_memory", "admitted", "delayed",
+    "pressure",
+}  # fmt: skip
 
 
 class SsdCounters:
@@ -78,7 +84,25 @@ def stats() -> ServingStats:
         s.e2e.observe(v * 2)
     for outcome in ("stop", "stop", "length", "cancelled", "error"):
         s.record_outcome(outcome)
+    s.memory = memory()
     return s
+
+
+def memory() -> KvMemory:
+    """The real accounting: one request decoding, one prefilling beside it, a third waiting for room."""
+    mem = KvMemory(KvCost(token_bytes=1024), budget_bytes=3 * 512 * 1024, context_length=2048)
+    decoding, prefilling, waiting = (
+        Request.from_submission(
+            GenerationRequest(f"m{i}", (1,) * n, SamplingParams(max_tokens=m), sink=lambda e: None), i, bytes
+        )
+        for i, (n, m) in enumerate([(300, 100), (40, 10), (900, 100)])
+    )
+    decoding.computed, decoding.output = 300, [5, 6]
+    prefilling.computed = 32
+    assert mem.admits([], decoding) and mem.admits([decoding], prefilling)
+    assert not mem.admits([decoding, prefilling], waiting)
+    mem.observe([decoding, prefilling], 1)
+    return mem
 
 
 def tiers(tmp: Path) -> list[Any]:
@@ -167,6 +191,10 @@ def test_populated_snapshot_round_trips_equal(full: JobSnapshot) -> None:
     assert [(a.name, a.slot, a.state, a.requests) for a in full.adapters] == [
         ("sql", 1, "ready", 1), ("chat", 2, "loading", 0),
     ]  # fmt: skip
+    # 302 positions decoding, 32 prefilling, each with room for 256 more; both rows may grow to 400 + 256
+    assert full.memory.waiting_for_memory == 1 and full.memory.padding_bytes == 256 * 1024
+    assert full.memory.kv_bytes == (558 + 288) * 1024 and full.memory.reserved_bytes == 2 * 656 * 1024
+    assert full.memory.pressure == 0.8542 and (full.memory.admitted, full.memory.delayed) == (2, 0)
     assert JobSnapshot.from_json(wire(full)) == full
     starting = JobSnapshot.starting(FACTS)
     assert JobSnapshot.from_json(wire(starting)) == starting
@@ -175,7 +203,10 @@ def test_populated_snapshot_round_trips_equal(full: JobSnapshot) -> None:
 def test_legacy_keys_and_nesting_are_kept(full: JobSnapshot) -> None:
     doc = wire(full)
     assert LEGACY_TOP <= set(doc)
-    assert set(doc) - LEGACY_TOP == {"steps", "sequences_on_ranks", "latency", "published_unix", "adapters"}
+    assert set(doc) - LEGACY_TOP == {
+        "steps", "sequences_on_ranks", "latency", "published_unix", "adapters", "memory",
+    }  # fmt: skip
+    assert set(doc["memory"]) == MEMORY_KEYS
     for key, keys in LEGACY_NESTED.items():
         assert set(doc[key]) == keys, key
     ram, ssd = doc["kv"]["tiers"]
@@ -275,6 +306,10 @@ def test_api_serves_the_published_snapshot(full: JobSnapshot) -> None:
             'orchard_adapter_live_requests{adapter="sql"} 1.0',
             'orchard_adapter_requests_total{adapter="sql"} 1.0',
             'orchard_adapter_requests_total{adapter="chat"} 0.0',
+            "orchard_kv_waiting_for_memory 1.0",
+            "orchard_kv_pressure 0.8542",
+            'orchard_rank_kv_bytes{host="studio-2",kind="budget",rank="1"} 1.572864e+06',
+            'orchard_rank_kv_bytes{host="studio-1",kind="used",rank="0"} 866304.0',
         ):
             assert needle in metrics, needle
         svc.client.set_state(EngineState.FAILED, "rank 1 died")

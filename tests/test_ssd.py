@@ -232,7 +232,9 @@ def test_kill_during_writes_leaves_a_consistent_manifest(
 @pytest.mark.cluster
 def test_tiny_bound_keeps_usage_under_it(job_factory, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     kv = tmp_path / "kv"
-    bound_gib = 4 * 65536 / 2**30  # room for 4 blocks of the tiny model at TP=2
+    # room for 4 blocks of the tiny model at TP=2 in the default 8-bit format (rank.kvquant: head dim 32,
+    # groups of 32): 2 x (8,192 bytes of values + 2 x 256 fp32 scales and biases) = 20,480 bytes a block
+    bound_gib = 4 * 20480 / 2**30
     job = start(job_factory, tiny_model, kv, "ssd-bound", "--kv-ssd-gb", str(bound_gib))
     for i in range(5):
         ask(job, f"Bound test {i}: " + "cherries " * 20)

@@ -160,8 +160,8 @@ def test_the_header_is_checked_before_it_is_used(tmp_path: Path) -> None:
     saved(tmp_path, H1)
     path = tmp_path / f"{H1.hex()}.kv"
     data = path.read_bytes()
-    assert data.count(b"[2, 2, 8, 8]") == 1
-    path.write_bytes(data.replace(b"[2, 2, 8, 8]", b"[2, 8, 2, 8]"))
+    assert data.count(b"[2, 2, 8, 8]") == 2  # keys' and values' shapes
+    path.write_bytes(data.replace(b"[2, 2, 8, 8]", b"[2, 8, 2, 8]", 1))
     store = SsdBlockStore(tmp_path)
     assert store.load(H1) is None and store.counters.corrupt == 1 and not path.exists()
     store.close()

@@ -345,3 +345,27 @@ def test_snapshot_decoding_is_strict_but_ignores_unknown_fields() -> None:
     del state["kv"]["tiers"][0]["hit_rate"]  # a field the server renamed: an error, never a zero
     with pytest.raises(SnapshotDecodeError, match=r"kv\.tiers\[0\]\.hit_rate: missing"):
         JobSnapshot.from_json(state)
+
+
+@pytest.mark.asyncio
+async def test_tiers_pane_shows_the_kv_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The running sequences' KV against the budget, first in the KV cache pane, with requests waiting
+    for memory called out; a server without a budget shows no such line."""
+    from cluster.snapshot import MemoryView
+
+    state = example_state()
+    state["memory"] = MemoryView(4 * 2**30, 2**30, 2**28, 3 * 2**30, 2, 5, 1).to_json()
+    monkeypatch.setitem(globals(), "EXAMPLE_STATE", state)
+    server = SlowServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    app = RecordingApp(f"http://127.0.0.1:{server.server_address[1]}", "t", interval=0.1)
+    try:
+        async with app.run_test(size=(140, 40)) as pilot:
+            await wait_for(pilot, lambda: any("2 wait for memory" in line for line in screen_lines(app)))
+            text = "\n".join(screen_lines(app))
+            assert "LIVE" in text and "1.0 GiB/4.0 GiB · rsv 75%" in text, text
+            monkeypatch.setitem(globals(), "EXAMPLE_STATE", example_state())  # no budget
+            await wait_for(pilot, lambda: "LIVE" not in "\n".join(screen_lines(app)))
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -257,7 +257,7 @@ class OrchardApp(App[None]):
         try:
             self.queue.show(snap.queue)
             self.ranks.show(snap.ranks)
-            self.tiers.show(snap.tiers, self.hits.series)
+            self.tiers.show(snap.tiers, self.hits.series, snap.memory)
             had = self.adapters.display
             self.adapters.show(snap.adapters)
             if had != self.adapters.display:

@@ -66,10 +66,68 @@ class TierView(Vertical):
         self.query_one(Sparkline).data = hits
 
 
-class TiersPanel(VerticalScroll):
-    """Tier views appear and disappear with the tiers in the snapshot (an ssd tier may come later)."""
+class MemoryView(Vertical):
+    """The running sequences' KV per rank against the budget (`--kv-budget`): what they hold now (the
+    bar, "now/budget"), what they may grow to over the budget ("rsv"), the decode batch's padding
+    ("pad"), and requests waiting for memory (first, as the pane is narrow)."""
 
-    def show(self, tiers: Sequence[snapshot.TierView], hits: Callable[[str], list[float]]) -> None:
+    DEFAULT_CSS = """
+    MemoryView { height: auto; }
+    MemoryView > Horizontal { height: 1; }
+    MemoryView .name { width: 5; text-style: bold; }
+    MemoryView ProgressBar { width: 1fr; }
+    MemoryView Bar { width: 1fr; }
+    MemoryView .stats { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    """
+
+    def __init__(self, memory: snapshot.MemoryView) -> None:
+        super().__init__(classes="tier")
+        self._latest = memory
+
+    def on_mount(self) -> None:
+        self.show(self._latest)
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            yield Label("LIVE", classes="name")
+            yield ProgressBar(total=1, show_eta=False)
+        yield Static(classes="stats")
+
+    def show(self, m: snapshot.MemoryView) -> None:
+        self._latest = m
+        if not self.is_mounted:
+            return
+        budget = max(m.budget_bytes, 1)
+        self.query_one(ProgressBar).update(total=budget, progress=min(m.kv_bytes, budget))
+        parts = [
+            f"{human_bytes(m.kv_bytes)}/{human_bytes(m.budget_bytes)}",
+            f"rsv {m.pressure:.0%}",
+            f"pad {human_bytes(m.padding_bytes)}",
+        ]
+        text = escape(" · ".join(parts))
+        if m.waiting_for_memory:  # first: the pane is narrow, and this is what an operator must see
+            text = f"[b $warning]{m.waiting_for_memory} wait for memory[/] · " + text
+        self.query_one(".stats", Static).update(text)
+
+
+class TiersPanel(VerticalScroll):
+    """Tier views appear and disappear with the tiers in the snapshot (an ssd tier may come later); the
+    running sequences' KV against the budget comes first, when a budget is enforced."""
+
+    def show(
+        self,
+        tiers: Sequence[snapshot.TierView],
+        hits: Callable[[str], list[float]],
+        memory: snapshot.MemoryView | None = None,
+    ) -> None:
+        live = list(self.query(MemoryView))
+        if memory is None or not memory.budget_bytes:
+            for gone in live:
+                gone.remove()
+        elif live:
+            live[0].show(memory)
+        else:
+            self.mount(MemoryView(memory), before=0 if self.children else None)
         views = {v.tier_name: v for v in self.query(TierView)}
         names = {t.name for t in tiers}
         for name, old in views.items():
