@@ -115,7 +115,11 @@ class ChatPlan:
 
         fmt, tools, reasoning = self.fmt, self.parses_calls, self.reasoning
         names = tool_names(self.tools)
-        opened = reasoning and prompt_opens_thinking(rendered)
+        # A JSON response_format's grammar holds from the first token (no thinking first): the output is
+        # the answer, not reasoning, even where the prompt opened <think>
+        rf = self.response_format
+        json_forced = not (self.parses_calls and self.choice != "auto") and rf is not None and rf.type != "text"
+        opened = reasoning and prompt_opens_thinking(rendered) and not json_forced
         keep = self.include_reasoning
         most = None if self.parallel else 1
 

@@ -101,6 +101,14 @@ async def run(request: Request, svc: Service, spec: Run) -> Any:
 
     client = request.client.host if request.client else ""
     headers = {"x-request-id": spec.rid}
+    queue_cap = svc.config.limits.max_waiting
+    if len(spec.choices) > queue_cap:  # a 429 would be retried forever: it can never be admitted
+        raise APIError(
+            400,
+            f"{len(spec.choices)} choices (prompts x n) are over this server's queue of {queue_cap} (--max-queue)",
+            param="n",
+            headers=headers,
+        )
     accepted: list[str] = []
     for c in spec.choices:
         admission = svc.client.submit(_generation_request(c, sink, client, spec.adapter))
@@ -117,7 +125,9 @@ async def run(request: Request, svc: Service, spec: Run) -> Any:
     if spec.stream:
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         body = _stream(svc, spec, states, queue, render, created)
-        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        return _CancellingStream(
+            body, lambda: _cancel_unfinished(svc, states), media_type="text/event-stream", headers=headers
+        )
     status, payload = await _collect(request, svc, spec, states, queue, render, created)
     return JSONResponse(payload, status_code=status, headers=headers)
 
@@ -235,6 +245,7 @@ async def _collect(
                 return err.status, err.body()
     finally:
         watcher.cancel()
+        _cancel_unfinished(svc, states)  # a no-op once all finished; the handler task cancelled: frees them
     choices = [_full_choice(spec, st, render) for st in sorted(states.values(), key=lambda s: s.choice.index)]
     _log_done(spec, states, "ok")
     return 200, {**render.envelope(spec.rid, created, choices, chunk=False), "usage": usage(states)}
@@ -257,6 +268,23 @@ def _full_choice(spec: Run, st: _State, render: ChatRender | TextRender) -> dict
     return render.choice(c.index, c.echo + text, reason, logprobs)
 
 
+class _CancellingStream(StreamingResponse):
+    """A stream that cancels its unfinished choices however it ends. The body generator's own `finally`
+    runs only once the generator has started: a client that leaves while its request is queued or
+    rendered can make Starlette stop before the first read, and the choices would run to max_tokens
+    with nobody listening."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 def _cancel_unfinished(svc: Service, states: dict[str, _State]) -> None:
     for rid, st in states.items():
         if not st.finished:
@@ -264,7 +292,8 @@ def _cancel_unfinished(svc: Service, states: dict[str, _State]) -> None:
 
 
 def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    # allow_nan=False: a NaN or infinity that slipped through is an error here, never invalid JSON sent
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False, allow_nan=False)}\n\n"
 
 
 async def _stream(

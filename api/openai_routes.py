@@ -83,7 +83,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     sampling = build_sampling(svc, body, checked, len(prompt.ids), max_tokens, logprobs)
     if plan.keep_special_tokens:
         sampling = replace(sampling, skip_special_tokens=False)  # the parser needs the call markers
-    constraint = await pool.run(0, plan.constraint, svc.tokenizer, prompt.rendered)
+    # compiling a grammar costs with the schema's size, which the body's bounds: a large one takes the
+    # large lane, so short chats are not queued behind it
+    schema_size = len(await request.body())
+    constraint = await pool.run(schema_size, plan.constraint, svc.tokenizer, prompt.rendered)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     spec = Run(
         "chat",

@@ -318,14 +318,16 @@ class Scheduler:
         params = req.sampling
         lp = (tok.logprob,) if tok.logprob is not None else ()
         n = len(req.output)
-        # min_tokens: the sampler bans EOS and stop ids before it; should one come anyway, it is text
+        # min_tokens: the sampler bans EOS and stop ids before it; should one come anyway, it is text. A
+        # constrained request's grammar decides where it ends: min_tokens does not apply (as documented)
+        min_tokens = 0 if req.constraint is not None else params.min_tokens
         stop_id = tok.token_id in params.stop_token_ids or (tok.token_id in self._eos and not params.ignore_eos)
-        if stop_id and n - 1 >= params.min_tokens:
+        if stop_id and n - 1 >= min_tokens:
             text = req.stop.feed(req.detok.flush())
             if not req.stop.stopped:
                 text += req.stop.flush()
             return self._finish(req, FinishReason.STOP, text, (tok.token_id,), lp)
-        text = req.stop.feed(req.detok.push(tok.token_id), check=n >= params.min_tokens)
+        text = req.stop.feed(req.detok.push(tok.token_id), check=n >= min_tokens)
         if req.stop.stopped:
             return self._finish(req, FinishReason.STOP, text, (tok.token_id,), lp)
         total = req.prompt_len + n

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from cluster.messages import PrefillChunk
 from cluster.requests import TokenLogprob
+from rank.sampler import LOGIT_LIMIT
 
 
 def rows_wanted(chunk: PrefillChunk) -> int:
@@ -37,6 +38,8 @@ class PromptLogprobs:
         rows = [self._pending.pop(chunk.seq_id)] if chunk.seq_id in self._pending else []
         targets = list(chunk.tokens if rows else chunk.tokens[1:])
         if logits is not None:
+            # finite as the sampler's (rank/sampler.py): a NaN or infinite logit must not reach the JSON
+            logits = mx.clip(mx.nan_to_num(logits, nan=-LOGIT_LIMIT), -LOGIT_LIMIT, LOGIT_LIMIT)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             if not chunk.last:
                 self._pending[chunk.seq_id] = logprobs[-1:]

@@ -107,6 +107,10 @@ def test_error_shapes_and_statuses(job: Job) -> None:
     )
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
     assert_error(post(job, "/v1/chat/completions", {**chat, "n": 129}), 400, param="n")
+    # more choices than --max-queue (2) could never be admitted: a 400, not a 429 clients retry forever
+    assert_error(post(job, "/v1/chat/completions", {**chat, "n": 3}), 400, param="n")
+    prompts = {"model": "tiny", "prompt": ["a", "b"], "n": 2}
+    assert_error(post(job, "/v1/completions", prompts), 400, param="n")
     assert_error(
         post(job, "/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}),
         400,
