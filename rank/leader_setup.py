@@ -27,7 +27,7 @@ from cluster.prefix import PrefixCache
 from cluster.snapshot import JobFacts
 from rank.executor import Executor
 from rank.pulse import PulseMonitor
-from rank.startup import Started, context_length
+from rank.startup import Started, context_length, freeze_heap
 
 log = logging.getLogger("orchard")
 
@@ -339,6 +339,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         args.max_batch,
         keys,
     )
+    freeze_heap()
     try:
         code = leader.run()
     finally:
