@@ -87,9 +87,10 @@ class TextRender(Render):
             values.append(t.logprob)
             tops.append({self.token_text(i): v for i, v in t.top})
         offsets, pos = [], offset
-        for tok in tokens:
+        decode = self.svc.tokenizer.decode
+        for tid in [*prompt_ids, *(t.token_id for t in lps)]:
             offsets.append(pos)
-            pos += len(tok)
+            pos += len(decode([tid]))  # offsets in the text, also when tokens are shown as "token_id:N"
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     def choice(
