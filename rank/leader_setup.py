@@ -27,7 +27,7 @@ from cluster.prefix import PrefixCache
 from cluster.snapshot import JobFacts
 from rank.executor import Executor
 from rank.pulse import PulseMonitor
-from rank.startup import Started, context_length, freeze_heap
+from rank.startup import Started, context_length, freeze_heap, thaw_heap
 
 log = logging.getLogger("orchard")
 
@@ -343,6 +343,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
     try:
         code = leader.run()
     finally:
+        thaw_heap()
         leader.watchdog.stop()
         if monitor is not None:
             monitor.stop()

@@ -317,7 +317,10 @@ def run_follower(started: Started) -> int:
             sync_followers(bus, executor.ssd)
         reporter = Reporter(started.rank, socket.gethostname(), interval=1.0)
         freeze_heap()
-        return follow(executor, bus, reporter, started.activity)
+        try:
+            return follow(executor, bus, reporter, started.activity)
+        finally:
+            thaw_heap()
     except BusError as exc:
         log.error("fatal control-bus error, aborting the job: %s", exc)
         bus.abort(3)
@@ -340,3 +343,12 @@ def freeze_heap() -> None:
         gc.get_freeze_count(),
         (time.perf_counter() - t0) * 1000,
     )
+
+
+def thaw_heap() -> None:
+    """Undo `freeze_heap` once serving ends: at exit the interpreter's last collections skip frozen
+    objects, and start-up's cycles (the bus's communicator among them) must be finalized before MPI is,
+    or the job does not end cleanly (Open MPI reported a follower "exiting improperly")."""
+    import gc
+
+    gc.unfreeze()
