@@ -191,6 +191,7 @@ class OrchardCollector(Collector):
                 ev.add_metric(name, t.evictions)
             yield from (used, cap, blocks, hit, q, h, ev)
         yield from _memory_metrics(snap)
+        yield from _speculation_metrics(snap)
         if snap.adapters:
             live = GaugeMetricFamily(
                 "orchard_adapter_live_requests",
@@ -269,6 +270,38 @@ def _memory_metrics(snap: JobSnapshot) -> Iterator[Any]:
     )
     yield CounterMetricFamily(
         "orchard_kv_delayed_requests", "Requests that waited for KV memory before starting.", value=m.delayed
+    )
+
+
+def _speculation_metrics(snap: JobSnapshot) -> Iterator[Any]:
+    """Speculative decoding (#16): counters since start; a recent rate is Prometheus' own
+    `rate(accepted) / rate(drafted)`. Present whenever the server reports speculation, zeros when off."""
+    spec = snap.speculation
+    if spec is None:
+        return
+    mode = GaugeMetricFamily(
+        "orchard_spec_mode", "Speculative decoding mode: 1 for the one in use (--spec).", labels=["mode"]
+    )
+    mode.add_metric([spec.mode], 1)
+    yield mode
+    yield GaugeMetricFamily(
+        "orchard_spec_max_draft_tokens",
+        "Most tokens drafted per row and step (--spec-tokens).",
+        value=spec.tokens,
+    )
+    yield CounterMetricFamily(
+        "orchard_spec_drafted_tokens", "Drafted tokens verified by the model.", value=spec.drafted
+    )
+    yield CounterMetricFamily(
+        "orchard_spec_accepted_tokens",
+        "Drafted tokens accepted (the bonus token not counted).",
+        value=spec.accepted,
+    )
+    yield CounterMetricFamily(
+        "orchard_spec_verify_rows", "Decode rows that carried drafts, one per row and step.", value=spec.rows
+    )
+    yield GaugeMetricFamily(
+        "orchard_spec_acceptance_ratio", "Accepted over drafted tokens since start.", value=spec.acceptance
     )
 
 

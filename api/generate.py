@@ -58,6 +58,7 @@ class Run:
     adapter: str = ""
     outputs: Callable[[], ChatOutput] = ChatOutput  # a fresh chat output (parser) per choice
     started: float = field(default_factory=time.monotonic)
+    speculative: bool = True  # the body's "speculative": false opts out of speculative decoding
 
 
 @dataclass(slots=True)
@@ -78,7 +79,7 @@ class _State:
 
 
 def _generation_request(
-    c: Choice, sink: Callable[[RequestEvent], None], client: str, adapter: str
+    c: Choice, sink: Callable[[RequestEvent], None], client: str, adapter: str, speculative: bool = True
 ) -> GenerationRequest:
     return GenerationRequest(
         c.request_id,
@@ -89,6 +90,7 @@ def _generation_request(
         adapter_name=adapter,
         fork_of=c.fork_of,
         constraint=c.constraint,
+        speculative=speculative,
     )
 
 
@@ -111,7 +113,7 @@ async def run(request: Request, svc: Service, spec: Run) -> Any:
         )
     accepted: list[str] = []
     for c in spec.choices:
-        admission = svc.client.submit(_generation_request(c, sink, client, spec.adapter))
+        admission = svc.client.submit(_generation_request(c, sink, client, spec.adapter, spec.speculative))
         if admission is not Admission.ACCEPTED:
             for rid in accepted:
                 svc.client.cancel(rid)

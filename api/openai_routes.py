@@ -97,6 +97,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         body.return_tokens_as_token_ids,
         adapter,
         plan.outputs(prompt.rendered),
+        speculative=body.speculative,
     )
     return await run(request, svc, spec)
 
@@ -127,6 +128,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         include_usage,
         body.return_tokens_as_token_ids,
         adapter,
+        speculative=body.speculative,
     )
     return await run(request, svc, spec)
 

@@ -139,6 +139,8 @@ class SamplingFields(BaseModel):
     )
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Orchard's: false keeps this request out of speculative decoding (its output is the same either way)
+    speculative: bool = Field(default=True, description="false: never verify drafted tokens (--spec)")
 
 
 class ChatCompletionRequest(SamplingFields):

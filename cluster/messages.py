@@ -97,7 +97,10 @@ class StepPlan:
     prefill, store, decode (an adapter loaded by a plan may serve the sequences that plan admits).
 
     `decode_ids[i]` is row i of the decode batch and `decode_tokens[i]` its input token: the batch rows
-    on every rank are put in exactly this order before the forward pass.
+    on every rank are put in exactly this order before the forward pass. Speculation (rank 0 proposes,
+    cluster/speculation.py): `decode_drafts[i]`, when given, are drafted tokens row i feeds after its input
+    token, each position yielding a row of logits; `rollback` (first, after release) sets sequences'
+    lengths back to what they accepted in the step before.
     """
 
     KIND: ClassVar[int] = 1
@@ -114,6 +117,8 @@ class StepPlan:
     ssd_delete: tuple[bytes, ...] = ()
     adapter_load: tuple[AdapterLoad, ...] = ()
     adapter_unload: tuple[int, ...] = ()  # slots to free (no sequence uses them)
+    decode_drafts: tuple[tuple[int, ...], ...] = ()  # () or one (maybe empty) tuple per decode row
+    rollback: tuple[tuple[int, int], ...] = ()  # (sequence id, positions it keeps)
 
     def to_wire(self) -> list[Any]:
         return [
@@ -131,14 +136,19 @@ class StepPlan:
             list(self.ssd_delete),
             [a.to_wire() for a in self.adapter_load],
             list(self.adapter_unload),
+            [list(d) for d in self.decode_drafts],
+            [[sid, n] for sid, n in self.rollback],
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> StepPlan:
         (_, step, release, admit, prefill, decode_ids, decode_tokens, store, evict, load, save, delete,
-         adapter_load, adapter_unload) = w  # fmt: skip
+         adapter_load, adapter_unload, drafts, rollback) = w  # fmt: skip
         if len(decode_ids) != len(decode_tokens):
             raise BusDecodeError("step plan: decode ids and tokens differ in length")
+        drafts = _list(drafts, "step plan: decode_drafts")
+        if drafts and len(drafts) != len(decode_ids):
+            raise BusDecodeError("step plan: decode drafts and ids differ in length")
         loads = _list(adapter_load, "step plan: adapter_load")
         unloads = _list(adapter_unload, "step plan: adapter_unload")
         if len(loads) > MAX_ADAPTER_OPS_PER_PLAN or len(unloads) > MAX_ADAPTER_OPS_PER_PLAN:
@@ -148,7 +158,8 @@ class StepPlan:
             release=_ints(release),
             admit=tuple(_admit(a) for a in _list(admit, "step plan: admit")),
             prefill=tuple(
-                PrefillChunk(_int(s), _int(a), _ints(toks), _bool(last), _int(k)) for s, a, toks, last, k in prefill
+                PrefillChunk(_int(s), _int(a), _ints(toks), _bool(last), _int(k))
+                for s, a, toks, last, k in prefill
             ),
             decode_ids=_ints(decode_ids),
             decode_tokens=_ints(decode_tokens),
@@ -159,7 +170,15 @@ class StepPlan:
             ssd_delete=tuple(_hash(h) for h in delete),
             adapter_load=tuple(AdapterLoad.from_wire(a) for a in loads),
             adapter_unload=tuple(_slot(x) for x in unloads),
+            decode_drafts=tuple(_ints(d) for d in drafts),
+            rollback=tuple(_pair(r, "step plan: a rollback") for r in _list(rollback, "step plan: rollback")),
         )
+
+
+def _pair(w: Any, what: str) -> tuple[int, int]:
+    if not isinstance(w, list) or len(w) != 2:
+        raise BusDecodeError(f"{what} is not a pair of integers")
+    return _int(w[0]), _int(w[1])
 
 
 def _admit(w: Any) -> Admit:
@@ -192,6 +211,7 @@ class PlanLimits:
     max_evictions: int  # RAM blocks dropped per plan (PrefixCache)
     max_ssd_ops: int  # SSD loads and deletes per plan, each (SsdTier); saves follow the plan's stores
     max_adapter_ops: int = MAX_ADAPTER_OPS_PER_PLAN  # adapter loads per plan, and unloads (AdapterRegistry)
+    spec_tokens: int = 0  # drafted tokens per decode row (--spec-tokens; 0 without speculation)
 
     def largest_plan(self) -> StepPlan:
         """Every field at its bound, with ids and tokens of the widest encoding (msgpack uint32)."""
@@ -200,7 +220,8 @@ class PlanLimits:
         n = self.max_batch
         per_chunk, extra = divmod(self.prefill_tokens, n)
         chunks = tuple(
-            PrefillChunk(big, big, (big,) * (per_chunk + (1 if i < extra else 0)), True, big) for i in range(n)
+            PrefillChunk(big, big, (big,) * (per_chunk + (1 if i < extra else 0)), True, big)
+            for i in range(n)
         )
         stored = self.prefill_tokens // self.block_tokens + n  # a chunk may complete one block besides
         return StepPlan(
@@ -218,6 +239,8 @@ class PlanLimits:
             adapter_load=(AdapterLoad(big, "x" * MAX_ADAPTER_PATH_BYTES, b"\xff" * MAX_ADAPTER_DIGEST_BYTES),)
             * self.max_adapter_ops,
             adapter_unload=(big,) * self.max_adapter_ops,
+            decode_drafts=((big,) * self.spec_tokens,) * n if self.spec_tokens else (),
+            rollback=((big, big),) * n if self.spec_tokens else (),
         )
 
 
@@ -407,8 +430,12 @@ class RankReport:
         fixed = _RESERVED_BYTES + 128 + len(self.host.encode()) + len(self.last_error.encode())
         n = max(1, (max_message_bytes - fixed) // _WRITTEN_BYTES)
         written, dropped = self.ssd_written, self.ssd_dropped
-        parts = [replace(self, ssd_written=written[i : i + n], ssd_dropped=()) for i in range(0, len(written), n)]
-        parts += [replace(self, ssd_written=(), ssd_dropped=dropped[i : i + n]) for i in range(0, len(dropped), n)]
+        parts = [
+            replace(self, ssd_written=written[i : i + n], ssd_dropped=()) for i in range(0, len(written), n)
+        ]
+        parts += [
+            replace(self, ssd_written=(), ssd_dropped=dropped[i : i + n]) for i in range(0, len(dropped), n)
+        ]
         return parts or [self]
 
     def to_wire(self) -> list[Any]:

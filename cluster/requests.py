@@ -18,6 +18,7 @@ from cluster.textstream import Decode, IncrementalDetokenizer, StopMatcher
 if TYPE_CHECKING:
     from cluster.constraints import Constraint
     from cluster.prefix import PrefixState
+    from cluster.speculation import SpecState
 
 
 class FinishReason(str, enum.Enum):
@@ -111,6 +112,7 @@ class GenerationRequest:
     # submits "<rid>", "<rid>-1", ...; the scheduler prefills the first and starts the others from its blocks.
     fork_of: str = ""
     constraint: Constraint | None = None  # what the output must match (cluster/constraints.py)
+    speculative: bool = True  # False: this request never verifies drafts (the body's "speculative")
 
 
 class RequestStatus(str, enum.Enum):
@@ -156,6 +158,8 @@ class Request:
     # With sampling.prompt_logprobs: the entries for prompt tokens 1.. as the executor computes them
     # (rank 0), delivered on the first event with None for token 0.
     prompt_logprobs: list[TokenLogprob] | None = None
+    speculative: bool = True  # it may verify drafts (GenerationRequest.speculative)
+    spec: SpecState | None = None  # its speculation while it decodes (cluster/speculation.py)
 
     @classmethod
     def from_submission(cls, sub: GenerationRequest, seq_id: int, decode: Decode) -> Request:
@@ -172,6 +176,7 @@ class Request:
             adapter=sub.adapter,
             constraint=sub.constraint,
             fork_of=sub.fork_of,
+            speculative=sub.speculative,
         )
 
     @property

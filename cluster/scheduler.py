@@ -27,6 +27,7 @@ from cluster.requests import (
     RequestStatus,
     TokenLogprob,
 )
+from cluster.speculation import SpecController
 from cluster.textstream import Decode
 
 
@@ -56,6 +57,14 @@ class ScheduledStep:
     plan: StepPlan
     rows: tuple[Request, ...] = ()
     prefilled: tuple[tuple[Request, int], ...] = ()
+    # speculation: each row's drafted tokens (() for most), aligned with `rows`; row i then has
+    # 1 + len(drafts[i]) rows of logits, one a position. Empty: no row drafted.
+    drafts: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def widths(self) -> list[int]:
+        """Rows of logits per request row."""
+        return [1 + len(d) for d in self.drafts] if self.drafts else [1] * len(self.rows)
 
 
 Emit = tuple[Request, RequestEvent]
@@ -71,8 +80,11 @@ class Scheduler:
         adapters: AdapterRegistry | None = None,
         decode_special: Decode | None = None,
         memory: KvMemory | None = None,
+        spec: SpecController | None = None,
     ) -> None:
         self.config = config
+        self.spec = spec  # speculative decoding (cluster/speculation.py); None: off
+        self._rollback: list[tuple[int, int]] = []  # (sequence, positions kept) for the next plan
         self.memory = memory  # KV budget per rank (cluster.memory): requests wait for room before starting
         self._refused: list[Emit] = []  # requests that can never fit the budget: delivered by `update`
         self.prefix_cache = prefix_cache
@@ -109,7 +121,14 @@ class Scheduler:
     def has_work(self) -> bool:
         pending_evictions = self.prefix_cache is not None and self.prefix_cache.has_evictions
         adapter_ops = self.adapters is not None and self.adapters.has_ops()
-        return bool(self._waiting or self._active or self._release or pending_evictions or adapter_ops)
+        return bool(
+            self._waiting
+            or self._active
+            or self._release
+            or self._rollback
+            or pending_evictions
+            or adapter_ops
+        )
 
     def queue(self) -> list[Request]:
         """Unfinished requests: the waiting in arrival order, then the running in admission order."""
@@ -120,7 +139,9 @@ class Scheduler:
         decode = self._decode if submission.sampling.skip_special_tokens else self._decode_special
         req = Request.from_submission(submission, next(self._seq_ids), decode)
         if req.fork_of and req.sampling.seed is not None:
-            req.sampling = replace(req.sampling, seed=fork_seed(req.sampling.seed, req.request_id, req.fork_of))
+            req.sampling = replace(
+                req.sampling, seed=fork_seed(req.sampling.seed, req.request_id, req.fork_of)
+            )
         if req.sampling.prompt_logprobs is not None:
             req.prompt_logprobs = []
         if self.prefix_cache is not None:
@@ -182,10 +203,14 @@ class Scheduler:
         producing: set[bytes] = set()
         if cache is not None:
             producing = cache.producing(
-                r.prefix for r in self._active if r.admitted and r.status is RequestStatus.PREFILL and r.prefix
+                r.prefix
+                for r in self._active
+                if r.admitted and r.status is RequestStatus.PREFILL and r.prefix
             )
         budget = cfg.prefill_chunk
-        if cfg.idle_prefill_chunk > budget and not any(r.status is RequestStatus.RUNNING for r in self._active):
+        if cfg.idle_prefill_chunk > budget and not any(
+            r.status is RequestStatus.RUNNING for r in self._active
+        ):
             budget = cfg.idle_prefill_chunk
         admits, prefill, stores = [], [], []
         completed: list[Request] = []
@@ -216,7 +241,11 @@ class Scheduler:
             k = req.sampling.prompt_logprobs if _computes_prompt(req) else None
             prefill.append(
                 PrefillChunk(
-                    req.seq_id, req.computed, tokens[req.computed : end], end == req.prompt_len, -1 if k is None else k
+                    req.seq_id,
+                    req.computed,
+                    tokens[req.computed : end],
+                    end == req.prompt_len,
+                    -1 if k is None else k,
                 )
             )
             prefilled.append((req, end))
@@ -226,6 +255,14 @@ class Scheduler:
             if cache is not None and req.prefix is not None:
                 stores += cache.store(req.seq_id, tokens, req.prefix, end)
         release, self._release = tuple(self._release), []
+        gone = set(release)
+        rollback = tuple((sid, n) for sid, n in self._rollback if sid not in gone)
+        self._rollback = []
+        drafts: tuple[tuple[int, ...], ...] = ()
+        if self.spec is not None and decoding:
+            drafts = self.spec.drafts(
+                decoding, [self._draft_room(r) for r in decoding], sum(len(c.tokens) for c in prefill)
+            )
         self._step += 1
         ssd_load: tuple[tuple[int, bytes], ...] = ()
         ssd_save: tuple[tuple[int, bytes], ...] = ()
@@ -247,16 +284,30 @@ class Scheduler:
             ssd_delete=ssd_delete,
             adapter_load=adapter_load,
             adapter_unload=adapter_unload,
+            decode_drafts=drafts,
+            rollback=rollback,
         )
-        return ScheduledStep(plan, tuple(completed + decoding), tuple(prefilled))
+        row_drafts = ((),) * len(completed) + drafts if drafts else ()
+        return ScheduledStep(plan, tuple(completed + decoding), tuple(prefilled), row_drafts)
+
+    def _draft_room(self, req: Request) -> int:
+        """Drafts a row may verify: what it emits (accepted drafts and one more) stays within max_tokens
+        and the context."""
+        done = len(req.output)
+        return max(
+            0, min(req.sampling.max_tokens - done, self.config.context_length - req.prompt_len - done) - 1
+        )
 
     def clear_prefix_cache(self, tier: str = "ram") -> int:
         """Drop every cached block of a tier that no running sequence uses; the next plan tells the ranks."""
         return self.prefix_cache.clear(tier) if self.prefix_cache is not None else 0
 
-    def update(self, step: ScheduledStep, sampled: Sequence[SampledToken]) -> list[Emit]:
-        """Apply the outputs of `step` (`sampled[i]` is the token of `step.rows[i]`, or nothing when the
-        step produced no logits); returns the events to deliver, each request's final one included."""
+    def update(
+        self, step: ScheduledStep, sampled: Sequence[SampledToken | Sequence[SampledToken]]
+    ) -> list[Emit]:
+        """Apply the outputs of `step` (`sampled[i]` is the token of `step.rows[i]`, or, for a row that
+        verified drafts, the run it produced: its accepted drafts and the next token; nothing when the step
+        produced no logits); returns the events to deliver, each request's final one included."""
         if self.prefix_cache is not None:
             self.prefix_cache.commit()
         if self.adapters is not None:
@@ -270,12 +321,22 @@ class Scheduler:
         if len(sampled) != len(step.rows):
             raise ValueError(f"{len(sampled)} tokens sampled for {len(step.rows)} rows")
         events: list[Emit] = refused
-        for req, tok in zip(step.rows, sampled, strict=True):
+        drafts = step.drafts or ((),) * len(step.rows)
+        for req, tok, drafted in zip(step.rows, sampled, drafts, strict=True):
             if req.status is RequestStatus.FINISHED:
                 continue  # cancelled while the step ran
             if req.status is RequestStatus.PREFILL:
                 req.status = RequestStatus.RUNNING
-            events.append(self._append(req, tok))
+                if self.spec is not None:
+                    self.spec.start(req)
+            run = (tok,) if isinstance(tok, SampledToken) else tuple(tok)
+            fed = req.prompt_len + len(req.output) - 1 + 1 + len(drafted)  # positions the ranks now hold
+            events.append(self._append(req, run))
+            if drafted and self.spec is not None:
+                self.spec.accepted(req, len(drafted), len(run) - 1)
+                kept = req.prompt_len + len(req.output) - 1  # every output token but the last is fed
+                if not req.finished and kept < fed:
+                    self._rollback.append((req.seq_id, kept))
         return events
 
     def record_prompt_logprobs(self, seq_id: int, entries: Sequence[TokenLogprob]) -> None:
@@ -298,8 +359,8 @@ class Scheduler:
         assert self.prefix_cache is not None
         return (req.prompt_len - 1) // self.prefix_cache.block_tokens > 0 or req.prompt_logprobs is not None
 
-    def _append(self, req: Request, tok: SampledToken) -> Emit:
-        emit = self._next(req, tok)
+    def _append(self, req: Request, run: Sequence[SampledToken]) -> Emit:
+        emit = self._next(req, run)
         if len(req.output) == 1 and req.prompt_logprobs is not None:
             emit[1].prompt_logprobs = (None, *req.prompt_logprobs)
             self._share_prompt_logprobs(req)
@@ -307,13 +368,34 @@ class Scheduler:
 
     def _share_prompt_logprobs(self, first: Request) -> None:
         """Siblings still waiting take the first's prompt logprobs: they need not compute the prompt."""
-        if first.fork_of or first.prompt_logprobs is None or len(first.prompt_logprobs) != first.prompt_len - 1:
+        if (
+            first.fork_of
+            or first.prompt_logprobs is None
+            or len(first.prompt_logprobs) != first.prompt_len - 1
+        ):
             return
         for sib in self.queue():
             if sib.fork_of == first.request_id and not sib.admitted and sib.prompt_logprobs == []:
                 sib.prompt_logprobs = list(first.prompt_logprobs)
 
-    def _next(self, req: Request, tok: SampledToken) -> Emit:
+    def _next(self, req: Request, run: Sequence[SampledToken]) -> Emit:
+        """The tokens of one step (more than one when drafts were accepted), in order, until one ends the
+        request: the rest of the run is dropped, as if it had never been drafted."""
+        text, ids, lps = "", list[int](), list[TokenLogprob]()
+        emit: Emit | None = None
+        for tok in run:
+            emit = self._one(req, tok)
+            event = emit[1]
+            text += event.text
+            ids += event.token_ids
+            lps += event.logprobs
+            event.text, event.token_ids, event.logprobs = text, tuple(ids), tuple(lps)
+            if event.finished:
+                return emit
+        assert emit is not None, "a step's run has at least one token"
+        return emit
+
+    def _one(self, req: Request, tok: SampledToken) -> Emit:
         req.output.append(tok.token_id)
         params = req.sampling
         lp = (tok.logprob,) if tok.logprob is not None else ()
@@ -321,7 +403,9 @@ class Scheduler:
         # min_tokens: the sampler bans EOS and stop ids before it; should one come anyway, it is text. A
         # constrained request's grammar decides where it ends: min_tokens does not apply (as documented)
         min_tokens = 0 if req.constraint is not None else params.min_tokens
-        stop_id = tok.token_id in params.stop_token_ids or (tok.token_id in self._eos and not params.ignore_eos)
+        stop_id = tok.token_id in params.stop_token_ids or (
+            tok.token_id in self._eos and not params.ignore_eos
+        )
         if stop_id and n - 1 >= min_tokens:
             text = req.stop.feed(req.detok.flush())
             if not req.stop.stopped:
@@ -365,6 +449,8 @@ class Scheduler:
             self.prefix_cache.release(req.prefix)
         if self.adapters is not None:
             self.adapters.release(req.adapter)  # its last request gone, a draining adapter unloads
+        if self.spec is not None:
+            self.spec.forget(req)
         req.status = RequestStatus.FINISHED
         self.requests.pop(req.request_id, None)
         event = RequestEvent(

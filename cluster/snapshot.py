@@ -4,7 +4,8 @@ The engine thread builds a `JobSnapshot` with `capture()` a few times a second a
 (`EngineClient.publish`); `/health`, `/metrics` and `/admin/state` read only that, never the live
 statistics the engine is writing. The dashboard decodes `/admin/state` with the same classes
 (`JobSnapshot.from_json`), strictly: a field the server renamed or dropped is an error on screen, not a
-column of zeros. Stdlib only (plus the stdlib-only `cluster.errors`): the TUI imports this module.
+column of zeros. Stdlib only (plus the stdlib-only `cluster.errors`): the TUI imports this module. The
+KV cache's views live in `cluster.snapshot_kv` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,18 +13,25 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from cluster.snapshot_doc import Doc, SnapshotDecodeError
+from cluster.snapshot_kv import NO_MEMORY, MemoryView, TierSource, TierView
 
 if TYPE_CHECKING:
     from cluster.stats import ServingStats
+
+__all__ = [
+    "HISTORY_SHOWN_S", "HISTORY_STEP_S", "LATENCY_BUCKETS", "NO_MEMORY", "SPEC_RECENT_S", "AdapterView",
+    "BatchView", "HistogramView", "JobFacts", "JobSnapshot", "LatencyView", "MemoryView", "RankView",
+    "RequestRow", "SnapshotDecodeError", "SpeculationView", "ThroughputView", "TierSource", "TierView",
+    "Totals", "admission_of", "capture",
+]  # fmt: skip
 
 # Latency buckets in seconds (Prometheus convention: base units), from 5 ms to 5 minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 HISTORY_SHOWN_S = 180  # the throughput history shown: 36 slots of 5 s
 HISTORY_STEP_S = 5
-SSD_KEYS = ("enabled", "disabled_reason", "corrupt_dropped", "rank0_io")
 
 
 def admission_of(engine: str, paused: bool) -> str:
@@ -177,156 +185,48 @@ class LatencyView:
                      "inter_token", "request_duration")))  # fmt: skip
 
 
-@dataclass(slots=True, frozen=True)
-class SsdIoView:
-    """Rank 0's own SSD file counters (each rank writes its slice; rank 0 sees only its own)."""
-
-    write_bytes: int
-    read_bytes: int
-    writes: int
-    reads: int
-    write_ms_avg: float
-    read_ms_avg: float
-    corrupt_found: int
-    errors: int
-
-    def to_json(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_json(cls, doc: object, path: str = "rank0_io") -> SsdIoView:
-        d = Doc(doc, path)
-        return cls(
-            d.integer("write_bytes"), d.integer("read_bytes"), d.integer("writes"), d.integer("reads"),
-            d.number("write_ms_avg"), d.number("read_ms_avg"), d.integer("corrupt_found"), d.integer("errors"),
-        )  # fmt: skip
+SPEC_RECENT_S = 10  # the window of the recent acceptance rate, as the throughput's
 
 
 @dataclass(slots=True, frozen=True)
-class SsdExtra:
-    """The SSD tier's own fields, sent flat beside the common ones (as `cluster.ssdtier.SsdTier` does)."""
+class SpeculationView:
+    """Speculative decoding as rank 0 counts it (`ServingStats.speculated`): `drafted` tokens proposed
+    for verification, `accepted` of them (the bonus token not counted), `rows` decode rows that carried
+    drafts (each gains its accepted drafts in that step). The `recent_*` counters cover the last
+    `SPEC_RECENT_S` seconds, so an operator sees the rate now, not the average since start."""
 
-    enabled: bool
-    disabled_reason: str
-    corrupt_dropped: int
-    rank0_io: SsdIoView | None  # null when rank 0 keeps no file counters (tests without a block store)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "enabled": self.enabled,
-            "disabled_reason": self.disabled_reason,
-            "corrupt_dropped": self.corrupt_dropped,
-            "rank0_io": None if self.rank0_io is None else self.rank0_io.to_json(),
-        }
-
-    @classmethod
-    def from_json(cls, d: Doc) -> SsdExtra:
-        enabled, reason, dropped = d.flag("enabled"), d.text("disabled_reason"), d.integer("corrupt_dropped")
-        io = None if d.get("rank0_io") is None else SsdIoView.from_json(d.get("rank0_io"), d.at("rank0_io"))
-        return cls(enabled, reason, dropped, io)
-
-
-@dataclass(slots=True, frozen=True)
-class MemoryView:
-    """The running sequences' KV cache against the budget, per rank (`cluster.memory.KvMemory`; every
-    rank holds the same share): `kv_bytes` the caches now, padding of the decode batch included
-    (`padding_bytes` of it), `reserved_bytes` what they may grow to, `waiting_for_memory` requests queued
-    because the budget is full. All zero when no budget is enforced."""
-
-    budget_bytes: int
-    kv_bytes: int
-    padding_bytes: int
-    reserved_bytes: int
-    waiting_for_memory: int
-    admitted: int  # requests admitted against the budget since start
-    delayed: int  # of them, those that waited for memory first
+    mode: str  # off, ngram, draft
+    tokens: int  # the most drafted tokens per row and step (--spec-tokens)
+    drafted: int
+    accepted: int
+    rows: int
+    recent_drafted: int
+    recent_accepted: int
 
     @property
-    def pressure(self) -> float:
-        """Reserved over budget: near 1.0 the next request waits."""
-        return round(self.reserved_bytes / self.budget_bytes, 4) if self.budget_bytes else 0.0
+    def acceptance(self) -> float:
+        """Accepted over drafted since start; 0 while nothing was drafted."""
+        return round(self.accepted / self.drafted, 4) if self.drafted else 0.0
+
+    @property
+    def recent_acceptance(self) -> float:
+        return round(self.recent_accepted / self.recent_drafted, 4) if self.recent_drafted else 0.0
 
     def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {f: getattr(self, f) for f in _MEMORY_FIELDS}
-        out["pressure"] = self.pressure
+        out: dict[str, object] = {f: getattr(self, f) for f in _SPEC_FIELDS}
+        out["acceptance"], out["recent_acceptance"] = self.acceptance, self.recent_acceptance
         return out
 
     @classmethod
-    def from_json(cls, doc: object, path: str = "memory") -> MemoryView:
+    def from_json(cls, doc: object, path: str = "speculation") -> SpeculationView:
         d = Doc(doc, path)
-        view = cls(*(d.integer(f) for f in _MEMORY_FIELDS))
-        d.number("pressure")  # derived, but part of the document: it must be there
+        view = cls(d.text("mode"), *(d.integer(f) for f in _SPEC_FIELDS[1:]))
+        d.number("acceptance")  # derived, but part of the document: it must be there
+        d.number("recent_acceptance")
         return view
 
 
-_MEMORY_FIELDS = tuple(f.name for f in dataclasses.fields(MemoryView))
-NO_MEMORY = MemoryView(0, 0, 0, 0, 0, 0, 0)
-
-
-class TierSource(Protocol):
-    """A live KV tier as the engine holds it (`cluster.kvindex.TierStats`, `cluster.ssdtier.SsdTier`)."""
-
-    def to_json(self) -> Mapping[str, object]: ...
-
-
-@dataclass(slots=True, frozen=True)
-class TierView:
-    """One KV cache tier: the fields every tier sends, plus the SSD tier's own (`extra`)."""
-
-    name: str
-    blocks: int
-    capacity_blocks: int
-    bytes_used: int
-    capacity_bytes: int
-    block_bytes: int
-    query_tokens: int
-    hit_tokens: int
-    miss_tokens: int
-    hit_rate: float  # since start; the dashboard derives the recent rate from the two counters
-    evictions: int
-    stored: int
-    extra: SsdExtra | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.extra is None or self.extra.enabled
-
-    @property
-    def disabled_reason(self) -> str:
-        return "" if self.extra is None else self.extra.disabled_reason
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {
-            "tier": self.name, "blocks": self.blocks, "capacity_blocks": self.capacity_blocks,
-            "bytes_used": self.bytes_used, "capacity_bytes": self.capacity_bytes,
-            "block_bytes": self.block_bytes, "query_tokens": self.query_tokens, "hit_tokens": self.hit_tokens,
-            "miss_tokens": self.miss_tokens, "hit_rate": self.hit_rate, "evictions": self.evictions,
-            "stored": self.stored,
-        }  # fmt: skip
-        if self.extra is not None:
-            out.update(self.extra.to_json())
-        return out
-
-    @classmethod
-    def from_json(cls, doc: object, path: str = "tier") -> TierView:
-        """The SSD fields come all together or not at all: one of them alone is a renamed field."""
-        d = Doc(doc, path)
-        extra = SsdExtra.from_json(d) if any(k in d.d for k in SSD_KEYS) else None
-        return cls(
-            d.text("tier"), d.integer("blocks"), d.integer("capacity_blocks"), d.integer("bytes_used"),
-            d.integer("capacity_bytes"), d.integer("block_bytes"), d.integer("query_tokens"),
-            d.integer("hit_tokens"), d.integer("miss_tokens"), d.number("hit_rate"), d.integer("evictions"),
-            d.integer("stored"), extra,
-        )  # fmt: skip
-
-    @classmethod
-    def of(cls, tier: TierSource) -> TierView:
-        """From a live tier, on the engine thread (the same strict decoding: a drifting producer fails
-        here, in the engine's tests, not on an operator's screen)."""
-        j = dict(tier.to_json())
-        if "enabled" in j:
-            j.setdefault("rank0_io", None)  # SsdTier leaves it out when it has no counters
-        return cls.from_json(j, f"tier {j.get('tier')!r}")
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(SpeculationView))
 
 
 @dataclass(slots=True, frozen=True)
@@ -404,7 +304,8 @@ _ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(AdapterView))
 class JobSnapshot:
     """The whole job as `/admin/state` shows it. The first keys of `to_json()` are the document
     operators' scripts have read since the dashboard came (same keys, same nesting); `steps`,
-    `sequences_on_ranks`, `latency` and `published_unix` came with this class, `adapters` with LoRA."""
+    `sequences_on_ranks`, `latency` and `published_unix` came with this class, `adapters` with LoRA,
+    `memory` with the KV budget, `speculation` with speculative decoding."""
 
     model: str
     tensor_parallel: int
@@ -426,6 +327,8 @@ class JobSnapshot:
     published_unix: float  # when the engine thread captured it
     adapters: tuple[AdapterView, ...] = ()  # LoRA adapters, by slot (the base model is not listed)
     memory: MemoryView = NO_MEMORY  # the KV budget per rank (cluster.memory); came with #17
+    # speculative decoding (#16); None: a server from before it (the key is absent) or not yet published
+    speculation: SpeculationView | None = None
 
     @classmethod
     def starting(cls, facts: JobFacts) -> JobSnapshot:
@@ -470,14 +373,18 @@ class JobSnapshot:
             "published_unix": self.published_unix,
             "adapters": [a.to_json() for a in self.adapters],
             "memory": self.memory.to_json(),
+            "speculation": None if self.speculation is None else self.speculation.to_json(),
         }
 
     @classmethod
     def from_json(cls, doc: object) -> JobSnapshot:
         """Strict: every field must be there with its type (`SnapshotDecodeError` names the first that
-        is not); fields this version does not know are ignored, so a newer server still decodes."""
+        is not); fields this version does not know are ignored, so a newer server still decodes. The one
+        exception is `speculation` (#16): a server from before it sends none, which decodes as None (the
+        dashboard shows "n/a", never zeros); when present it is decoded as strictly as the rest."""
         d = Doc(doc, "")
         kv = d.child("kv")
+        spec = d.d.get("speculation")
         return cls(
             model=d.text("model"),
             tensor_parallel=d.integer("tensor_parallel"),
@@ -499,6 +406,7 @@ class JobSnapshot:
             published_unix=d.number("published_unix"),
             adapters=tuple(AdapterView.from_json(a.d, a.path) for a in d.children("adapters")),
             memory=MemoryView.from_json(d.get("memory")),
+            speculation=None if spec is None else SpeculationView.from_json(spec),
         )
 
 
@@ -544,4 +452,5 @@ def capture(
         published_unix=now_unix,
         adapters=tuple(adapters),
         memory=stats.memory_view(),
+        speculation=stats.speculation_view(now_unix),
     )

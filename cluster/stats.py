@@ -4,6 +4,7 @@ them and nobody reads them live."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -12,10 +13,12 @@ from cluster.snapshot import (
     HISTORY_STEP_S,
     LATENCY_BUCKETS,
     NO_MEMORY,
+    SPEC_RECENT_S,
     HistogramView,
     LatencyView,
     MemoryView,
     RequestRow,
+    SpeculationView,
     ThroughputView,
     Totals,
 )
@@ -78,6 +81,14 @@ class ServingStats:
         self._rates: tuple[tuple[int, int], ThroughputView] | None = None
         self._latency: LatencyView | None = None
         self.memory: KvMemory | None = None  # the KV budget's accounting, when one is enforced
+        # speculative decoding (#16): the engine sets the mode and k at start and calls `speculated`
+        self.spec_mode = "off"
+        self.spec_tokens = 0
+        self.spec_drafted = 0
+        self.spec_accepted = 0
+        self.spec_rows = 0
+        self._spec_recent: deque[tuple[int, int, int]] = deque()  # (unix second, drafted, accepted)
+        self._spec_view: tuple[tuple[object, ...], SpeculationView] | None = None
 
     def memory_view(self) -> MemoryView:
         return self.memory.view() if self.memory is not None else NO_MEMORY
@@ -92,6 +103,25 @@ class ServingStats:
             cutoff = sec - self.HISTORY_SECONDS
             while self._history and self._history[0][0] < cutoff:
                 self._history.popleft()
+
+    def speculated(self, drafted: int, accepted: int, rows: int, now_unix: float | None = None) -> None:
+        """One step's verification, from the engine, for a step whose decode rows carried drafts: `rows`
+        such rows, `drafted` tokens in them, `accepted` of those kept (the bonus token each row samples
+        after its accepted run is not a draft and is not counted). A count that cannot be is the caller's
+        bug: it raises here, in the engine's tests, rather than showing an acceptance over 100%."""
+        if not (0 <= accepted <= drafted and 0 <= rows <= drafted and (rows == 0) == (drafted == 0)):
+            raise ValueError(f"speculated(drafted={drafted}, accepted={accepted}, rows={rows}): impossible")
+        self.spec_drafted += drafted
+        self.spec_accepted += accepted
+        self.spec_rows += rows
+        sec = int(time.time() if now_unix is None else now_unix)
+        if self._spec_recent and self._spec_recent[-1][0] == sec:
+            _, d, a = self._spec_recent[-1]
+            self._spec_recent[-1] = (sec, d + drafted, a + accepted)
+        else:
+            self._spec_recent.append((sec, drafted, accepted))
+            while self._spec_recent and self._spec_recent[0][0] <= sec - SPEC_RECENT_S:
+                self._spec_recent.popleft()
 
     def record_outcome(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -143,3 +173,22 @@ class ServingStats:
         if c is None or (c.time_to_first_token, c.inter_token, c.request_duration) != (ttft, itl, e2e):
             c = self._latency = LatencyView(ttft, itl, e2e)
         return c
+
+    def speculation_view(self, now_unix: float) -> SpeculationView:
+        """The recent counters cover the seconds (now - SPEC_RECENT_S, now], the current one included: a
+        ratio, unlike a rate, is not biased by a second that is still filling."""
+        sec = int(now_unix)
+        key = (sec, self.spec_mode, self.spec_tokens, self.spec_drafted, self.spec_accepted, self.spec_rows)
+        if self._spec_view is None or self._spec_view[0] != key:
+            recent_d = recent_a = 0
+            for s, d, a in reversed(self._spec_recent):
+                if s <= sec - SPEC_RECENT_S:
+                    break
+                if s <= sec:
+                    recent_d, recent_a = recent_d + d, recent_a + a
+            view = SpeculationView(
+                self.spec_mode, self.spec_tokens, self.spec_drafted, self.spec_accepted, self.spec_rows,
+                recent_d, recent_a,
+            )  # fmt: skip
+            self._spec_view = (key, view)
+        return self._spec_view[1]

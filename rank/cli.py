@@ -156,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV cache of running sequences per rank in GiB, padding of the batch included; requests wait "
         "beyond it (default: device memory minus weights, the RAM prefix cache and a margin)",
     )
+    sp = p.add_argument_group("speculative decoding (docs/speculative.md)")
+    sp.add_argument(
+        "--spec",
+        choices=("ngram", "draft", "off"),
+        default=None,
+        help="draft tokens and verify them in the batched pass, output unchanged: ngram (prompt lookup: "
+        "outputs that repeat their input), draft (a small model, --draft-model), off (default: draft with "
+        "--draft-model, else ngram)",
+    )
+    sp.add_argument(
+        "--spec-tokens", type=int, default=4, help="drafted tokens a row verifies per step at most (1..16)"
+    )
+    sp.add_argument(
+        "--draft-model",
+        default=None,
+        help="folder of an mlx-lm model with the served model's vocabulary, run unsharded on rank 0",
+    )
     h = p.add_argument_group("HTTP (rank 0)")
     h.add_argument(
         "--host", default="127.0.0.1", help="address to bind; use 0.0.0.0 only on a trusted network"
@@ -423,6 +440,12 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--kv-ssd-queue-mb must be 0 or more")
     if getattr(args, "kv_budget", None) is not None and args.kv_budget <= 0:
         raise ConfigError("--kv-budget must be positive (GiB per rank)")
+    if args.spec is None:
+        args.spec = "draft" if args.draft_model else "ngram"
+    if not 1 <= args.spec_tokens <= 16:
+        raise ConfigError("--spec-tokens must be 1..16")
+    if args.spec == "draft" and not args.draft_model:
+        raise ConfigError("--spec draft needs --draft-model DIR (a small model with the same vocabulary)")
     from rank.lora import adapter_slots
 
     adapter_slots(args.lora, args.max_loras)  # --lora NAME=DIR and --max-loras

@@ -118,6 +118,10 @@ class Leader:
                 self._leave()
                 took = self.clock() - last_sent
                 self._last_step_ms = took * 1000
+                if self.scheduler.spec is not None and plan.decode_ids:
+                    widths = sum(1 + len(d) for d in plan.decode_drafts) or len(plan.decode_ids)
+                    positions = widths + sum(len(c.tokens) for c in plan.prefill)
+                    self.scheduler.spec.timed(positions, took * 1000)
                 self._publish(self.clock())
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
@@ -166,10 +170,7 @@ class Leader:
     def describe_ranks(self) -> str:
         """For the watchdog's message: who answers liveness pings, and what each follower last received."""
         acks = self.bus.last_acks()
-        parts = [
-            f"{self.rank_name(r)} last received message {seq}"
-            for r, seq in sorted(acks.items())
-        ]
+        parts = [f"{self.rank_name(r)} last received message {seq}" for r, seq in sorted(acks.items())]
         if self.pulses is not None:
             # Pings go out 10 times a second: a rank silent for a second while others answer is the one.
             parts.insert(0, self.pulses.describe(min(1.0, self.pulse_timeout)))
@@ -256,13 +257,23 @@ class Leader:
         self.steps += 1
         if not out.row_ids or out.logits is None:
             return self.scheduler.update(step, ())
-        if out.row_ids != [r.seq_id for r in step.rows]:
+        expected = [r.seq_id for r, w in zip(step.rows, step.widths, strict=True) for _ in range(w)]
+        if out.row_ids != expected:
             raise EngineError(f"step {plan.step}: the executor's rows differ from the scheduler's")
-        sampled = self.sampler.sample(step.rows, out.logits, masks)
+        runs: list[Any]
+        if step.drafts:  # speculation: each row's run of accepted drafts and one more token
+            runs = self.sampler.sample_runs(step.rows, out.logits, step.drafts, masks)
+            sampled = [run[0] for run in runs]
+            drafted = sum(len(d) for d in step.drafts)
+            self.stats.speculated(
+                drafted, sum(len(run) - 1 for run in runs), sum(1 for d in step.drafts if d)
+            )
+        else:
+            runs = sampled = self.sampler.sample(step.rows, out.logits, masks)
         emits = self._grammar_ends(step, masks, sampled)
         if masks is not None and self.grammar is not None:
             self.grammar.consume(step.rows, [t.token_id for t in sampled], masks)
-        return emits + self.scheduler.update(step, sampled)
+        return emits + self.scheduler.update(step, runs)
 
     def _grammar_ends(
         self, step: ScheduledStep, masks: StepMasks | None, sampled: list[SampledToken]
@@ -328,7 +339,9 @@ class Leader:
         if not self.scheduler.has_work() and self.client.waiting == 0:
             return True
         if now - self._shutdown_since > self.shutdown_timeout:
-            self._deliver(self.scheduler.fail_all("the server is shutting down (drain timeout)", "unavailable"))
+            self._deliver(
+                self.scheduler.fail_all("the server is shutting down (drain timeout)", "unavailable")
+            )
             # Release what the ranks hold so the final state is clean, then stop.
             if self.scheduler.has_work():
                 plan = self.scheduler.schedule().plan

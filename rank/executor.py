@@ -35,6 +35,7 @@ from rank.lora_layers import LoraSlots
 from rank.model_head import ModelHead, VocabSlice
 from rank.packing import RowLayout, pass_caches
 from rank.prompt_logprobs import PromptLogprobs, rows_wanted
+from rank.ragged import RaggedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Executor:
         max_loras: int = 0,
         config: dict[str, Any] | None = None,
         kv_format: KvFormat | None = None,
+        speculative: bool = False,
     ) -> None:
         self.model = model
         # unfused adapters (rank.lora_layers): slots 1..max_loras; none, and the layers stay as they are
@@ -123,6 +125,15 @@ class Executor:
         self._packs = self.caps.packable  # a step in one pass (rank.packing, its seam from rank.mlx_patch)
         self._slice = self._head_slice() if self.group is not None and self.head.splits_vocabulary else None
         self.prompt_logprobs = PromptLogprobs()
+        # Speculation (--spec): decode rows feed drafts and keep what rank 0 accepts, so the batch's rows
+        # end at different lengths: right-padded ragged caches (rank.ragged), for models of plain KV caches.
+        self.speculates = speculative and self.caps.prefix_blocks
+        if speculative and not self.speculates:
+            log.log(
+                logging.WARNING if want_logits else logging.DEBUG,
+                "speculative decoding off: it needs plain KV caches that can be rolled back (%s)",
+                self.caps.reason,
+            )
 
     @property
     def num_sequences(self) -> int:
@@ -159,6 +170,7 @@ class Executor:
         for load in plan.adapter_load:
             self.load_adapter(load.slot, load.path, load.digest)
         self._release(plan.release)
+        self._rollback(plan.rollback)
         for block_id in plan.evict:
             self.blocks.pop(block_id, None)
         failed = self._ssd_load(plan.ssd_load)
@@ -185,7 +197,7 @@ class Executor:
             self.packed_passes += 1
             if plan.decode_ids:
                 self._arrange_batch(plan.decode_ids)
-            self._forward(plan.prefill, plan.decode_ids, plan.decode_tokens, rows)
+            self._forward(plan.prefill, plan.decode_ids, plan.decode_tokens, rows, plan.decode_drafts)
         else:
             for chunk in plan.prefill:
                 self._forward((chunk,), (), (), rows)
@@ -205,8 +217,10 @@ class Executor:
         if plan.decode_ids and not packed:
             if self.caps.batch_decode:
                 self._arrange_batch(plan.decode_ids)
-                self._forward((), plan.decode_ids, plan.decode_tokens, rows)
+                self._forward((), plan.decode_ids, plan.decode_tokens, rows, plan.decode_drafts)
             else:
+                if any(plan.decode_drafts):
+                    raise EngineError("drafts for a model that decodes one row at a time")
                 self._decode_one_by_one(plan.decode_ids, plan.decode_tokens, rows)
         if not rows.hidden and not rows.prompt:
             return StepOutput([], None, failed)
@@ -250,20 +264,31 @@ class Executor:
         decode_ids: tuple[int, ...],
         decode_tokens: tuple[int, ...],
         rows: _Rows,
+        drafts: tuple[tuple[int, ...], ...] = (),
     ) -> None:
-        """One forward pass over `chunks` end to end, then one token for each decode row (the batch is
-        arranged in `decode_ids` order); adds the step's output rows: the last position of each chunk
-        that ends its prompt, then every decode row. A pass of prompt chunks is evaluated here: that
-        bounds the graph, and on followers runs the pass's collectives."""
-        layout = RowLayout.of([c.end - c.start for c in chunks], len(decode_ids))
+        """One forward pass over `chunks` end to end, then the decode rows (the batch is arranged in
+        `decode_ids` order): each row its token, then its drafts, right-padded to the widest row; adds the
+        step's output rows: the last position of each chunk that ends its prompt, then every decode row's
+        positions but the padding. A pass of prompt chunks is evaluated here: that bounds the graph, and on
+        followers runs the pass's collectives."""
+        counts = [1 + len(d) for d in drafts] if drafts else [1] * len(decode_ids)
+        width = max(counts, default=1)
+        if width > 1 and not isinstance(self.batch[0] if self.batch else None, RaggedKVCache):
+            raise EngineError("drafts for a decode batch that cannot roll rows back (speculation is off)")
+        layout = RowLayout.of([c.end - c.start for c in chunks], len(decode_ids), width)
         tokens = [t for c in chunks for t in c.tokens]
-        tokens += decode_tokens
+        for i, token in enumerate(decode_tokens):
+            row = (token, *drafts[i]) if drafts else (token,)
+            tokens += row + (0,) * (width - len(row))  # padding: written past the row's length, never seen
         inputs = mx.array(tokens, dtype=mx.int32)
-        # a lone decode batch is B rows of one token; anything else, one row
-        inputs = inputs[None] if chunks else inputs[:, None]
+        # a lone decode batch is B rows of `width` tokens; anything else, one row
+        inputs = inputs[None] if chunks else inputs.reshape(len(decode_ids), width)
         cache = pass_caches([self.prefilling[c.seq_id] for c in chunks], layout, self.batch)
-        with self._adapters(chunks, decode_ids):
+        with self._adapters(chunks, decode_ids, width):
             h = self.inner(inputs, cache=cache)
+        if decode_ids and self.batch and isinstance(self.batch[0], RaggedKVCache):
+            for c in self.batch:
+                c.advance(counts)
         positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, 1, D): one hidden state a position
         for c, (start, end) in zip(chunks, layout.spans, strict=True):
             if c.last:
@@ -274,19 +299,38 @@ class Executor:
                 rows.prompt.append((c, positions[start : start + m] if m else None))
         if decode_ids:
             lo, hi = layout.batch_span
-            rows.ids.extend(decode_ids)
-            rows.hidden.append(positions[lo:hi])
+            batch = positions[lo:hi]
+            if width > 1:  # every row's own positions, without the padding
+                keep = [i * width + j for i, n in enumerate(counts) for j in range(n)]
+                batch = batch[mx.array(keep, dtype=mx.int32)]
+                rows.ids.extend(sid for sid, n in zip(decode_ids, counts, strict=True) for _ in range(n))
+            else:
+                rows.ids.extend(decode_ids)
+            rows.hidden.append(batch)
         if chunks:
             mx.eval(h)
 
-    def _adapters(self, chunks: tuple[PrefillChunk, ...], decode_ids: tuple[int, ...]) -> Any:
-        """The pass's token slots, in its token order: each chunk's tokens, then one per decode row."""
+    def _adapters(self, chunks: tuple[PrefillChunk, ...], decode_ids: tuple[int, ...], width: int = 1) -> Any:
+        """The pass's token slots, in its token order: each chunk's tokens, then `width` per decode row."""
         if self.lora is None or not self.seq_adapter:
             return nullcontext()
         slot = self.seq_adapter.get
         slots = [slot(c.seq_id, 0) for c in chunks for _ in range(c.end - c.start)]
-        slots += [slot(sid, 0) for sid in decode_ids]
+        slots += [slot(sid, 0) for sid in decode_ids for _ in range(width)]
         return self.lora.tokens(slots)
+
+    def _rollback(self, lengths: tuple[tuple[int, int], ...]) -> None:
+        """Sequences keep the positions rank 0 accepted in the step before (speculation's drafts)."""
+        for sid, n in lengths:
+            if sid in self.batch_ids and self.batch and isinstance(self.batch[0], RaggedKVCache):
+                row = self.batch_ids.index(sid)
+                for c in self.batch:
+                    c.set_length(row, n)
+            elif sid in self.prefilling and (at := _positions(self.prefilling[sid])) is not None and n <= at:
+                for c in self.prefilling[sid]:
+                    c.trim(at - n)
+            else:
+                raise EngineError(f"rollback of sequence {sid} to {n} positions, which it cannot do")
 
     def _ssd_load(self, loads: tuple[tuple[int, bytes], ...]) -> tuple[int, ...]:
         failed = []
@@ -425,7 +469,8 @@ class Executor:
         """Sequences that finished prefilling become rows of the batch, each layer's caches merged by
         their own type (as mlx-lm's `_merge_caches`). All of a step's at once: every extend copies the
         whole batch, so one at a time cost a copy of every row per newcomer."""
-        merged = [layer[0].merge(list(layer)) for layer in zip(*caches, strict=True)]
+        merge = RaggedKVCache.merge if self.speculates else None
+        merged = [(merge or layer[0].merge)(list(layer)) for layer in zip(*caches, strict=True)]
         if self.batch is None:
             self.batch = merged
         else:

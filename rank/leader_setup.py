@@ -166,6 +166,26 @@ def _generated_admin_token(args: argparse.Namespace) -> str:
     return generated_token(admin_token_path())
 
 
+def _speculation(args: argparse.Namespace, executor: Any, config: dict[str, Any], tokenizer: Any) -> Any:
+    """The speculation controller rank 0's scheduler asks for drafts (cluster/speculation.py), or None:
+    --spec off, or a model whose caches cannot roll rows back (every rank's executor decided alike)."""
+    from cluster.speculation import NgramProposer, SpecConfig, SpecController
+
+    mode = getattr(args, "spec", "off") or "off"
+    if mode == "off" or not executor.speculates:
+        return None
+    proposer: Any
+    if mode == "draft":
+        from rank.draft import load_draft
+
+        vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
+        proposer = load_draft(Path(args.draft_model), vocab, args.max_batch)
+    else:
+        proposer = NgramProposer()
+    log.info("speculative decoding: %s, up to %d drafted tokens a row per step", mode, args.spec_tokens)
+    return SpecController(SpecConfig(mode=mode, tokens=args.spec_tokens), proposer)
+
+
 def lead(args: argparse.Namespace, started: Started) -> int:
     """Rank 0 after start-up: set up, serve until stopped, and end the job with the loop's exit code."""
     from api.app import ApiServer, create_app
@@ -234,6 +254,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
     ram_tier = prefix_cache.index.capacity_blocks * prefix_cache.index.block_bytes if prefix_cache else 0
     memory = kv_memory(args, executor, ram_tier, context)
     serving = dataclasses.replace(serving, memory=memory)
+    spec = _speculation(args, executor, config, tokenizer)
     scheduler = Scheduler(
         SchedulerConfig(
             max_batch=args.max_batch,
@@ -247,6 +268,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         adapters=adapters,
         decode_special=_keeping_special(tokenizer),
         memory=memory,
+        spec=spec,
     )
     leader = Leader(
         executor,
@@ -262,6 +284,8 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         grammar=GrammarRuntime(tokenizer),  # constrained decoding (rank/grammar.py); ~1 s at a 150k vocab
     )
     leader.stats.memory = memory  # /metrics, /admin/state and the dashboard show it (cluster.stats)
+    if spec is not None:
+        leader.stats.spec_mode, leader.stats.spec_tokens = spec.config.mode, spec.config.tokens
     for h in ranks:
         leader.health.register(h.rank, h.host, h.pid)
     leader.reporter = Reporter(0, socket.gethostname(), interval=1.0)

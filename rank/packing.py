@@ -32,32 +32,45 @@ _SEAM = "orchard_packs"  # marks the attention function built by `attention_seam
 @dataclass(frozen=True, slots=True)
 class RowLayout:
     """Where a pass's segments lie along its positions: [lo, hi) of each prompt chunk, end to end, then
-    `batch_span`, one position for each decode row. A pass of one chunk, or of the batch alone, has the
-    same layout with nothing else in it, so the executor reads its rows the same way for every pass."""
+    `batch_span`, `width` positions for each decode row (row after row: 1, or a speculative step's
+    pending token plus drafts, rank.ragged). A pass of one chunk, or of the batch alone, has the same
+    layout with nothing else in it, so the executor reads its rows the same way for every pass."""
 
     spans: tuple[tuple[int, int], ...]
     batch_span: tuple[int, int]
+    width: int = 1
 
     @classmethod
-    def of(cls, lengths: Sequence[int], rows: int) -> RowLayout:
+    def of(cls, lengths: Sequence[int], rows: int, width: int = 1) -> RowLayout:
         bounds = list(itertools.accumulate(lengths, initial=0))
-        return cls(tuple(itertools.pairwise(bounds)), (bounds[-1], bounds[-1] + rows))
+        return cls(tuple(itertools.pairwise(bounds)), (bounds[-1], bounds[-1] + rows * width), width)
 
 
 class Segments:
     """The `offset` a `PackedCache` shows a layer's RoPE: segment i starts at `offsets[i]`; with
     `batch_offsets`, each decode row is at its own position."""
 
-    __slots__ = ("batch_offsets", "batch_span", "offsets", "spans")
+    __slots__ = ("batch_offsets", "batch_span", "offsets", "spans", "width")
 
     def __init__(self, layout: RowLayout, offsets: list[int], batch_offsets: mx.array | None = None) -> None:
         self.offsets, self.batch_offsets = offsets, batch_offsets
-        self.spans, self.batch_span = layout.spans, layout.batch_span
+        self.spans, self.batch_span, self.width = layout.spans, layout.batch_span, layout.width
 
 
-def _rows(x: mx.array) -> mx.array:
-    """(1, H, B, D) <-> (B, H, 1, D): decode tokens of a packed row as the rows of a batch, and back."""
-    return x.transpose(2, 1, 0, 3)
+def _rows(x: mx.array, width: int = 1) -> mx.array:
+    """(1, H, B*W, D) -> (B, H, W, D): decode tokens of a packed row as the rows of a batch."""
+    if width == 1:
+        return x.transpose(2, 1, 0, 3)
+    _, h, n, d = x.shape
+    return x.reshape(h, n // width, width, d).transpose(1, 0, 2, 3)
+
+
+def _unrows(x: mx.array, width: int = 1) -> mx.array:
+    """(B, H, W, D) -> (1, H, B*W, D): the inverse of `_rows`."""
+    if width == 1:
+        return x.transpose(2, 1, 0, 3)
+    b, h, w, d = x.shape
+    return x.transpose(1, 0, 2, 3).reshape(1, h, b * w, d)
 
 
 class SegmentRoPE(nn.Module):
@@ -76,7 +89,8 @@ class SegmentRoPE(nn.Module):
         ]
         if offset.batch_offsets is not None:
             lo, hi = offset.batch_span
-            parts.append(_rows(self.inner(_rows(x[:, :, lo:hi]), offset=offset.batch_offsets)))
+            w = offset.width
+            parts.append(_unrows(self.inner(_rows(x[:, :, lo:hi], w), offset=offset.batch_offsets), w))
         return mx.concatenate(parts, axis=2)
 
 
@@ -91,7 +105,7 @@ class PackedCache:
             layout, [c.offset for c in caches], batch.offset if batch is not None else None
         )
         # the decode rows' mask, made before their cache grows (as mlx-lm's models do)
-        self.batch_mask = batch.make_mask(1, return_array=True) if batch is not None else None
+        self.batch_mask = batch.make_mask(layout.width, return_array=True) if batch is not None else None
 
     def make_mask(self, *args: Any, **kwargs: Any) -> None:
         return None  # each segment's mask is applied in `attend`
@@ -103,7 +117,10 @@ class PackedCache:
         ]
         if self.batch is not None:
             lo, hi = self.offset.batch_span
-            fetched.append(self.batch.update_and_fetch(_rows(keys[:, :, lo:hi]), _rows(values[:, :, lo:hi])))
+            w = self.offset.width
+            fetched.append(
+                self.batch.update_and_fetch(_rows(keys[:, :, lo:hi], w), _rows(values[:, :, lo:hi], w))
+            )
         return [k for k, _ in fetched], [v for _, v in fetched]
 
     def attend(
@@ -118,9 +135,9 @@ class PackedCache:
         ]
         if self.batch is not None:
             lo, hi = self.offset.batch_span
-            parts.append(
-                _rows(attend(_rows(queries[:, :, lo:hi]), keys[-1], values[-1], None, scale, self.batch_mask))
-            )
+            w = self.offset.width
+            q = _rows(queries[:, :, lo:hi], w)
+            parts.append(_unrows(attend(q, keys[-1], values[-1], None, scale, self.batch_mask), w))
         return mx.concatenate(parts, axis=2)
 
 

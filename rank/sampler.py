@@ -70,10 +70,49 @@ class Sampler:
             for i, req in enumerate(rows)
         ]
 
-    def _bans(self, req: Request) -> bool:
+    def sample_runs(
+        self,
+        rows: Sequence[Request],
+        logits: mx.array,
+        drafts: Sequence[Sequence[int]],
+        masks: StepMasks | None = None,
+    ) -> list[tuple[SampledToken, ...]]:
+        """Speculation: row i of `rows` has 1 + len(drafts[i]) consecutive rows of `logits` (its pending
+        token's position, then each draft's). Sample its first position as `sample` would; while the token
+        sampled equals the next draft, sample the position after that draft (penalties, min_tokens and
+        the PRNG stream see the accepted drafts as generated tokens: each position draws its own key, so
+        with a seed the tokens are those of decoding one at a time). A run ends at the first token that
+        differs from its draft, or after the last draft (the "bonus" token)."""
+        starts, at = [], 0
+        for d in drafts:
+            starts.append(at)
+            at += 1 + len(d)
+        if at != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} rows of logits for runs of {at} positions")
+        firsts = self.sample(rows, logits[mx.array(starts, dtype=mx.int32)], masks)
+        greedy: list[int] | None = None  # every position's argmax, once, for plain greedy rows
+        runs = []
+        for i, (req, d) in enumerate(zip(rows, drafts, strict=True)):
+            run = [firsts[i]]
+            for j, draft in enumerate(d, start=1):
+                if run[-1].token_id != draft:
+                    break
+                ahead = self._bans(req, j)
+                if _plain_greedy(req.sampling) and not ahead:
+                    if greedy is None:
+                        greedy = mx.argmax(_finite(logits), axis=-1).tolist()
+                    run.append(SampledToken(int(greedy[starts[i] + j])))
+                else:
+                    banned = self._banned(req) if ahead else None
+                    run.append(self._sample_row(_finite(logits[starts[i] + j]), req, None, banned))
+            runs.append(tuple(run))
+        return runs
+
+    def _bans(self, req: Request, ahead: int = 0) -> bool:
         """min_tokens still to go (a constrained row's length is its grammar's business: once the
-        grammar is complete it allows EOS alone, and a ban would leave no token)."""
-        return len(req.output) < req.sampling.min_tokens and req.constraint is None
+        grammar is complete it allows EOS alone, and a ban would leave no token); `ahead`: positions
+        past the output so far (accepted drafts)."""
+        return len(req.output) + ahead < req.sampling.min_tokens and req.constraint is None
 
     def _banned(self, req: Request) -> mx.array:
         return mx.array(sorted(self.eos_token_ids | set(req.sampling.stop_token_ids)), dtype=mx.int32)

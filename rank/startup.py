@@ -190,6 +190,7 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
                 max_loras=adapter_slots(args.lora, args.max_loras),
                 config=config,
                 kv_format=kv_format(args),
+                speculative=getattr(args, "spec", "off") != "off",
             )
             adapters = _load_loras(executor, args.lora, log.info if leader else log.debug)
             if ssd_store is not None:
@@ -244,6 +245,7 @@ def check_plan_fits(args: argparse.Namespace, config: dict[str, Any], codec: Bus
         block_tokens=args.kv_block_tokens,
         max_evictions=PrefixCache.MAX_EVICTIONS_PER_PLAN,
         max_ssd_ops=plan_entries(args.bus_max_bytes),
+        spec_tokens=args.spec_tokens if getattr(args, "spec", "off") != "off" else 0,
     )
     try:
         codec.encode(0, limits.largest_plan())

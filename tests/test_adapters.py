@@ -78,6 +78,8 @@ def _plan(
         [],
         load or [],
         [] if unload is None else unload,
+        [],  # decode_drafts (protocol 8)
+        [],  # rollback
     ]
     return msgpack.packb([PROTOCOL_VERSION, 1, body], use_bin_type=True)
 

@@ -125,8 +125,15 @@ def test_prometheus_metrics(job: Job) -> None:
         "orchard_kv_budget_bytes",  # the KV budget per rank (cluster.memory), on by default
         "orchard_rank_kv_bytes{host=",
         "orchard_kv_pressure",
+        "# TYPE orchard_spec_drafted_tokens_total counter",  # speculative decoding (#16), whatever the mode
+        "# TYPE orchard_spec_accepted_tokens_total counter",
+        "# TYPE orchard_spec_acceptance_ratio gauge",
+        "orchard_spec_mode{mode=",
     ):
         assert needle in text, needle
+    spec = admin(job, "GET", "/admin/state").json()["speculation"]
+    assert spec["mode"] in ("off", "ngram", "draft") and 0 <= spec["accepted"] <= spec["drafted"]
+    assert 0.0 <= spec["acceptance"] <= 1.0
     memory = admin(job, "GET", "/admin/state").json()["memory"]
     assert memory["budget_bytes"] > 0 and memory["waiting_for_memory"] == 0 and memory["admitted"] >= 1
     assert admin(job, "DELETE", "/admin/cache/ssd-nope").status_code == 404

@@ -57,6 +57,10 @@ def plans(draw: st.DrawFn) -> StepPlan:
         ssd_load=tuple((draw(ids), draw(hashes)) for _ in range(draw(st.integers(0, 3)))),
         ssd_save=tuple((draw(ids), draw(hashes)) for _ in range(draw(st.integers(0, 3)))),
         ssd_delete=tuple(draw(st.lists(hashes, max_size=3))),
+        decode_drafts=tuple(tuple(draw(st.lists(small, max_size=4))) for _ in decode_ids)
+        if draw(st.booleans())
+        else (),
+        rollback=tuple((draw(ids), draw(small)) for _ in range(draw(st.integers(0, 3)))),
     )
 
 
@@ -343,3 +347,20 @@ def test_ranks_with_other_software_are_named() -> None:
     odd = (*same, Hello(2, "c", 3, None, "orchard 1, mlx 3"))
     problem = mismatched_software(odd)
     assert problem is not None and "rank 2 on c runs orchard 1, mlx 3" in problem
+
+
+def test_speculation_fields_must_match_the_decode_rows() -> None:
+    """Drafts come one tuple per decode row (or not at all); anything else is a malformed plan."""
+    codec = BusCodec()
+    good = StepPlan(step=1, decode_ids=(4, 5), decode_tokens=(1, 2), decode_drafts=((3, 4), ()), rollback=((4, 9),))
+    assert codec.decode(codec.encode(1, good)).message == good
+    wire = good.to_wire()
+    wire[-2] = [[3, 4]]  # one row's drafts for two rows
+    with pytest.raises(BusDecodeError, match="drafts"):
+        StepPlan.from_wire(wire)
+    wire[-2] = [[3, "x"], []]
+    with pytest.raises(BusDecodeError):
+        StepPlan.from_wire(wire)
+    wire[-2], wire[-1] = [], [[4]]
+    with pytest.raises(BusDecodeError):
+        StepPlan.from_wire(wire)

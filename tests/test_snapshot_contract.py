@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from cluster.kvindex import BlockIndex
 from cluster.manifest import Manifest
 from cluster.memory import KvCost, KvMemory
 from cluster.requests import GenerationRequest, Request, SamplingParams
-from cluster.snapshot import JobFacts, JobSnapshot, RequestRow, SnapshotDecodeError, capture
+from cluster.snapshot import JobFacts, JobSnapshot, RequestRow, SnapshotDecodeError, SpeculationView, capture
 from cluster.ssdtier import SsdTier
 from cluster.stats import ServingStats
 from tui.client import AdminClient, AdminError
@@ -64,6 +65,10 @@ MEMORY_KEYS = {
     "budget_bytes", "kv_bytes", "padding_bytes", "reserved_bytes", "waiting_for_memory", "admitted", "delayed",
     "pressure",
 }  # fmt: skip
+SPEC_KEYS = {
+    "mode", "tokens", "drafted", "accepted", "rows", "recent_drafted", "recent_accepted", "acceptance",
+    "recent_acceptance",
+}  # fmt: skip
 
 
 class SsdCounters:
@@ -85,6 +90,10 @@ def stats() -> ServingStats:
     for outcome in ("stop", "stop", "length", "cancelled", "error"):
         s.record_outcome(outcome)
     s.memory = memory()
+    s.spec_mode, s.spec_tokens = "ngram", 4
+    s.speculated(12, 9, 4, NOW - 30)  # outside the recent window (10 s)
+    s.speculated(5, 2, 1, NOW - 2)
+    s.speculated(3, 1, 1, NOW - 1.5)  # the same second: one slot of the window
     return s
 
 
@@ -195,6 +204,8 @@ def test_populated_snapshot_round_trips_equal(full: JobSnapshot) -> None:
     assert full.memory.waiting_for_memory == 1 and full.memory.padding_bytes == 256 * 1024
     assert full.memory.kv_bytes == (558 + 288) * 1024 and full.memory.reserved_bytes == 2 * 656 * 1024
     assert full.memory.pressure == 0.8542 and (full.memory.admitted, full.memory.delayed) == (2, 0)
+    assert full.speculation == SpeculationView("ngram", 4, 20, 12, 6, 8, 3)
+    assert (full.speculation.acceptance, full.speculation.recent_acceptance) == (0.6, 0.375)
     assert JobSnapshot.from_json(wire(full)) == full
     starting = JobSnapshot.starting(FACTS)
     assert JobSnapshot.from_json(wire(starting)) == starting
@@ -204,9 +215,10 @@ def test_legacy_keys_and_nesting_are_kept(full: JobSnapshot) -> None:
     doc = wire(full)
     assert LEGACY_TOP <= set(doc)
     assert set(doc) - LEGACY_TOP == {
-        "steps", "sequences_on_ranks", "latency", "published_unix", "adapters", "memory",
+        "steps", "sequences_on_ranks", "latency", "published_unix", "adapters", "memory", "speculation",
     }  # fmt: skip
     assert set(doc["memory"]) == MEMORY_KEYS
+    assert set(doc["speculation"]) == SPEC_KEYS
     for key, keys in LEGACY_NESTED.items():
         assert set(doc[key]) == keys, key
     ram, ssd = doc["kv"]["tiers"]
@@ -231,6 +243,10 @@ def test_every_missing_renamed_or_mistyped_field_fails(full: JobSnapshot) -> Non
                 holder[f"{key}_v2"] = value
             elif change == "mistype":
                 holder[key] = 1 if isinstance(value, str) else "x"
+            if path == ("speculation",) and change != "mistype":
+                # the one section an older server leaves out: gone whole, it is unknown, never zeros
+                assert JobSnapshot.from_json(broken) == dataclasses.replace(full, speculation=None)
+                continue
             with pytest.raises(SnapshotDecodeError) as info:
                 JobSnapshot.from_json(broken)
             assert str(key) in str(info.value), (path, change, info.value)
@@ -310,6 +326,15 @@ def test_api_serves_the_published_snapshot(full: JobSnapshot) -> None:
             "orchard_kv_pressure 0.8542",
             'orchard_rank_kv_bytes{host="studio-2",kind="budget",rank="1"} 1.572864e+06',
             'orchard_rank_kv_bytes{host="studio-1",kind="used",rank="0"} 866304.0',
+            'orchard_spec_mode{mode="ngram"} 1.0',
+            "orchard_spec_max_draft_tokens 4.0",
+            "orchard_spec_drafted_tokens_total 20.0",
+            "orchard_spec_accepted_tokens_total 12.0",
+            "orchard_spec_verify_rows_total 6.0",
+            "orchard_spec_acceptance_ratio 0.6",
+            "# TYPE orchard_spec_drafted_tokens_total counter",
+            "# HELP orchard_spec_acceptance_ratio Accepted over drafted tokens since start.",
+            "# TYPE orchard_spec_acceptance_ratio gauge",
         ):
             assert needle in metrics, needle
         svc.client.set_state(EngineState.FAILED, "rank 1 died")
@@ -350,3 +375,70 @@ def test_dashboard_client_calls_an_undecodable_state_a_protocol_error(full: JobS
     with pytest.raises(AdminError) as info:
         asyncio.run(fetch())
     assert info.value.kind == "protocol" and "batch.running: missing" in info.value.message
+
+
+def test_a_document_from_before_speculation_decodes_as_unknown(full: JobSnapshot) -> None:
+    """An older server sends no `speculation`: the dashboard shows "n/a", not a mode of "off" or zeros."""
+    doc = wire(full)
+    del doc["speculation"]
+    assert JobSnapshot.from_json(doc).speculation is None
+    doc["speculation"] = None  # what the starting snapshot sends before the engine's first publish
+    assert JobSnapshot.from_json(doc).speculation is None
+    assert wire(JobSnapshot.starting(FACTS))["speculation"] is None
+
+
+def test_speculation_counters_and_recent_window() -> None:
+    s = ServingStats()
+    off = s.speculation_view(NOW)
+    assert off == SpeculationView("off", 0, 0, 0, 0, 0, 0) and off.acceptance == off.recent_acceptance == 0.0
+    s.spec_mode, s.spec_tokens = "draft", 6
+    s.speculated(6, 6, 1, NOW - 10)  # exactly the window's length ago: out of it
+    s.speculated(10, 4, 3, NOW - 9)  # the window holds whole seconds: (now - 10 s, now]
+    s.speculated(0, 0, 0, NOW)  # no row carried drafts: counts nothing
+    view = s.speculation_view(NOW)
+    assert (view.drafted, view.accepted, view.rows) == (16, 10, 4)
+    assert (view.recent_drafted, view.recent_accepted) == (10, 4)
+    assert (view.mode, view.tokens, view.acceptance, view.recent_acceptance) == ("draft", 6, 0.625, 0.4)
+    assert s.speculation_view(NOW) is view  # cached until a figure moves
+    later = s.speculation_view(NOW + 60)
+    assert (later.recent_drafted, later.recent_acceptance, later.acceptance) == (0, 0.0, 0.625)
+    for impossible in ((3, 4, 1), (3, 1, 0), (0, 0, 1), (2, 1, 3), (-1, 0, 0)):
+        with pytest.raises(ValueError, match="impossible"):
+            s.speculated(*impossible, now_unix=NOW)
+    assert s.spec_drafted == 16  # nothing counted by a refused call
+
+
+def test_metrics_with_speculation_off_and_before_the_first_publish() -> None:
+    svc = service()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_app(svc)) as http:
+        assert "orchard_spec" not in http.get("/metrics", headers=auth).text  # nothing known yet
+        svc.client.publish(
+            capture(
+                facts=FACTS,
+                engine_state="ready",
+                admission_paused=False,
+                failure=None,
+                running=0,
+                waiting=0,
+                max_batch=8,
+                sequences_on_ranks=0,
+                steps=0,
+                last_step_ms=0.0,
+                stats=ServingStats(),
+                queue=(),
+                tiers=(),
+                ranks=(),
+                now_unix=NOW,
+            )  # fmt: skip
+        )
+        metrics = http.get("/metrics", headers=auth).text
+        for needle in (
+            'orchard_spec_mode{mode="off"} 1.0',
+            "orchard_spec_drafted_tokens_total 0.0",
+            "orchard_spec_accepted_tokens_total 0.0",
+            "orchard_spec_acceptance_ratio 0.0",
+        ):
+            assert needle in metrics, needle
+        state = http.get("/admin/state", headers=auth).json()["speculation"]
+        assert state["mode"] == "off" and state["drafted"] == 0 and state["acceptance"] == 0.0

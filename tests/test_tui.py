@@ -369,3 +369,45 @@ async def test_tiers_pane_shows_the_kv_budget(monkeypatch: pytest.MonkeyPatch) -
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.asyncio
+async def test_throughput_pane_shows_speculation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Speculative decoding's figures in the throughput pane, acceptance first so a narrow screen keeps
+    it; "off" when the server does not speculate, "n/a" when its snapshot has no such section (a server
+    from before it), never zeros."""
+    from cluster.snapshot import SpeculationView
+
+    ngram = SpeculationView("ngram", 4, 2000, 1500, 500, 40, 10)
+
+    def serve(spec: SpeculationView | None, *, drop: bool = False) -> None:
+        doc = example_state()
+        doc["speculation"] = None if spec is None else spec.to_json()
+        if drop:
+            del doc["speculation"]
+        monkeypatch.setitem(globals(), "EXAMPLE_STATE", doc)
+
+    def spec_line(app: OrchardApp) -> str:
+        return next((line for line in screen_lines(app) if "spec " in line), "")
+
+    server = SlowServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for size in ((200, 50), (80, 24)):
+            serve(ngram)
+            app = RecordingApp(f"http://127.0.0.1:{server.server_address[1]}", "t", interval=0.1)
+            async with app.run_test(size=size) as pilot:
+                for spec, drop, shown in (
+                    (ngram, False, "spec ngram · acc 75% · 10s 25% · +3.0/row · 1500/2000 tok · k=4"),
+                    (SpeculationView("draft", 6, 0, 0, 0, 0, 0), False, "spec draft · k=6 · nothing drafted"),
+                    (SpeculationView("off", 0, 0, 0, 0, 0, 0), False, "spec off"),
+                    (None, True, "spec n/a"),
+                ):
+                    serve(spec, drop=drop)
+                    if size[0] < 110:  # the narrow side pane: 24 columns, acceptance first
+                        shown = shown[:20]
+                    await wait_for(pilot, lambda: shown in spec_line(app))  # noqa: B023
+                assert not [n for n in app.notes if n[0] == "error"], app.notes
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -28,12 +28,14 @@ from tui.fmt import duration, rate
 from tui.history import HitHistory
 from tui.screens import ChooseTier, Confirm, Help
 from tui.tiers import TiersPanel
-from tui.widgets import EventLog, QueueTable, RanksTable, StatusHeader, palette
+from tui.widgets import EventLog, QueueTable, RanksTable, SpeculationLine, StatusHeader, palette
 
 NOTES = (
     "The queue is sorted by age, oldest first: s cycles the column, S",
     "reverses, a click on a header sorts by it. in/out: prompt/generated",
     "tokens. beat: age of the rank's last health report.",
+    "spec: speculative decoding. acc: drafted tokens accepted since start,",
+    "10s: over the last 10 s, +n/row: drafts a verified row gains a step.",
     "Pause freezes the queue, cache and rank panes so rows stay put while",
     "you read or select; polling goes on: header and events stay live.",
     "When rank 0 does not answer, the panes dim (stale) and polls back",
@@ -58,7 +60,8 @@ class OrchardApp(App[None]):
     #totals { height: 1; padding: 0 1; color: $text-muted; text-wrap: nowrap; text-overflow: ellipsis; }
     #tiers { height: auto; max-height: 1fr; padding: 0 1; }
     #adapters { height: auto; max-height: 8; }
-    #throughput { height: 1fr; min-height: 3; padding: 0 1; }
+    #throughput { height: 1fr; min-height: 4; padding: 0 1; }
+    #spec { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
     #tput { height: 1fr; }
     #bottom { height: 10; }
     #ranks { width: 3fr; height: 1fr; }
@@ -123,6 +126,7 @@ class OrchardApp(App[None]):
         self.tiers = TiersPanel(id="tiers", classes="pane")
         self.adapters = AdaptersTable(id="adapters", classes="pane")
         self.tput = Sparkline([], id="tput")
+        self.spec = SpeculationLine("spec n/a", id="spec")
         self.ranks = RanksTable(id="ranks", classes="pane")
         self.events = EventLog(id="events", classes="pane")
         yield self.header
@@ -137,6 +141,7 @@ class OrchardApp(App[None]):
                     yield self.adapters
                     with Vertical(id="throughput", classes="pane") as box:
                         self.tput_box = box
+                        yield self.spec
                         yield self.tput
             with Horizontal(id="bottom"):
                 yield self.ranks
@@ -263,6 +268,7 @@ class OrchardApp(App[None]):
             if had != self.adapters.display:
                 self.refresh_bindings()  # the unload key shows only while there is something to unload
             self.tput.data = list(snap.throughput.history)
+            self.spec.show(snap.speculation)
         except Exception as exc:
             self.display_bug(exc)
             return

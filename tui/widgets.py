@@ -17,7 +17,7 @@ from textual.markup import escape
 from textual.widgets import DataTable, RichLog, Static
 from textual.widgets.data_table import CellDoesNotExist, RowKey
 
-from cluster.snapshot import JobSnapshot, RankView, RequestRow
+from cluster.snapshot import SPEC_RECENT_S, JobSnapshot, RankView, RequestRow, SpeculationView
 from tui.connection import Status
 from tui.fmt import count, duration, human_bytes, rate, short_id
 
@@ -308,6 +308,40 @@ class StatusHeader(Static):
             if snap.failure:
                 line2 += f" · [b $text-error]FAILED: {escape(snap.failure)}[/]"
         self.update(f"{line1}\n{line2}")
+
+
+class SpeculationLine(Static):
+    """One line of speculative decoding figures, most telling first (the side pane may be 24 columns):
+    mode, acceptance since start, over the last seconds, the tokens a verified row gains per step,
+    accepted/drafted tokens, k. "n/a" for a server from before speculation, never zeros."""
+
+    TOOLTIP = (
+        "speculative decoding: mode (--spec) · acc: drafted tokens accepted since start · "
+        f"{SPEC_RECENT_S}s: over the last {SPEC_RECENT_S} s · +n/row: drafted tokens a verified row gains "
+        "per step · accepted/drafted tokens · k: most drafts per row and step (--spec-tokens)"
+    )
+
+    def on_mount(self) -> None:
+        self.tooltip = self.TOOLTIP
+
+    def show(self, spec: SpeculationView | None) -> None:
+        self.update(speculation_text(spec))
+
+
+def speculation_text(spec: SpeculationView | None) -> str:
+    if spec is None:
+        return "spec [dim]n/a[/dim]"
+    if spec.mode == "off":
+        return "spec [b]off[/b]"
+    head = f"spec [b]{escape(spec.mode)}[/b]"
+    if not spec.drafted:
+        return f"{head} · k={spec.tokens} · nothing drafted yet"
+    recent = f"{spec.recent_acceptance:.0%}" if spec.recent_drafted else "–"
+    return (
+        f"{head} · acc [b]{spec.acceptance:.0%}[/b] · {SPEC_RECENT_S}s {recent}"
+        f" · +{spec.accepted / max(spec.rows, 1):.1f}/row · {count(spec.accepted)}/{count(spec.drafted)} tok"
+        f" · k={spec.tokens}"
+    )
 
 
 class EventLog(RichLog):
