@@ -22,6 +22,7 @@ verifying is a plain decode step: no row costs anything extra.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -123,6 +124,7 @@ class SpecController:
         self.config, self.proposer = config, proposer
         self._base, self._per = config.base_ms, config.per_position_ms
         self._fit: list[tuple[int, float]] = []  # recent (positions, ms) of timed steps
+        self._propose_ms = 0.0  # what proposing for a step costs (a draft model's passes), running mean
 
     def start(self, req: Request) -> None:
         """A request starts decoding: it speculates unless it opted out or a grammar constrains it (its
@@ -144,16 +146,26 @@ class SpecController:
         ]
         # the best case first: if even full drafts at every row's estimate do not pay, propose nothing
         alphas = [r.spec.alpha if w and r.spec is not None else 0.0 for r, w in zip(rows, want, strict=True)]
-        if self._best_width([min(k, lim) for lim in limits], alphas, b, other_positions) == 1:
+        best = self._best_width([min(k, lim) for lim in limits], alphas, b, other_positions, self._propose_ms)
+        if best == 1:
             for r in rows:
                 _idle(r.spec)
             return ()
-        drafts: list[tuple[int, ...]] = []
-        for r, w, lim in zip(rows, want, limits, strict=True):
-            d = self.proposer.propose(r, min(k, lim)) if w else ()
-            if r.spec is not None and w:
-                r.spec.steps = 0
-            drafts.append(d[: min(k, lim)])
+        asked = [i for i, w in enumerate(want) if w]
+        ks = [min(k, limits[i]) for i in asked]
+        many = getattr(self.proposer, "propose_rows", None)  # a draft model drafts all rows in one batch
+        t0 = time.perf_counter()
+        if many is not None and len(asked) > 1:
+            got = list(many([rows[i] for i in asked], ks))
+        else:
+            got = [self.proposer.propose(rows[i], n) for i, n in zip(asked, ks, strict=True)]
+        self._propose_ms += 0.25 * ((time.perf_counter() - t0) * 1000 - self._propose_ms)
+        drafts: list[tuple[int, ...]] = [()] * b
+        for i, n, d in zip(asked, ks, got, strict=True):
+            drafts[i] = tuple(d[:n])
+            spec = rows[i].spec
+            if spec is not None:
+                spec.steps = 0
         width = self._best_width([len(d) for d in drafts], alphas, b, other_positions)
         for r, d in zip(rows, drafts, strict=True):
             if width == 1 or not d:
@@ -162,11 +174,16 @@ class SpecController:
             return ()
         return tuple(d[: width - 1] for d in drafts)
 
-    def _best_width(self, lengths: Sequence[int], alphas: Sequence[float], b: int, other: int) -> int:
+    def _best_width(
+        self, lengths: Sequence[int], alphas: Sequence[float], b: int, other: int, propose_ms: float = 0.0
+    ) -> int:
+        """The step width with the most expected tokens per ms; `propose_ms`: what drafting would cost
+        first (before proposing; once drafts exist their cost is spent)."""
         best, best_rate = 1, 0.0
         for width in range(1, max(lengths, default=0) + 2):
             tokens = b + sum(_expected(a, min(width - 1, n)) for a, n in zip(alphas, lengths, strict=True))
-            rate = tokens / (self._base + self._per * (other + b * width))
+            extra = propose_ms if width > 1 else 0.0
+            rate = tokens / (self._base + extra + self._per * (other + b * width))
             if rate > best_rate * 1.02:  # a wider step must pay clearly: ties stay narrow
                 best, best_rate = width, rate
         return best

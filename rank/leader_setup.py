@@ -176,9 +176,9 @@ def _speculation(args: argparse.Namespace, executor: Any, config: dict[str, Any]
         return None
     proposer: Any
     if mode == "draft":
-        from rank.draft import load_draft
+        from rank.draft import config_vocab, load_draft
 
-        vocab = int(config.get("vocab_size") or tokenizer.vocab_size)
+        vocab = int(config_vocab(config) or tokenizer.vocab_size)
         proposer = load_draft(Path(args.draft_model), vocab, args.max_batch)
     else:
         proposer = NgramProposer()

@@ -158,7 +158,14 @@ from rank.transport import LocalTransport  # noqa: E402
 class Engine:
     """The real leader loop on one rank (no MPI), speculating with `proposer` (None: off)."""
 
-    def __init__(self, model: object, proposer: object | None, tokens: int = 4, context: int = 2048) -> None:
+    def __init__(
+        self,
+        model: object,
+        proposer: object | None,
+        tokens: int = 4,
+        context: int = 2048,
+        eos: tuple[int, ...] = (),
+    ) -> None:
         self.executor = Executor(model, True, speculative=proposer is not None)
         self.client = EngineClient(max_waiting=100)
         spec = None
@@ -166,7 +173,7 @@ class Engine:
             # a free verification: every proposed draft is verified, so the tests see acceptance
             spec = SpecController(SpecConfig("ngram", tokens, base_ms=1e9, per_position_ms=1e-9), proposer)
         decode = lambda ids: "".join(chr(97 + t % 26) for t in ids)  # noqa: E731
-        self.scheduler = Scheduler(SchedulerConfig(4, 16, context, 0), decode, [], spec=spec)
+        self.scheduler = Scheduler(SchedulerConfig(4, 16, context, 0), decode, list(eos), spec=spec)
         self.leader = Leader(self.executor, self.scheduler, ControlBus(LocalTransport()), self.client)
         self.thread = threading.Thread(target=self.leader.run, daemon=True)
         self.thread.start()
@@ -276,6 +283,14 @@ def test_stop_string_eos_max_tokens_and_context_inside_an_accepted_run(model: ob
         assert tokens_of(on[0]) == tokens_of(ref[0]) and text_of(on[0]) == text_of(ref[0])
         assert on[0][-1].finish_reason == ref[0][-1].finish_reason
         assert on[0][-1].completion_tokens == ref[0][-1].completion_tokens
+    # EOS inside a run: a token whose first occurrence is well into the output
+    at = next(i for i in range(5, len(toks)) if toks.index(toks[i]) == i)
+    eos = (toks[at],)
+    ref, _ = run_engine(model, None, [prompt], [cases[0]], eos=eos)
+    on, eng = run_engine(model, Oracle(truth), [prompt], [cases[0]], eos=eos)
+    assert tokens_of(on[0]) == tokens_of(ref[0]) == toks[: at + 1]
+    assert on[0][-1].finish_reason == ref[0][-1].finish_reason == "stop"
+    assert on[0][-1].completion_tokens == at + 1 and eng.leader.stats.spec_accepted > 0
     ctx = len(prompt) + 15  # the context limit falls inside a run
     ref, _ = run_engine(model, None, [prompt], [SamplingParams(temperature=0.0, max_tokens=40)], context=ctx)
     on, _ = run_engine(
@@ -339,12 +354,19 @@ def metric(url: str, name: str) -> float:
 
 @pytest.mark.cluster
 def test_tp2_job_with_speculation_equals_speculation_off(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    on = job_factory.start(2, tiny_args(tiny_model, "--spec", "ngram", "--max-batch", "8", "--admin-token", "spec-admin"), "spec-tp2")
-    off = job_factory.start(1, tiny_args(tiny_model, "--spec", "off"), "spec-off-tp1")
+    """Four rows verify drafts while a long prompt arrives and prefills in short chunks beside them."""
+    spec = ("--spec", "ngram", "--max-batch", "8", "--prefill-chunk", "32", "--admin-token", "spec-admin")
+    on = job_factory.start(2, tiny_args(tiny_model, *spec), "spec-tp2")
+    off = job_factory.start(
+        1, tiny_args(tiny_model, "--spec", "off", "--prefill-chunk", "32"), "spec-off-tp1"
+    )
 
     def together(url: str) -> list[list[int]]:
         with cf.ThreadPoolExecutor(len(SERVED_PROMPTS)) as pool:
-            return list(pool.map(lambda p: served_greedy(url, p, 40), SERVED_PROMPTS))
+            early = [pool.submit(served_greedy, url, p, 40) for p in SERVED_PROMPTS[:-1]]
+            time.sleep(0.3)  # the others decode by now: the long prompt's chunks share their steps
+            late = pool.submit(served_greedy, url, SERVED_PROMPTS[-1], 40)
+            return [f.result() for f in early] + [late.result()]
 
     assert together(on.url) == together(off.url)
     drafted = metric(on.url, "orchard_spec_drafted_tokens_total")
