@@ -327,33 +327,13 @@ def test_leader_with_draft_model_equals_off_and_mlx_lm(
 # -- a real 2-rank job: the draft model on rank 0 only, the followers never load it ----------------------
 import concurrent.futures as cf  # noqa: E402
 
-import httpx  # noqa: E402
-import openai  # noqa: E402
-
 from tests.jobs import tiny_args  # noqa: E402
+from tests.test_speculation import metric, served_greedy  # noqa: E402
 
 SERVED_PROMPTS = ["Hello there, how are", "abc abc abc abc", "The cat sat on the mat. The", "z" * 200]
 
 
-def served_greedy(url: str, prompt: str, n: int) -> list[int]:
-    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    r = c.completions.create(
-        model="tiny", prompt=prompt, max_tokens=n, temperature=0, logprobs=0,
-        extra_body={"return_tokens_as_token_ids": True},
-    )  # fmt: skip
-    assert r.choices[0].logprobs is not None and r.choices[0].logprobs.tokens is not None
-    return [int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens]
-
-
 METRICS_TOKEN = "draft-metrics"
-
-
-def metric(url: str, name: str) -> float:
-    auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
-    for line in httpx.get(url + "/metrics", headers=auth, timeout=30).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.mark.cluster
@@ -375,8 +355,8 @@ def test_tp2_job_with_draft_model_equals_speculation_off(  # type: ignore[no-unt
             return list(pool.map(lambda p: served_greedy(url, p, 32), SERVED_PROMPTS))
 
     assert together(on.url) == together(off.url)
-    assert metric(on.url, "orchard_spec_drafted_tokens_total") > 0
-    assert metric(on.url, "orchard_spec_accepted_tokens_total") > 0
+    assert metric(on.url, "orchard_spec_drafted_tokens_total", METRICS_TOKEN) > 0
+    assert metric(on.url, "orchard_spec_accepted_tokens_total", METRICS_TOKEN) > 0
     loaded = [line for line in on.log().splitlines() if "orchard: draft model" in line]
     assert len(loaded) == 1 and " rank0 " in loaded[0]  # rank 0 only: followers never load it
     on.stop()

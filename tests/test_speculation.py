@@ -344,8 +344,9 @@ def served_greedy(url: str, prompt: str, n: int) -> list[int]:
     return [int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens]
 
 
-def metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer spec-admin"}, timeout=30).text
+def metric(url: str, name: str, token: str = "spec-admin") -> float:
+    """A value from /metrics (`token`: the job's admin or metrics token)."""
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30).text
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
