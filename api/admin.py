@@ -15,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from api.errors import APIError
+from api.looplag import LoopLag
 from api.service import Service
 from cluster.snapshot import HistogramView, JobSnapshot
 
@@ -305,7 +306,28 @@ def _speculation_metrics(snap: JobSnapshot) -> Iterator[Any]:
     )
 
 
-def metrics_registry(svc: Service) -> CollectorRegistry:
+class LoopLagCollector(Collector):
+    """The HTTP event loop's lag (api/looplag.py), measured on the loop itself, not through the engine."""
+
+    def __init__(self, lag: LoopLag) -> None:
+        self.lag = lag
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield GaugeMetricFamily(
+            "orchard_event_loop_lag_seconds",
+            "Worst lateness of rank 0's HTTP event loop over the last 10 s (every answer waits for it).",
+            value=self.lag.recent_max(),
+        )
+        yield CounterMetricFamily(
+            "orchard_event_loop_stalls",
+            "Times rank 0's HTTP event loop ran 100 ms or more late.",
+            value=self.lag.stalls,
+        )
+
+
+def metrics_registry(svc: Service, lag: LoopLag | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(OrchardCollector(svc))
+    if lag is not None:
+        registry.register(LoopLagCollector(lag))
     return registry

@@ -6,6 +6,8 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
@@ -18,6 +20,7 @@ from api.admin import metrics_registry, metrics_router
 from api.admin import router as admin_router
 from api.errors import error_body, install_error_handlers
 from api.front import BodyGuard, HostGuard, connection_room, host_name, is_loopback_name, protocol_for
+from api.looplag import LoopLag
 from api.openai_routes import router as openai_router
 from api.openapi_docs import HEALTH_RESPONSES, install_openapi
 from api.service import Service
@@ -75,14 +78,28 @@ def engine_stats(snap: JobSnapshot) -> dict[str, object]:
 
 
 def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="Orchard", version="0.1.0", description="OpenAI-compatible API of an Orchard cluster")
+    lag = LoopLag()  # how late the event loop runs (api/looplag.py), exported in /metrics
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        lag.start()
+        yield
+        await lag.stop()
+
+    app = FastAPI(
+        title="Orchard",
+        version="0.1.0",
+        description="OpenAI-compatible API of an Orchard cluster",
+        lifespan=lifespan,
+    )
     app.state.service = service
+    app.state.loop_lag = lag
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(adapters_router)
     app.include_router(metrics_router)
-    app.state.metrics_registry = metrics_registry(service)
+    app.state.metrics_registry = metrics_registry(service, lag)
 
     @app.get("/health", responses=HEALTH_RESPONSES)
     async def health(request: Request) -> JSONResponse:

@@ -50,6 +50,8 @@ class Soak:
     health_ms: list[float] = field(default_factory=list)  # /health latency, probed throughout
     health_failures: int = 0
     health_at: list[float] = field(default_factory=list)  # unix time of each probe
+    # rank 0's event loop (/metrics): (unix time, worst lag of the last 10 s in ms, stalls >= 100 ms so far)
+    loop: list[tuple[float, float, int]] = field(default_factory=list)
 
     def error(self, text: str, status: int = 0) -> None:
         self.outcomes["error"] += 1
@@ -140,6 +142,9 @@ async def sampler(
             memory = {r["rank"]: (r["rss_bytes"], r["kv_bytes"]) for r in ranks if r["rss_bytes"] > 0}
             soak.samples.append((time.monotonic() - start, memory))
             soak.hosts.update({r["rank"]: r["host"] for r in ranks})
+            lag = await loop_lag(client, token)
+            if lag is not None:
+                soak.loop.append((time.time(), *lag))
         except (httpx.HTTPError, KeyError, ValueError) as exc:
             print(f"soak: /admin/state failed: {exc}", file=sys.stderr)
         try:
@@ -147,6 +152,28 @@ async def sampler(
             return
         except asyncio.TimeoutError:
             continue
+
+
+async def loop_lag(client: httpx.AsyncClient, token: str) -> tuple[float, int] | None:
+    """Rank 0's event-loop lag from /metrics (api/looplag.py): worst of the last 10 s in ms, and stalls;
+    None from a server without it."""
+    r = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    values = {}
+    for line in r.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("orchard_event_loop_lag_seconds", "orchard_event_loop_stalls_total"):
+            values[name] = float(value)
+    if len(values) < 2:
+        return None
+    return values["orchard_event_loop_lag_seconds"] * 1000, int(values["orchard_event_loop_stalls_total"])
+
+
+def loop_at(soak: Soak, unix: float) -> float | None:
+    """The event loop's worst lag in the 10 s window that covers `unix` (the first sample after it)."""
+    for t, lag_ms, _ in soak.loop:
+        if unix <= t <= unix + 10:
+            return round(lag_ms, 1)
+    return None
 
 
 def health_prober(url: str, every: float) -> int:
@@ -292,10 +319,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99_ms": round(percentile(soak.health_ms, 0.99), 1),
             "max_ms": round(max(soak.health_ms, default=float("nan")), 1),
             "over_100ms": sum(1 for v in soak.health_ms if v > 100),
-            "slowest": sorted(
-                ({"unix": t, "ms": round(v, 1)} for t, v in zip(soak.health_at, soak.health_ms, strict=True)),
-                key=lambda x: -x["ms"],
-            )[:10],
+            "slowest": [
+                {**x, "loop_lag_10s_ms": loop_at(soak, x["unix"])}
+                for x in sorted(
+                    ({"unix": t, "ms": round(v, 1)} for t, v in zip(soak.health_at, soak.health_ms, strict=True)),
+                    key=lambda x: -x["ms"],
+                )[:10]
+            ],
+        },
+        "event_loop": {
+            "stalls_over_100ms": soak.loop[-1][2] if soak.loop else None,
+            "worst_lag_ms": round(max((lag for _, lag, _ in soak.loop), default=0.0), 1) if soak.loop else None,
         },
         "ranks": rss_report(soak),
         "samples": [
@@ -315,6 +349,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"output tokens {report['output_tokens']}; batch after: {report['batch_after']}")
     print(f"leaks after: {report['leaks_after']}")
     print(f"/health: {report['health']}")
+    print(f"event loop: {report['event_loop']}")
     for error in report["first_errors"]:
         print(f"  error: {error}")
     cols = ("rank", "host", "samples", "rss_start_mib", "rss_end_mib", "rss_peak_mib", "slope_mib_min")

@@ -129,6 +129,8 @@ def test_prometheus_metrics(job: Job) -> None:
         "# TYPE orchard_spec_accepted_tokens_total counter",
         "# TYPE orchard_spec_acceptance_ratio gauge",
         "orchard_spec_mode{mode=",
+        "# TYPE orchard_event_loop_lag_seconds gauge",  # rank 0's HTTP event loop (api/looplag.py)
+        "orchard_event_loop_stalls_total",
     ):
         assert needle in text, needle
     spec = admin(job, "GET", "/admin/state").json()["speculation"]
