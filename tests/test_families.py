@@ -33,7 +33,7 @@ from rank import cpu_kernels, mlx_patch
 from rank.executor import Executor
 from rank.models import load_model
 from rank.sampler import Sampler
-from tests.families import FAMILIES, build
+from tests.families import FAMILIES, VOCAB, build
 
 BLOCK = 8  # prefix-cache block tokens
 NEW_TOKENS = 6
@@ -105,7 +105,7 @@ class Engine:
     """The leader's step loop (rank.engine.Leader._step) in the test's thread, steps counted, so
     requests arrive at chosen steps."""
 
-    def __init__(self, executor: Executor, chunk: int, prefix: bool) -> None:
+    def __init__(self, executor: Executor, chunk: int, prefix: bool, spec: Any = None) -> None:
         self.executor = executor
         cache = None
         if prefix:
@@ -115,7 +115,7 @@ class Engine:
         config = SchedulerConfig(
             max_batch=4, prefill_chunk=chunk, context_length=1024, idle_prefill_chunk=3 * BLOCK
         )
-        self.scheduler = Scheduler(config, lambda ids: "", [], prefix_cache=cache)
+        self.scheduler = Scheduler(config, lambda ids: "", [], prefix_cache=cache, spec=spec)
         self.sampler = Sampler()
         self.steps = 0
 
@@ -132,9 +132,14 @@ class Engine:
             out = self.executor.execute(step.plan)
             sampled = ()
             if out.row_ids:
-                assert out.row_ids == [r.seq_id for r in step.rows]
+                assert out.row_ids == [
+                    r.seq_id for r, w in zip(step.rows, step.widths, strict=True) for _ in range(w)
+                ]
                 assert out.logits is not None
-                sampled = self.sampler.sample(step.rows, out.logits)  # type: ignore[assignment]
+                if step.drafts:  # speculation: runs of accepted drafts and one more token
+                    sampled = self.sampler.sample_runs(step.rows, out.logits, step.drafts)  # type: ignore[assignment]
+                else:
+                    sampled = self.sampler.sample(step.rows, out.logits)  # type: ignore[assignment]
             for req, event in self.scheduler.update(step, sampled):
                 served[req.request_id].tokens += event.token_ids
                 served[req.request_id].logprobs += [lp.logprob for lp in event.logprobs]
@@ -315,3 +320,46 @@ def test_mla_blocks_go_to_disk_and_back(family_dir, tmp_path: Path) -> None:  # 
     k, v = geometry.unpack(*loaded)
     np.testing.assert_array_equal(np.array(k), np.array(keys))
     np.testing.assert_array_equal(np.array(v), np.array(values))
+
+
+class _Oracle:
+    """Drafts mlx-lm's own continuation, every third draft wrong: rows accept different numbers."""
+
+    def __init__(self, want: dict[tuple[int, ...], list[int]]) -> None:
+        self.want = want
+
+    def propose(self, req: Any, k: int) -> tuple[int, ...]:
+        truth = self.want[req.prompt_tokens][len(req.output) : len(req.output) + k]
+        return tuple(t if (len(req.output) + i) % 3 else (t + 1) % VOCAB for i, t in enumerate(truth))
+
+    def forget(self, req: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_speculation_equals_mlx_lm(family: str, family_dir) -> None:  # type: ignore[no-untyped-def]
+    """Speculative decoding (#16) on every family whose caches can roll rows back: drafts verified in the
+    batch (ragged caches, rank/ragged.py) give mlx-lm's own tokens; other families decode without it."""
+    from cluster.speculation import SpecConfig, SpecController
+
+    model, _ = load_model(family_dir(family), None)
+    mlx_patch.restore(model)
+    mlx_patch.undo_fixes(model)
+    want = {p: reference(model, p, NEW_TOKENS + 8) for p in PROMPTS.values()}
+    cpu_kernels.install(model)
+    try:
+        executor = Executor(model, want_logits=True, block_tokens=BLOCK, speculative=True)
+        if not executor.speculates:
+            assert not executor.caps.prefix_blocks  # only models without plain KV caches step aside
+            return
+        oracle = _Oracle({p: w.tokens for p, w in want.items()})
+        spec = SpecController(SpecConfig("ngram", 3, base_ms=1e9, per_position_ms=1e-9), oracle)
+        engine = Engine(executor, chunk=6, prefix=executor.caps.prefix_blocks, spec=spec)
+        concurrent = {rid: PROMPTS[rid] for rid in ARRIVALS}
+        got = engine.serve(concurrent, ARRIVALS)
+        for rid, p in concurrent.items():
+            assert got[rid].tokens == want[p].tokens[:NEW_TOKENS], f"{family}: {rid} with speculation"
+        assert engine.scheduler.spec is not None
+    finally:
+        cpu_kernels.install(model, "off")
+        mlx_patch.restore(model)
