@@ -289,7 +289,7 @@ class Executor:
         if decode_ids and self.batch and isinstance(self.batch[0], RaggedKVCache):
             for c in self.batch:
                 c.advance(counts)
-        positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, 1, D): one hidden state a position
+        positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, W, D): one hidden state a position
         for c, (start, end) in zip(chunks, layout.spans, strict=True):
             if c.last:
                 rows.ids.append(c.seq_id)
