@@ -273,7 +273,7 @@ class Executor:
         followers runs the pass's collectives."""
         counts = [1 + len(d) for d in drafts] if drafts else [1] * len(decode_ids)
         width = max(counts, default=1)
-        if width > 1 and not isinstance(self.batch[0] if self.batch else None, RaggedKVCache):
+        if width > 1 and not self.speculates:
             raise EngineError("drafts for a decode batch that cannot roll rows back (speculation is off)")
         layout = RowLayout.of([c.end - c.start for c in chunks], len(decode_ids), width)
         tokens = [t for c in chunks for t in c.tokens]
@@ -286,7 +286,8 @@ class Executor:
         cache = pass_caches([self.prefilling[c.seq_id] for c in chunks], layout, self.batch)
         with self._adapters(chunks, decode_ids, width):
             h = self.inner(inputs, cache=cache)
-        if decode_ids and self.batch and isinstance(self.batch[0], RaggedKVCache):
+        if decode_ids and self.speculates:  # the batch is ragged: rows keep what they fed
+            assert self.batch is not None
             for c in self.batch:
                 c.advance(counts)
         positions = h.reshape(-1, h.shape[-1])  # (1, N, D) or (B, W, D): one hidden state a position
@@ -322,7 +323,8 @@ class Executor:
     def _rollback(self, lengths: tuple[tuple[int, int], ...]) -> None:
         """Sequences keep the positions rank 0 accepted in the step before (speculation's drafts)."""
         for sid, n in lengths:
-            if sid in self.batch_ids and self.batch and isinstance(self.batch[0], RaggedKVCache):
+            if sid in self.batch_ids and self.speculates:
+                assert self.batch is not None
                 row = self.batch_ids.index(sid)
                 for c in self.batch:
                     c.set_length(row, n)
