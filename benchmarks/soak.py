@@ -50,6 +50,8 @@ class Soak:
     health_ms: list[float] = field(default_factory=list)  # /health latency, probed throughout
     health_failures: int = 0
     health_at: list[float] = field(default_factory=list)  # unix time of each probe
+    # each probe's ms until the server's loop answered, and from then until the prober had the answer
+    health_split: list[tuple[float, float]] = field(default_factory=list)
     # rank 0's event loop (/metrics): (unix time, worst lag of the last 10 s in ms, stalls >= 100 ms so far)
     loop: list[tuple[float, float, int]] = field(default_factory=list)
 
@@ -185,12 +187,19 @@ def health_prober(url: str, every: float) -> int:
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     with httpx.Client(base_url=url, timeout=10) as client:
         while not stop.is_set():
-            t0 = time.perf_counter()
+            sent, t0 = time.time(), time.perf_counter()
+            answered = float("nan")  # the server's clock when its loop answered (the same host's clock)
             try:
-                status = client.get("/health").status_code
-            except httpx.HTTPError:
+                r = client.get("/health")
+                status = r.status_code
+                answered = float(r.json().get("time", "nan"))
+            except (httpx.HTTPError, ValueError):
                 status = 0
-            print(f"{time.time():.3f} {(time.perf_counter() - t0) * 1000:.2f} {status}", flush=True)
+            ms = (time.perf_counter() - t0) * 1000
+            # the probe's time split at the server's answer: before it (the request reaching the loop and the
+            # handler) and after it (the answer reaching this process and it being scheduled to read it)
+            to_server = (answered - sent) * 1000
+            print(f"{sent:.3f} {ms:.2f} {status} {to_server:.2f} {ms - to_server:.2f}", flush=True)
             stop.wait(every)
     return 0
 
@@ -212,9 +221,10 @@ def start_prober(url: str, every: float, nice: int = 0) -> subprocess.Popen[str]
 def stop_prober(proc: subprocess.Popen[str], soak: Soak) -> None:
     out, _ = proc.communicate("", timeout=30)  # closing its stdin ends it
     for line in out.splitlines():
-        when, ms, status = line.split()
+        when, ms, status, to_server, back = line.split()
         soak.health_ms.append(float(ms))
         soak.health_at.append(float(when))
+        soak.health_split.append((float(to_server), float(back)))
         if status != "200":
             soak.health_failures += 1
 
@@ -331,10 +341,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "slowest": [
                 {**x, "loop_lag_10s_ms": loop_at(soak, x["unix"])}
                 for x in sorted(
-                    ({"unix": t, "ms": round(v, 1)} for t, v in zip(soak.health_at, soak.health_ms, strict=True)),
+                    (
+                        {"unix": t, "ms": round(v, 1), "to_answer_ms": round(a, 1), "after_answer_ms": round(b, 1)}
+                        for t, v, (a, b) in zip(soak.health_at, soak.health_ms, soak.health_split, strict=True)
+                    ),
                     key=lambda x: -x["ms"],
                 )[:10]
             ],
+            # a slow probe is the server's when the time until its answer is long, the prober's (its wait
+            # for a core on a shared machine) when the time after it is
+            "over_100ms_before_answer": sum(1 for a, _ in soak.health_split if a > 100),
+            "over_100ms_after_answer": sum(1 for _, b in soak.health_split if b > 100),
         },
         "event_loop": {
             "stalls_over_100ms": soak.loop[-1][2] if soak.loop else None,
