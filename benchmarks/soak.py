@@ -204,17 +204,25 @@ def health_prober(url: str, every: float) -> int:
     return 0
 
 
-def start_prober(url: str, every: float, nice: int = 0) -> subprocess.Popen[str]:
-    """The prober's process; `nice` < 0 (root only) puts it ahead of the load on a shared machine, as a load
-    balancer on its own host would be: on 2 cores beside 3 ranks and 200 streams its own wait for a core
-    otherwise counts as the server's answer time."""
+def start_prober(url: str, every: float, nice: int = 0, realtime: bool = False) -> subprocess.Popen[str]:
+    """The prober's process; `nice` < 0 or `realtime` (SCHED_FIFO; root only) put it ahead of the load on a
+    shared machine, as a load balancer on its own host would be: on 2 cores beside 3 ranks and 200 streams
+    its own wait for a core otherwise counts as the server's answer time (it sleeps between probes, so
+    it takes nothing from the server)."""
     cmd = [sys.executable, __file__, "--url", url, "--health-every", str(every), "--probe-health"]
+
+    def before() -> None:
+        if nice:
+            os.nice(nice)
+        if realtime:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+
     return subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=(lambda: os.nice(nice)) if nice else None,  # noqa: PLW1509 (no threads yet here)
+        preexec_fn=before if nice or realtime else None,  # noqa: PLW1509 (no threads yet here)
     )
 
 
@@ -306,7 +314,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         deadline = start + args.minutes * 60
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler(client, token, args.sample_every, start, stop, soak))
-        probing = start_prober(args.url, args.health_every, args.probe_nice)
+        probing = start_prober(args.url, args.health_every, args.probe_nice, args.probe_realtime)
         print(
             f"soak: {args.minutes} min against {args.url} ({args.model}), {args.concurrency} at once",
             file=sys.stderr,
@@ -323,6 +331,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         leaks = await leak_check(client, token)
     return {
         "url": args.url,
+        "prober": {"nice": args.probe_nice, "realtime": args.probe_realtime, "every_s": args.health_every},
         "model": args.model,
         "minutes": round(wall / 60, 2),
         "requests": soak.started,
@@ -413,6 +422,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--probe-health", action="store_true", help=argparse.SUPPRESS)  # the prober process
+    p.add_argument(
+        "--probe-realtime",
+        action="store_true",
+        help="run the /health prober SCHED_FIFO (root): stands in for a load balancer on a host of its own",
+    )
     p.add_argument(
         "--probe-nice",
         type=int,

@@ -100,7 +100,9 @@ class StepPlan:
     on every rank are put in exactly this order before the forward pass. Speculation (rank 0 proposes,
     cluster/speculation.py): `decode_drafts[i]`, when given, are drafted tokens row i feeds after its input
     token, each position yielding a row of logits; `rollback` (first, after release) sets sequences'
-    lengths back to what they accepted in the step before.
+    lengths back to what they accepted in the step before. `argmax`: every row's pick is its plain greedy
+    argmax (no logprobs, penalties, bias, bans or grammar; no prompt logprobs): under a vocabulary-parallel
+    head each rank then sends rank 0 its slice's best entry per row instead of the slice.
     """
 
     KIND: ClassVar[int] = 1
@@ -119,6 +121,7 @@ class StepPlan:
     adapter_unload: tuple[int, ...] = ()  # slots to free (no sequence uses them)
     decode_drafts: tuple[tuple[int, ...], ...] = ()  # () or one (maybe empty) tuple per decode row
     rollback: tuple[tuple[int, int], ...] = ()  # (sequence id, positions it keeps)
+    argmax: bool = False
 
     def to_wire(self) -> list[Any]:
         return [
@@ -138,12 +141,13 @@ class StepPlan:
             list(self.adapter_unload),
             [list(d) for d in self.decode_drafts],
             [[sid, n] for sid, n in self.rollback],
+            self.argmax,
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> StepPlan:
         (_, step, release, admit, prefill, decode_ids, decode_tokens, store, evict, load, save, delete,
-         adapter_load, adapter_unload, drafts, rollback) = w  # fmt: skip
+         adapter_load, adapter_unload, drafts, rollback, argmax) = w  # fmt: skip
         if len(decode_ids) != len(decode_tokens):
             raise BusDecodeError("step plan: decode ids and tokens differ in length")
         drafts = _list(drafts, "step plan: decode_drafts")
@@ -172,6 +176,7 @@ class StepPlan:
             adapter_unload=tuple(_slot(x) for x in unloads),
             decode_drafts=tuple(_ints(d) for d in drafts),
             rollback=tuple(_pair(r, "step plan: a rollback") for r in _list(rollback, "step plan: rollback")),
+            argmax=_bool(argmax),
         )
 
 

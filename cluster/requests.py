@@ -63,6 +63,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The pick is the argmax of the model's logits as they come: nothing read from the rest of the
+        distribution (under TP, rank 0 then needs each rank's best entry, not its slice of the vocabulary)."""
+        return self.greedy and not self.logit_bias and self.logprobs is None and not self.penalised
+
 
 @dataclass(slots=True, frozen=True)
 class TokenLogprob:

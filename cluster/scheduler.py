@@ -286,6 +286,7 @@ class Scheduler:
             adapter_unload=adapter_unload,
             decode_drafts=drafts,
             rollback=rollback,
+            argmax=all(map(_argmax_only, completed + decoding)) and all(c.prompt_logprobs < 0 for c in prefill),
         )
         row_drafts = ((),) * len(completed) + drafts if drafts else ()
         return ScheduledStep(plan, tuple(completed + decoding), tuple(prefilled), row_drafts)
@@ -478,3 +479,9 @@ def fork_seed(seed: int, request_id: str, fork_of: str) -> int:
     index = request_id[len(fork_of) + 1 :] if request_id.startswith(fork_of + "-") else request_id
     digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: within every PRNG's seed range
+
+
+def _argmax_only(req: Request) -> bool:
+    """Its next tokens are the argmax of the logits as they come (rank/sampler.py): plain greedy, no grammar,
+    and min_tokens out (until then EOS and the stop ids are banned)."""
+    return req.sampling.plain_greedy and req.constraint is None and len(req.output) >= req.sampling.min_tokens

@@ -255,25 +255,31 @@ class Leader:
                 failed.update(result.failed)
             self.scheduler.prefix_cache.ssd_results(failed)
         self.steps += 1
-        if not out.row_ids or out.logits is None:
+        if not out.row_ids or (out.logits is None and out.picks is None):
             return self.scheduler.update(step, ())
         expected = [r.seq_id for r, w in zip(step.rows, step.widths, strict=True) for _ in range(w)]
         if out.row_ids != expected:
             raise EngineError(f"step {plan.step}: the executor's rows differ from the scheduler's")
         runs: list[Any]
-        if step.drafts:  # speculation: each row's run of accepted drafts and one more token
+        if out.picks is not None:  # an argmax plan: the ranks sent each row's pick (rank/executor.py)
+            runs = Sampler.runs_of_picks(out.picks, step.drafts or ((),) * len(step.rows))
+            sampled = [run[0] for run in runs]
+            if step.drafts:
+                self._speculated(step, runs)
+        elif step.drafts:  # speculation: each row's run of accepted drafts and one more token
             runs = self.sampler.sample_runs(step.rows, out.logits, step.drafts, masks)
             sampled = [run[0] for run in runs]
-            drafted = sum(len(d) for d in step.drafts)
-            self.stats.speculated(
-                drafted, sum(len(run) - 1 for run in runs), sum(1 for d in step.drafts if d)
-            )
+            self._speculated(step, runs)
         else:
             runs = sampled = self.sampler.sample(step.rows, out.logits, masks)
         emits = self._grammar_ends(step, masks, sampled)
         if masks is not None and self.grammar is not None:
             self.grammar.consume(step.rows, [t.token_id for t in sampled], masks)
         return emits + self.scheduler.update(step, runs)
+
+    def _speculated(self, step: ScheduledStep, runs: list[tuple[SampledToken, ...]]) -> None:
+        drafted = sum(len(d) for d in step.drafts)
+        self.stats.speculated(drafted, sum(len(run) - 1 for run in runs), sum(1 for d in step.drafts if d))
 
     def _grammar_ends(
         self, step: ScheduledStep, masks: StepMasks | None, sampled: list[SampledToken]

@@ -36,6 +36,7 @@ from rank.model_head import ModelHead, VocabSlice
 from rank.packing import RowLayout, pass_caches
 from rank.prompt_logprobs import PromptLogprobs, rows_wanted
 from rank.ragged import RaggedKVCache
+from rank.sampler import finite_logits
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class StepOutput:
     ssd_failed: tuple[int, ...] = ()  # blocks of this plan's `ssd_load` this rank could not read
     # rank 0: (sequence id, entries) of the prompt logprobs this step computed (rank/prompt_logprobs.py)
     prompt_logprobs: list[tuple[int, list[TokenLogprob]]] = field(default_factory=list)
+    # rank 0, an `argmax` plan under a vocabulary-parallel head: each row's argmax, in place of `logits`
+    picks: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -228,6 +231,8 @@ class Executor:
         hidden = rows.hidden + [h for _, h in rows.prompt if h is not None]  # prompt logprobs' rows last
         last = mx.concatenate(hidden, axis=0) if len(hidden) > 1 else hidden[0]
         if self._slice is not None:
+            if plan.argmax and not rows.prompt:
+                return self._vocab_argmax(row_ids, last, failed)
             return self._prompt_rows(self._vocab_parallel(row_ids, last, failed), rows)
         if not self.want_logits and self.group is None:
             mx.eval(last)
@@ -430,6 +435,29 @@ class Executor:
         logits = mx.concatenate(parts, axis=1).astype(mx.float32)
         mx.eval(logits)  # where MLX releases the GIL (see below)
         return StepOutput(row_ids, logits, failed)
+
+    def _vocab_argmax(self, row_ids: list[int], last: mx.array, failed: tuple[int, ...]) -> StepOutput:
+        """`_vocab_parallel` for a step whose every row is plain greedy: each rank sends rank 0 its slice's
+        best logit and its index per row (rows x 2 numbers instead of rows x vocabulary / ranks); rank 0
+        takes the best of them, the first rank's on a tie, which is the argmax of the whole row with the
+        sampler's clamping: the same token as gathering the slices."""
+        assert self._slice is not None
+        head, counts = self._slice
+        lo = sum(counts[: self.group.rank()]) if self.group is not None else 0
+        local = finite_logits(head(last).astype(mx.float32))
+        best = mx.stack([local.max(axis=-1), (mx.argmax(local, axis=-1) + lo).astype(mx.float32)], axis=-1)
+        if not self.want_logits:
+            mx.eval(mx.distributed.send(best, 0, group=self.group))
+            return StepOutput(row_ids, None, failed)
+        mx.eval(best)  # the step's all-reduces before the receives (see _vocab_parallel)
+        parts = [best] + [
+            mx.distributed.recv(best.shape, mx.float32, i, group=self.group) for i in range(1, len(counts))
+        ]
+        every = mx.stack(parts)  # ranks x rows x (value, index)
+        winner = mx.argmax(every[:, :, 0], axis=0)  # the first rank holding a row's maximum
+        picks = mx.take_along_axis(every[:, :, 1], winner[None], axis=0)[0].astype(mx.int32)
+        mx.eval(picks)  # where MLX releases the GIL
+        return StepOutput(row_ids, None, failed, picks=picks.tolist())
 
     def _release(self, seq_ids: tuple[int, ...]) -> None:
         if not seq_ids:

@@ -53,10 +53,10 @@ class Sampler:
     ) -> list[SampledToken]:
         """One token for each row of `logits`, whose row i belongs to `rows[i]`; `masks`: the tokens the
         constrained rows may take (rows without one are untouched, so they get what they get alone)."""
-        logits = _finite(logits)
+        logits = finite_logits(logits)
         penalty = masks.penalty(*logits.shape) if masks is not None else None
         bans = {i: self._banned(req) for i, req in enumerate(rows) if self._bans(req)}
-        if not bans and all(_plain_greedy(req.sampling) for req in rows):
+        if not bans and all(req.sampling.plain_greedy for req in rows):
             if penalty is not None:
                 logits = logits + penalty  # + 0 leaves a free row's logits exactly as they were
             return [SampledToken(int(tok)) for tok in mx.argmax(logits, axis=-1).tolist()]
@@ -98,14 +98,33 @@ class Sampler:
                 if run[-1].token_id != draft:
                     break
                 ahead = self._bans(req, j)
-                if _plain_greedy(req.sampling) and not ahead:
+                if req.sampling.plain_greedy and not ahead:
                     if greedy is None:
-                        greedy = mx.argmax(_finite(logits), axis=-1).tolist()
+                        greedy = mx.argmax(finite_logits(logits), axis=-1).tolist()
                     run.append(SampledToken(int(greedy[starts[i] + j])))
                 else:
                     banned = self._banned(req) if ahead else None
-                    run.append(self._sample_row(_finite(logits[starts[i] + j]), req, None, banned))
+                    run.append(self._sample_row(finite_logits(logits[starts[i] + j]), req, None, banned))
             runs.append(tuple(run))
+        return runs
+
+    @staticmethod
+    def runs_of_picks(
+        picks: Sequence[int], drafts: Sequence[Sequence[int]]
+    ) -> list[tuple[SampledToken, ...]]:
+        """`sample_runs` for rows that are all plain greedy with nothing banned, given each position's
+        argmax (`picks`, positions laid out as there): a row's run goes on while its pick equals its draft."""
+        runs, at = [], 0
+        for d in drafts:
+            run = [SampledToken(int(picks[at]))]
+            for j, draft in enumerate(d, start=1):
+                if run[-1].token_id != draft:
+                    break
+                run.append(SampledToken(int(picks[at + j])))
+            runs.append(tuple(run))
+            at += 1 + len(d)
+        if at != len(picks):
+            raise ValueError(f"{len(picks)} picks for runs of {at} positions")
         return runs
 
     def _bans(self, req: Request, ahead: int = 0) -> bool:
@@ -143,7 +162,7 @@ class Sampler:
             row = row.at[ids].add(mx.array([b for _, b in p.logit_bias], dtype=row.dtype))
         if p.penalised:
             row = self._penalise(row, req)
-        row = _finite(row)  # a bias or penalty can push a logit past the limit (or to inf in float32)
+        row = finite_logits(row)  # a bias or penalty can push a logit past the limit (or to inf in float32)
         logprobs = row - mx.logsumexp(row)
         if penalty is not None:  # the constraint's mask (rank/grammar.py)
             row = row + penalty
@@ -179,14 +198,10 @@ class Sampler:
         return SampledToken(token, lp)
 
 
-def _finite(x: mx.array) -> mx.array:
+def finite_logits(x: mx.array) -> mx.array:
     """Logits within +-LOGIT_LIMIT; NaN becomes the floor, so a broken entry is never the pick."""
     return mx.clip(mx.nan_to_num(x, nan=-LOGIT_LIMIT), -LOGIT_LIMIT, LOGIT_LIMIT)
 
 
 def _greedy(p: SamplingParams) -> bool:
     return not p.temperature >= GREEDY_BELOW  # "not >=": a NaN temperature is greedy too
-
-
-def _plain_greedy(p: SamplingParams) -> bool:
-    return p.greedy and not p.logit_bias and p.logprobs is None and not p.penalised

@@ -131,6 +131,8 @@ def _assert_same(line: dict[str, Any], model_dir: Path) -> None:
         np.testing.assert_allclose(
             np.array(got["logprobs"]), np.array(logprobs), atol=ATOL, rtol=0, err_msg=what
         )
+        if what.startswith("served "):  # the same plans marked plain greedy: each rank sent its best entry
+            assert line["served_argmax"][what.removeprefix("served ")]["tokens"] == tokens, f"{what}, argmax"
     ways = line["served"]["ways"]
     assert ways["packed"] == ways["packable"], ways
 
@@ -166,6 +168,8 @@ def test_served_runs_used_the_batching_tricks(tp2: dict[str, dict[str, Any]]) ->
     assert sum(w["packed"] for w in ways.values()) >= 10
     assert sum(w["prefix_hit"] for w in ways.values()) >= 10
     assert ways["phi3"]["packed"] and ways["mixtral"]["prefix_hit"]
+    argmax = {name: line["served_argmax"]["ways"] for name, line in tp2.items() if "served" in line}
+    assert sum(w["argmax_gather"] for w in argmax.values()) >= 10  # the greedy gather: picks, not slices
 
 
 @pytest.mark.cluster

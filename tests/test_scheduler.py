@@ -353,3 +353,26 @@ def test_prompt_logprobs_compute_every_position_and_reach_the_first_event() -> N
     first = seen[0].prompt_logprobs
     assert first[0] is None and [e.token_id for e in first[1:] if e] == list(req.prompt_tokens[1:])
     assert seen[1].prompt_logprobs == ()
+
+
+def test_argmax_plans_only_when_every_row_takes_the_plain_greedy_pick() -> None:
+    """`StepPlan.argmax` lets a vocabulary-parallel head send rank 0 each slice's best entry alone: only
+    when no row reads more of the distribution (logprobs, penalties, bias, sampling, banned EOS)."""
+
+    def plans_with(**params: object) -> list[bool]:
+        s = make(chunk=100)
+        s.add(
+            GenerationRequest("a", (1, 2, 3), SamplingParams(max_tokens=4, **params), sink=lambda e: None)  # type: ignore[arg-type]
+        )
+        return [p.argmax for p in run(s)[0] if p.prefill or p.decode_ids]
+
+    assert plans_with(temperature=0.0) == [True] * 4
+    assert plans_with(temperature=0.7) == [False] * 4
+    assert plans_with(temperature=0.0, logprobs=2) == [False] * 4
+    assert plans_with(temperature=0.0, logit_bias={5: 1.0}) == [False] * 4
+    assert plans_with(temperature=0.0, repetition_penalty=1.1) == [False] * 4
+    assert plans_with(temperature=0.0, min_tokens=2) == [False, False, True, True]  # EOS banned until then
+    s = make(chunk=100)  # one greedy row beside a sampled one: the slices are gathered for both
+    for rid, t in (("g", 0.0), ("s", 0.8)):
+        s.add(GenerationRequest(rid, (1, 2, 3), SamplingParams(max_tokens=2, temperature=t), sink=lambda e: None))
+    assert not any(p.argmax for p in run(s)[0] if p.prefill or p.decode_ids)

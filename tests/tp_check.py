@@ -78,9 +78,11 @@ class _Sequence:
     logprobs: Logprobs = field(default_factory=list)
 
 
-def served(model: Any, group: Any, tokens: int) -> dict[str, dict[str, Any]]:
+def served(model: Any, group: Any, tokens: int, argmax: bool = False) -> dict[str, dict[str, Any]]:
     """The SERVED run through Orchard's Executor; on rank 0, each sequence's tokens and logprobs, and
-    under "ways" which tricks served them (a prefix-cache hit, packed steps)."""
+    under "ways" which tricks served them (a prefix-cache hit, packed steps). `argmax`: every plan says
+    its rows are plain greedy, so a vocabulary-parallel head sends rank 0 each slice's best entry alone
+    (the tokens are then the ranks' picks, and there are no logprobs)."""
     import mlx.core as mx
     import numpy as np
 
@@ -98,6 +100,7 @@ def served(model: Any, group: Any, tokens: int) -> dict[str, dict[str, Any]]:
     done: dict[str, _Sequence] = {}
     release: list[int] = []
     stored = False
+    picked = False  # an argmax plan came back as the ranks' picks (not as logits)
     for step in range(200):
         admit, prefill, store, decode = [], [], [], []
         for name, arrives in list(waiting.items()):
@@ -129,13 +132,16 @@ def served(model: Any, group: Any, tokens: int) -> dict[str, dict[str, Any]]:
             decode_ids=tuple(s.seq_id for s in decode),
             decode_tokens=tuple(s.tokens[-1] for s in decode),
             store=tuple(store),
+            argmax=argmax,
         )
         out = executor.execute(plan)
         release = []
         by_id = {s.seq_id: s for s in live.values()}
         choices = [0] * len(out.row_ids)
         rows: Logprobs = []
-        if leader and out.row_ids:
+        if leader and out.row_ids and out.picks is not None:
+            choices, picked = list(out.picks), True
+        elif leader and out.row_ids:
             assert out.logits is not None
             for i in range(len(out.row_ids)):
                 choices[i], lp = _row(out.logits[i])
@@ -146,7 +152,7 @@ def served(model: Any, group: Any, tokens: int) -> dict[str, dict[str, Any]]:
         for i, seq_id in enumerate(out.row_ids):
             seq = by_id[seq_id]
             seq.tokens.append(int(choices[i]))
-            if leader:
+            if leader and rows:
                 seq.logprobs.append(rows[i])
             if len(seq.tokens) == tokens:
                 done[names[seq_id]] = live.pop(names[seq_id])
@@ -158,6 +164,7 @@ def served(model: Any, group: Any, tokens: int) -> dict[str, dict[str, Any]]:
                 "prefix_hit": keeps_blocks,
                 "packable": caps.packable,
                 "packed": executor.packed_passes > 0,
+                "argmax_gather": picked,
             }
             return {
                 "ways": ways,
@@ -195,6 +202,7 @@ def main(argv: list[str]) -> int:
             tokens, logprobs = greedy(model, PROMPT, TOKENS)
             line["forward"] = {"tokens": tokens, "logprobs": logprobs}
             line["served"] = served(model, group, TOKENS)
+            line["served_argmax"] = served(model, group, TOKENS, argmax=True)
         if group.rank() == 0:
             print(json.dumps(line), flush=True)
     return 0
