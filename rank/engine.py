@@ -266,7 +266,9 @@ class Leader:
             sampled = [run[0] for run in runs]
             if step.drafts:
                 self._speculated(step, runs)
-        elif step.drafts:  # speculation: each row's run of accepted drafts and one more token
+            return self.scheduler.update(step, runs)  # no grammar: argmax plans have no constrained row
+        assert out.logits is not None
+        if step.drafts:  # speculation: each row's run of accepted drafts and one more token
             runs = self.sampler.sample_runs(step.rows, out.logits, step.drafts, masks)
             sampled = [run[0] for run in runs]
             self._speculated(step, runs)
