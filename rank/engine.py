@@ -152,10 +152,18 @@ class Leader:
         return 0
 
     def _send(self, message: StepPlan | Heartbeat, label: str) -> None:
-        """Broadcast, then make sure every rank has it before entering collectives with them."""
+        """Broadcast; a message without collectives (a heartbeat, a plan with no forward pass) then waits
+        until every rank has it, so a dead or hung follower is named within the step timeout."""
         if self.watchdog is not None:
             self.watchdog.enter(label)
         self.bus.send(message)
+        if isinstance(message, StepPlan) and (message.prefill or message.decode_ids):
+            # Its forward pass starts with a collective that waits for every rank anyway: waiting for the
+            # acknowledgements first would cost a round trip per token across hosts. A rank that never
+            # arrives hangs the step, which the watchdog ends (naming it from the pulses and the
+            # acknowledgements, read here as they come).
+            self.bus.await_acks(0.0)
+            return
         missing = self.bus.await_acks(self.step_timeout)
         if missing:
             names = ", ".join(self.rank_name(r) for r in missing)
