@@ -36,7 +36,7 @@ from rank.env import local_ranks
 log = logging.getLogger("orchard")
 
 CHOICES = ("auto", "mpi", "ring", "jaccl")
-RING_MAX_RANKS = 3  # every rank is a neighbour of rank 0 (rank/executor.py sends it the logits slices)
+NEIGHBOURS = 3  # in a ring of up to 3 ranks every rank is a neighbour of rank 0 (sends reach it)
 HOSTFILE_ENV = "ORCHARD_HOSTFILE"  # the launcher's --hostfile, for the ranks (mpirun -x)
 
 
@@ -50,10 +50,14 @@ class Choice:
 
 @dataclass(frozen=True, slots=True)
 class TensorGroup:
-    """MLX's group for the tensor collectives (None for one rank) and the backend it runs on."""
+    """MLX's group for the tensor collectives (None for one rank) and the backend it runs on.
+    `point_to_point`: any rank can send to rank 0 (MPI; a JACCL mesh; a ring of up to 3 ranks, where
+    every rank is rank 0's neighbour); otherwise the vocabulary gather is an all-gather
+    (rank/executor.py)."""
 
     group: Any
     backend: str
+    point_to_point: bool = True
 
 
 def choose(
@@ -81,15 +85,6 @@ def choose(
                 "--collectives ring across hosts needs the hostfile (start with --hostfile, or export "
                 f"{HOSTFILE_ENV}=FILE and pass `-x {HOSTFILE_ENV}` to mpirun): it names each host's address"
             )
-        if ranks > RING_MAX_RANKS:
-            why = (
-                f"MLX's ring links each rank to its two neighbours only, and the vocabulary gather sends every "
-                f"rank's logits to rank 0: the ring serves up to {RING_MAX_RANKS} ranks, not {ranks}"
-            )
-            if requested == "ring":
-                raise ConfigError(f"--collectives ring: {why}; use mpi or jaccl")
-            log.warning("%s: using MPI", why)
-            return Choice("mpi", f"--collectives auto: {why}")
         return Choice(
             "ring", "--collectives ring" if requested == "ring" else "the hostfile's collectives=ring"
         )
@@ -278,7 +273,13 @@ def init_tensor_group(requested: str, mpi_group: Any, comm: Any) -> TensorGroup:
         raise ConfigError(
             f"the {picked} group sees rank {group.rank()} of {group.size()}, MPI rank {rank} of {comm.Get_size()}"
         )
-    return TensorGroup(group, picked)
+    size = group.size()
+    if picked == "ring":
+        point_to_point = size <= NEIGHBOURS
+    else:
+        assert hostfile is not None
+        point_to_point = size <= NEIGHBOURS or jaccl_topology(hostfile)[0] == "mesh"
+    return TensorGroup(group, picked, point_to_point)
 
 
 def _mpi_side_channel(comm: Any) -> Any:

@@ -94,6 +94,7 @@ class Executor:
         config: dict[str, Any] | None = None,
         kv_format: KvFormat | None = None,
         speculative: bool = False,
+        point_to_point: bool = True,
     ) -> None:
         self.model = model
         # unfused adapters (rank.lora_layers): slots 1..max_loras; none, and the layers stay as they are
@@ -125,6 +126,9 @@ class Executor:
         self.batch: list[Any] | None = None
         self.batch_ids: list[int] = []
         self.group = group if group is not None and group.size() > 1 else None
+        # every rank can send to rank 0 in `group` (rank.collectives.TensorGroup); if not (a ring of more
+        # than 3 ranks links neighbours only) the vocabulary gather is an all-gather
+        self.point_to_point = point_to_point
         self._packs = self.caps.packable  # a step in one pass (rank.packing, its seam from rank.mlx_patch)
         self._slice = self._head_slice() if self.group is not None and self.head.splits_vocabulary else None
         self.prompt_logprobs = PromptLogprobs()
@@ -421,17 +425,9 @@ class Executor:
         the followers never need the whole distribution)."""
         assert self._slice is not None
         head, counts = self._slice
-        local = head(last)  # in the model's dtype: half the bytes of fp32
-        if not self.want_logits:
-            mx.eval(mx.distributed.send(local, 0, group=self.group))
+        parts = self._to_rank0(head(last), counts)  # in the model's dtype: half the bytes of fp32
+        if parts is None:
             return StepOutput(row_ids, None, failed)
-        # The step's all-reduces first: a receive has no inputs, and must not be scheduled before them.
-        mx.eval(local)
-        rows = local.shape[0]
-        parts = [local] + [
-            mx.distributed.recv((rows, counts[i]), local.dtype, i, group=self.group)
-            for i in range(1, len(counts))
-        ]
         logits = mx.concatenate(parts, axis=1).astype(mx.float32)
         mx.eval(logits)  # where MLX releases the GIL (see below)
         return StepOutput(row_ids, logits, failed)
@@ -446,18 +442,38 @@ class Executor:
         lo = sum(counts[: self.group.rank()]) if self.group is not None else 0
         local = finite_logits(head(last).astype(mx.float32))
         best = mx.stack([local.max(axis=-1), (mx.argmax(local, axis=-1) + lo).astype(mx.float32)], axis=-1)
-        if not self.want_logits:
-            mx.eval(mx.distributed.send(best, 0, group=self.group))
+        parts = self._to_rank0(best, [2] * len(counts))
+        if parts is None:
             return StepOutput(row_ids, None, failed)
-        mx.eval(best)  # the step's all-reduces before the receives (see _vocab_parallel)
-        parts = [best] + [
-            mx.distributed.recv(best.shape, mx.float32, i, group=self.group) for i in range(1, len(counts))
-        ]
         every = mx.stack(parts)  # ranks x rows x (value, index)
         winner = mx.argmax(every[:, :, 0], axis=0)  # the first rank holding a row's maximum
         picks = mx.take_along_axis(every[:, :, 1], winner[None], axis=0)[0].astype(mx.int32)
         mx.eval(picks)  # where MLX releases the GIL
         return StepOutput(row_ids, None, failed, picks=picks.tolist())
+
+    def _to_rank0(self, local: mx.array, widths: list[int]) -> list[mx.array] | None:
+        """Every rank's `local` (rows x widths[rank]) on rank 0, in rank order; None on the others.
+        Point to point where every rank reaches rank 0; else one all-gather of the pieces padded to the
+        widest (every rank receives them all: more bytes, the same number of link delays as a ring)."""
+        assert self.group is not None
+        rows = local.shape[0]
+        if not self.point_to_point:
+            wide = max(widths)
+            padded = mx.pad(local, [(0, 0), (0, wide - local.shape[1])]) if local.shape[1] < wide else local
+            every = mx.distributed.all_gather(padded, group=self.group)  # ranks * rows x wide
+            mx.eval(every)  # where MLX releases the GIL
+            if not self.want_logits:
+                return None
+            return [every[i * rows : (i + 1) * rows, :w] for i, w in enumerate(widths)]
+        if not self.want_logits:
+            mx.eval(mx.distributed.send(local, 0, group=self.group))
+            return None
+        # The step's all-reduces first: a receive has no inputs, and must not be scheduled before them.
+        mx.eval(local)
+        return [local] + [
+            mx.distributed.recv((rows, widths[i]), local.dtype, i, group=self.group)
+            for i in range(1, len(widths))
+        ]
 
     def _release(self, seq_ids: tuple[int, ...]) -> None:
         if not seq_ids:

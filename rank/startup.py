@@ -54,15 +54,15 @@ class Started:
         return self.bus.rank
 
 
-def init_distributed(collectives: str = "mpi") -> tuple[Any, Transport]:
+def init_distributed(collectives: str = "mpi") -> tuple[Any, Transport, bool]:
     """MLX first, then mpi4py on the already initialised MPI (ENVIRONMENT.md). Returns MLX's group for the
-    tensor collectives (None for one rank; from the `--collectives` backend, rank/collectives.py) and the
-    bus's transport (always MPI)."""
+    tensor collectives (None for one rank; from the `--collectives` backend, rank/collectives.py), the
+    bus's transport (always MPI) and whether every rank reaches rank 0 point to point in that group."""
     from rank.transport import LocalTransport, MpiTransport
 
     world = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or "1"
     if not under_mpi() or world == "1":  # `mpirun -np 1` (or `--np 1`): a single rank needs no MPI
-        return None, LocalTransport()
+        return None, LocalTransport(), True
     import mlx.core as mx
 
     group = mx.distributed.init(backend="mpi", strict=True)
@@ -77,6 +77,7 @@ def init_distributed(collectives: str = "mpi") -> tuple[Any, Transport]:
     transport = MpiTransport(MPI.COMM_WORLD.Dup())
     if group.size() != transport.size:
         raise SystemExit(f"MLX sees {group.size()} ranks but MPI sees {transport.size}")
+    point_to_point = True
     if collectives != "mpi" and group.size() > 1:
         from rank.collectives import init_tensor_group
 
@@ -85,10 +86,11 @@ def init_distributed(collectives: str = "mpi") -> tuple[Any, Transport]:
         ):  # a rank whose ring or RDMA set-up fails must not strand the rest
             comm = MPI.COMM_WORLD.Dup()
             try:
-                group = init_tensor_group(collectives, group, comm).group
+                tensor = init_tensor_group(collectives, group, comm)
+                group, point_to_point = tensor.group, tensor.point_to_point
             finally:
                 comm.Free()
-    return (group if group.size() > 1 else None), transport
+    return (group if group.size() > 1 else None), transport, point_to_point
 
 
 class _Abortable(Protocol):
@@ -138,7 +140,7 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
     from rank.lora import adapter_digest, adapter_slots
     from rank.models import default_cache_dir, load_model, resolve_model
 
-    group, transport = init_distributed(getattr(args, "collectives", "mpi"))
+    group, transport, point_to_point = init_distributed(getattr(args, "collectives", "mpi"))
     rank, size = transport.rank, transport.size
     leader = rank == 0  # the only role check of start-up
     t0 = time.monotonic()
@@ -191,6 +193,7 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
                 config=config,
                 kv_format=kv_format(args),
                 speculative=getattr(args, "spec", "off") != "off",
+                point_to_point=point_to_point,
             )
             adapters = _load_loras(executor, args.lora, log.info if leader else log.debug)
             if ssd_store is not None:

@@ -156,15 +156,12 @@ def test_ring_binds_the_hosts_address_never_any(tmp_path: Path) -> None:
         os.unlink(path)
 
 
-def test_the_ring_serves_up_to_three_ranks(tmp_path: Path) -> None:
-    """Rank 0 gathers every rank's logits point to point, and MLX's ring only links neighbours."""
+def test_the_ring_serves_any_number_of_ranks(tmp_path: Path) -> None:
+    """MLX's ring links neighbours only: beyond 3 ranks the vocabulary gather is an all-gather (below)."""
     assert choose("ring", None, False, True, ranks=3).backend == "ring"
-    with pytest.raises(ConfigError, match="the ring serves up to 3 ranks, not 4; use mpi or jaccl"):
-        choose("ring", None, False, True, ranks=4)
+    assert choose("ring", None, False, True, ranks=4).backend == "ring"
     ring_file = read_hostfile(write(tmp_path, "# orchard: collectives=ring\nlocalhost slots=8\n"))
-    assert choose("auto", ring_file, False, True, ranks=3).backend == "ring"
-    fallback = choose("auto", ring_file, False, True, ranks=4)
-    assert fallback.backend == "mpi" and "up to 3 ranks" in fallback.reason
+    assert choose("auto", ring_file, False, True, ranks=5).backend == "ring"
 
 
 @pytest.mark.cluster
@@ -176,6 +173,27 @@ def test_ring_tp2_greedy_equals_tp1_token_for_token(job_factory, tiny_model: Pat
     single.stop()
     job: Job = job_factory.start(2, tiny_args(tiny_model, "--collectives", "ring"), "coll-ring-tp2")
     assert [greedy_ids(job, p) for p in PROMPTS] == expected
+    assert "tensor collectives: ring (--collectives ring)" in job.log()
+    job.stop()
+
+
+@pytest.mark.cluster
+def test_ring_tp4_gathers_the_vocabulary_from_non_neighbours(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """Rank 2 of a 4-rank ring is no neighbour of rank 0: its logits slice (or its greedy pick) comes by
+    all-gather. Rows with logprobs gather slices, plain greedy ones picks: both equal one rank's tokens."""
+    from tests.test_cluster import PROMPTS, client, greedy_ids
+
+    def texts(job: Job) -> list[str]:  # greedy without logprobs: the ranks send their picks
+        return [
+            client(job).completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0).choices[0].text
+            for p in PROMPTS[:2]
+        ]
+
+    single = job_factory.start(1, tiny_args(tiny_model), "coll-tp1-for-4")
+    expected = [greedy_ids(single, p, n=8) for p in PROMPTS[:2]], texts(single)
+    single.stop()
+    job: Job = job_factory.start(4, tiny_args(tiny_model, "--collectives", "ring"), "coll-ring-tp4")
+    assert ([greedy_ids(job, p, n=8) for p in PROMPTS[:2]], texts(job)) == expected  # slices, then picks
     assert "tensor collectives: ring (--collectives ring)" in job.log()
     job.stop()
 
