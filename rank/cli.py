@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-prefill-chunk",
         type=int,
         default=1024,
-        help="prompt tokens per step while no sequence is decoding (no stream to keep waiting; 0: "
-        "always --prefill-chunk)",
+        help="prompt tokens per step at most while no sequence is decoding (no stream to keep waiting) or "
+        "while more sequences wait for their first token than decode (--prefill-chunk per waiting one per "
+        "decoding one: a burst of requests starts in fewer, larger steps); 0: always --prefill-chunk",
     )
     lim.add_argument(
         "--max-queue",

@@ -376,3 +376,26 @@ def test_argmax_plans_only_when_every_row_takes_the_plain_greedy_pick() -> None:
     for rid, t in (("g", 0.0), ("s", 0.8)):
         s.add(GenerationRequest(rid, (1, 2, 3), SamplingParams(max_tokens=2, temperature=t), sink=lambda e: None))
     assert not any(p.argmax for p in run(s)[0] if p.prefill or p.decode_ids)
+
+
+def test_a_burst_prefills_in_larger_steps_while_starters_outnumber_decoders() -> None:
+    """More sequences waiting for their first token than decoding: prefill_chunk per starter per decoder
+    (at most the idle chunk); as many decoding as starting: short steps again."""
+    s = make(max_batch=8, chunk=10, idle=40)
+    s.add(request("a", 10))
+    step = s.schedule()  # "a" alone, idle: its whole prompt
+    s.update(step, sample(step))  # "a" decodes from now on
+    for rid in "bcdef":  # five starters beside one decoder: 5 x 10, capped at 40
+        s.add(request(rid, 30))
+    step = s.schedule()
+    assert sum(p.end - p.start for p in step.plan.prefill) == 40 and len(step.plan.decode_ids) == 1
+    s.update(step, sample(step))
+    s = make(max_batch=8, chunk=10, idle=40)
+    for rid in "abc":
+        s.add(request(rid, 5))
+    step = s.schedule()
+    s.update(step, sample(step))  # three decoding
+    for rid in "de":  # two starters, three decoders: plain chunks
+        s.add(request(rid, 30))
+    plan = s.schedule().plan
+    assert sum(p.end - p.start for p in plan.prefill) == 10 and len(plan.decode_ids) == 3
