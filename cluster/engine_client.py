@@ -70,6 +70,9 @@ class EngineClient:
         self.failure: str | None = None
         self.snapshot: JobSnapshot | None = None  # the engine's published view, replaced whole (never torn)
         self.admission_paused = False  # an operator's pause: 503 for new requests, the job keeps running
+        # Requests the HTTP side is still preparing (rendering, tokenizing: api/prompts.py sets this): an
+        # idle engine waits briefly for them so that a burst starts in one prefill (rank/engine.py).
+        self.preparing: Callable[[], int] = lambda: 0
 
     def attach(self, scheduler: Scheduler) -> None:
         """The engine's scheduler, whose queue and requests the door counts as its own backlog."""

@@ -189,3 +189,33 @@ def test_tiny_capacity_evicts_and_stays_correct(tiny_model: Path) -> None:
         assert index.stats.evictions > 0
     finally:
         eng.stop()
+
+
+def test_an_idle_engine_waits_for_a_burst_the_api_is_still_preparing(tiny_model: Path) -> None:
+    """While the HTTP side reports requests on their way (api/prompts.py), an idle engine holds the first
+    one back briefly so the burst starts in one step; a lone request starts at once."""
+    eng = LocalEngine(tiny_model, max_batch=4, chunk=64)
+    try:
+        warm = eng.submit("warm", eng.tokenizer.encode("warm up"), SamplingParams(temperature=0, max_tokens=2))
+        wait_all([warm])
+        time.sleep(0.2)  # and its release step
+        preparing = [0]
+        eng.client.preparing = lambda: preparing[0]
+        steps = eng.leader.steps
+        preparing[0] = 2  # two more are being tokenized
+        params = SamplingParams(temperature=0, max_tokens=2)
+        first = eng.submit("b0", eng.tokenizer.encode("first of a burst"), params)
+        time.sleep(0.02)
+        assert eng.leader.steps == steps and not first  # held: its companions are on their way
+        rest = [eng.submit(f"b{i}", eng.tokenizer.encode(f"burst {i}"), params) for i in (1, 2)]
+        preparing[0] = 0
+        wait_all([first, *rest])
+        started = eng.leader.steps
+        assert started - steps <= 3  # one prefill step for all three, then their decode steps
+        preparing[0] = 5  # stuck high: the wait is bounded
+        t0 = time.monotonic()
+        late = eng.submit("lone", eng.tokenizer.encode("alone"), SamplingParams(temperature=0, max_tokens=1))
+        wait_all([late], timeout=10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        eng.stop()

@@ -90,6 +90,7 @@ def test_health_and_small_prompts_answer_while_a_large_prompt_renders(app: FastA
             assert time.monotonic() < deadline, "the large prompt never reached the pool"
             await asyncio.sleep(0.001)
         in_pool = time.monotonic()
+        assert app.state.service.client.preparing() >= 1  # the engine sees a request on its way
         answered = [in_pool]  # when /health and a small prompt were last answered
         while not big.done():  # while the large prompt renders, then while it is tokenized
             health = await http.get("/health")
