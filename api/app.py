@@ -19,7 +19,16 @@ from api.adapters import router as adapters_router
 from api.admin import metrics_registry, metrics_router
 from api.admin import router as admin_router
 from api.errors import error_body, install_error_handlers
-from api.front import BodyGuard, HostGuard, connection_room, host_name, is_loopback_name, protocol_for
+from api.front import (
+    ArrivalCount,
+    Arrivals,
+    BodyGuard,
+    HostGuard,
+    connection_room,
+    host_name,
+    is_loopback_name,
+    protocol_for,
+)
 from api.looplag import LoopLag
 from api.openai_routes import router as openai_router
 from api.openapi_docs import HEALTH_RESPONSES, install_openapi
@@ -138,6 +147,9 @@ def create_app(service: Service) -> FastAPI:
 
     install_openapi(app)
     app.add_middleware(ApiKeyAuth, keys=service.config.api_keys)
+    arriving = ArrivalCount()
+    service.client.preparing = lambda: arriving.count
+    app.add_middleware(Arrivals, counter=arriving)
     app.add_middleware(
         BodyGuard,
         max_bytes=service.config.limits.max_body_bytes,

@@ -183,6 +183,50 @@ def is_loopback_name(name: str) -> bool:
         return False
 
 
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_ARRIVING = "orchard.arriving"
+
+
+class ArrivalCount:
+    """Generation requests between their first byte and their submission to the engine (body, checks,
+    template, tokenizer): an idle engine waits briefly while there are any, so that a burst starts in
+    one prefill step (rank/engine.py). `count` is read from the engine thread (an int: no lock)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class Arrivals:
+    """Counts generation requests into an `ArrivalCount` until `arrived` (or their end)."""
+
+    def __init__(self, app: ASGIApp, counter: ArrivalCount) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope.get("path") not in GENERATION_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        self.counter.count += 1
+        scope.setdefault("state", {})[_ARRIVING] = self.counter
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            arrived(scope)  # refused before submission, or failed
+
+
+def arrived(scope: Scope) -> None:
+    """The request reached the engine (or never will): it no longer counts as arriving. Idempotent."""
+    state = scope.get("state")
+    arrivals = state.pop(_ARRIVING, None) if state is not None else None
+    if arrivals is not None:
+        arrivals.count -= 1
+
+
 class BodyGuard:
     """413 for bodies over the limit, by Content-Length or by counting what arrives (chunked bodies have no
     length); 408 for a body not sent within `request_read_timeout` of the headers. Both answer at once,

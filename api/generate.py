@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.errors import APIError, error_body
+from api.front import arrived
 from api.render import ChatOutput, ChatRender, TextRender
 from api.service import Service
 from cluster.requests import (
@@ -121,6 +122,7 @@ async def run(request: Request, svc: Service, spec: Run) -> Any:
             err.headers.update(headers)
             raise err
         accepted.append(c.request_id)
+    arrived(request.scope)  # in the engine's inbox: no longer arriving (api/front.py)
     states = {c.request_id: _State(c) for c in spec.choices}
     render = (ChatRender if spec.kind == "chat" else TextRender)(svc, spec.as_ids, spec.adapter)
     created = int(time.time())

@@ -97,9 +97,6 @@ def prompt_pool(app: FastAPI) -> PromptPool:
     pool: PromptPool | None = getattr(app.state, "prompt_pool", None)
     if pool is None:
         pool = app.state.prompt_pool = PromptPool()
-        service = getattr(app.state, "service", None)
-        if service is not None:  # the engine sees requests on their way (an int read: no lock needed)
-            service.client.preparing = lambda: pool.in_flight
     return pool
 
 

@@ -135,6 +135,8 @@ def test_worker_errors_are_the_same_openai_400s(app: FastAPI) -> None:
         )
         fine = chat([{"role": "user", "content": "hello"}])
         assert error_of(await http.post(CHAT, json=fine), 503)["code"] == "unavailable"
+        # none of them is still counted as on its way to the engine (which waits for such requests)
+        assert app.state.service.client.preparing() == 0
 
     run(app, scenario)
 
