@@ -38,6 +38,12 @@ from rank.packing import Attend
 # Below this many scores (batch x heads x queries x keys) MLX's own kernel is used: its exps cost about
 # what breaking the graph does (measured: equal at 4.6 Ki scores, numpy 2.3x faster at 22 Ki).
 MIN_SCORES = 1 << 13
+# ... and for decode steps (a few queries per row, the batch's rows each with a mask row), where leaving
+# the graph at every layer costs more: 8 chats of ~170 positions (12 Ki scores) decoded in 90 ms a step
+# with MLX's kernel, 98 with numpy; a shared 1,550-token document (112 Ki) in 235 against 148 ms: even
+# at about 21 Ki (benchmarks/serve_bench.py distinct and shared-prefix, 8 streams, step log).
+MIN_DECODE_SCORES = 24 << 10
+DECODE_QUERIES = 17  # queries a row feeds in a decode step: its token and up to 16 drafts (--spec-tokens)
 # Queries a block: a causal block skips the keys after its last query, so smaller blocks skip more, down
 # to where the matmuls get too thin (1,555-token prompt: 39 ms at 256, 43 at 512, 45 at 64, 67 unblocked).
 QUERY_BLOCK = 256
@@ -120,7 +126,8 @@ def attention_for(fallback: Attend) -> Attend:
         # (a packed row's segments come with no cache: the quick test first)
         if sinks is None and (cache is None or (isinstance(keys, mx.array) and not hasattr(cache, "bits"))):
             b, h, q_len, _ = queries.shape
-            if b * h * q_len * keys.shape[2] >= MIN_SCORES:
+            floor = MIN_DECODE_SCORES if q_len <= DECODE_QUERIES else MIN_SCORES
+            if b * h * q_len * keys.shape[2] >= floor:
                 return attention(queries, keys, values, scale, mask)
         return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
