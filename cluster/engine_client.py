@@ -70,8 +70,8 @@ class EngineClient:
         self.failure: str | None = None
         self.snapshot: JobSnapshot | None = None  # the engine's published view, replaced whole (never torn)
         self.admission_paused = False  # an operator's pause: 503 for new requests, the job keeps running
-        # Requests the HTTP side is still preparing (rendering, tokenizing: api/prompts.py sets this): an
-        # idle engine waits briefly for them so that a burst starts in one prefill (rank/engine.py).
+        # Requests the HTTP side is still reading or preparing (counted by api/front.py, set by api/app.py):
+        # an idle engine waits briefly for them so that a burst starts in one prefill (rank/engine.py).
         self.preparing: Callable[[], int] = lambda: 0
 
     def attach(self, scheduler: Scheduler) -> None:
