@@ -80,6 +80,7 @@ def _plan(
         [] if unload is None else unload,
         [],  # decode_drafts (protocol 8)
         [],  # rollback
+        False,  # argmax (protocol 9)
     ]
     return msgpack.packb([PROTOCOL_VERSION, 1, body], use_bin_type=True)
 
