@@ -71,6 +71,8 @@ def main() -> int:
     ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     # What compare's helpers read from their arguments:
     args.workload, args.prefix_tokens, args.temperature, args.kv_ssd = "distinct", 0, 0.0, "none"
+    args.send_seed = False  # like for like: no per-request seed (compare.py)
+    args.single_requests = 0  # no batching check: the servers compared here are Orchard alone
     temp = args.model_dir is None
     if temp:
         args.model_dir = Path(tempfile.mkdtemp(prefix="orchard-tp-model-"))
