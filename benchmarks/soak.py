@@ -315,10 +315,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler(client, token, args.sample_every, start, stop, soak))
         probing = start_prober(args.url, args.health_every, args.probe_nice, args.probe_realtime)
+        uptime = float(first.get("uptime_s", 0.0))
         print(
-            f"soak: {args.minutes} min against {args.url} ({args.model}), {args.concurrency} at once",
+            f"soak: {args.minutes} min against {args.url} ({args.model}, up {uptime:.0f} s), "
+            f"{args.concurrency} at once",
             file=sys.stderr,
         )
+        if uptime > 300:  # a soak of a fresh server meant: a leftover one may still hold the port
+            print(f"soak: note: this server has been up {uptime / 60:.1f} min already", file=sys.stderr)
         await asyncio.gather(
             *(worker(client, args, args.seed + i, deadline, soak) for i in range(args.concurrency))
         )
@@ -333,6 +337,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "url": args.url,
         "prober": {"nice": args.probe_nice, "realtime": args.probe_realtime, "every_s": args.health_every},
         "model": args.model,
+        "server_uptime_at_start_s": round(uptime, 1),
         "minutes": round(wall / 60, 2),
         "requests": soak.started,
         "outcomes": dict(soak.outcomes),
