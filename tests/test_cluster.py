@@ -112,6 +112,26 @@ def test_tp2_greedy_equals_tp1_token_for_token(tiny_tp2: Job, tiny_tp1: Job) -> 
         assert greedy_ids(tiny_tp2, prompt) == greedy_ids(tiny_tp1, prompt), prompt
 
 
+def test_tp2_concurrent_plain_greedy_equals_tp1(tiny_tp2: Job, tiny_tp1: Job) -> None:
+    """Plain greedy requests (no logprobs) batched together: their steps gather each rank's pick, not its
+    slice of the vocabulary (StepPlan.argmax); one request with logprobs among them turns a step's gather
+    back to slices. Both give one rank's text, all at once."""
+
+    def texts(job: Job) -> list[str]:
+        c = client(job)
+
+        def one(i: int) -> str:
+            extra = {"logprobs": 1} if i == len(PROMPTS) else {}
+            prompt = PROMPTS[i % len(PROMPTS)]
+            r = c.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, **extra)  # type: ignore[call-overload]
+            return str(r.choices[0].text)
+
+        with cf.ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
+            return list(pool.map(one, range(len(PROMPTS) + 1)))
+
+    assert texts(tiny_tp2) == texts(tiny_tp1)
+
+
 def test_bad_input_gets_4xx_and_the_cluster_keeps_serving(tiny_tp2: Job) -> None:
     url = tiny_tp2.url
     before = greedy_ids(tiny_tp2, PROMPTS[0])
