@@ -180,7 +180,8 @@ def loop_at(soak: Soak, unix: float) -> float | None:
 
 def health_prober(url: str, every: float) -> int:
     """/health on a connection of its own, as a load balancer would probe it, until standard input closes;
-    one line per probe on standard output: "<unix time> <ms> <status>" (status 0: no answer). Run as a
+    one line per probe on standard output: "<unix time> <ms> <status> <ms until the server answered> <ms
+    after it>" (status 0: no answer; the split is nan from a server whose /health has no "time"). Run as a
     process of its own (`--probe-health`): in the load generator's process, the GIL taken by 200 streams'
     parsing would be timed as server delay (a thread there saw up to 265 ms that the server never spent)."""
     stop = threading.Event()
