@@ -272,6 +272,11 @@ def _memory_metrics(snap: JobSnapshot) -> Iterator[Any]:
     yield CounterMetricFamily(
         "orchard_kv_delayed_requests", "Requests that waited for KV memory before starting.", value=m.delayed
     )
+    yield GaugeMetricFamily(
+        "orchard_kv_live_quantized_sequences",
+        "Running sequences whose KV cache is quantized (--kv-live-from).",
+        value=m.quantized,
+    )
 
 
 def _speculation_metrics(snap: JobSnapshot) -> Iterator[Any]:

@@ -41,12 +41,33 @@ class KvCost:
 
     token_bytes: int
     step: int = STEP
+    # --kv-live-from (rank.livequant): a cache holding `live_from` positions or more is quantized, each
+    # position then `quant_token_bytes`; None: never
+    live_from: int | None = None
+    quant_token_bytes: int = 0
 
     def bytes(self, tokens: int) -> int:
         """At most what a cache holding `tokens` positions has allocated: a cache that grows allocates
         `step` more positions at once (mlx-lm's `BatchKVCache` from its current length, not a multiple of
         the step; `KVCache` a multiple of the step past the chunk it appends)."""
         return (tokens + self.step) * self.token_bytes if tokens > 0 else 0
+
+    def live(self, tokens: int) -> bool:
+        """Whether a cache of `tokens` positions is quantized."""
+        return self.live_from is not None and tokens >= self.live_from
+
+    def quant_bytes(self, tokens: int) -> int:
+        return (tokens + self.step) * self.quant_token_bytes if tokens > 0 else 0
+
+    def held(self, tokens: int) -> int:
+        """What one sequence's own cache of `tokens` positions holds now, in whichever form it is."""
+        return self.quant_bytes(tokens) if self.live(tokens) else self.bytes(tokens)
+
+    def batch(self, lengths: Sequence[int]) -> int:
+        """The decode batch of rows of these lengths now: each form's rows padded to its longest."""
+        quant = [n for n in lengths if self.live(n)]
+        plain = [n for n in lengths if not self.live(n)]
+        return len(plain) * self.bytes(max(plain, default=0)) + len(quant) * self.quant_bytes(max(quant, default=0))
 
 
 class KvMemory:
@@ -69,7 +90,7 @@ class KvMemory:
 
     def need(self, prompt_tokens: int, max_tokens: int) -> int:
         """Bytes per rank a request needs alone, at its longest."""
-        return self.cost.bytes(self.final_tokens(prompt_tokens, max_tokens))
+        return self.reserved([self.final_tokens(prompt_tokens, max_tokens)])
 
     def refusal(self, prompt_tokens: int, max_tokens: int) -> str | None:
         """Why a request can never run (for a 400), or None: what it needs and what the job has."""
@@ -77,7 +98,7 @@ class KvMemory:
         if need <= self.budget_bytes:
             return None
         tokens = self.final_tokens(prompt_tokens, max_tokens)
-        most = max(0, self.budget_bytes // self.cost.token_bytes - self.cost.step)
+        most = self._most_alone()
         return (
             f"this request needs {need / GIB:.2f} GiB of KV cache per rank ({prompt_tokens} prompt tokens + "
             f"max_tokens up to {tokens} positions), but the job has {self.budget_bytes / GIB:.2f} GiB per "
@@ -92,15 +113,35 @@ class KvMemory:
     def room(self, prompt_tokens: int) -> int:
         """The most completion tokens a request of `prompt_tokens` can have within the budget alone (0:
         none; then `refusal` says why): what a default `max_tokens` is capped to."""
-        most = self.budget_bytes // self.cost.token_bytes - self.cost.step
-        return max(0, min(most, self.context_length) - prompt_tokens)
+        return max(0, min(self._most_alone(), self.context_length) - prompt_tokens)
+
+    def _most_alone(self) -> int:
+        """The most positions (prompt and completion) one sequence can reach within the budget."""
+        if self.cost.live_from is None:
+            return max(0, self.budget_bytes // self.cost.token_bytes - self.cost.step)
+        lo, hi = 0, self.budget_bytes // max(1, min(self.cost.token_bytes, self.cost.quant_token_bytes or 1))
+        while lo < hi:  # reserved() of one row grows with its length
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.reserved([mid]) <= self.budget_bytes else (lo, mid - 1)
+        return lo
 
     def _final(self, req: Request) -> int:
         return self.final_tokens(req.prompt_len, req.sampling.max_tokens)
 
     def reserved(self, finals: Sequence[int]) -> int:
-        """The batch of these sequences at their final lengths: every row as long as the longest."""
-        return len(finals) * self.cost.bytes(max(finals)) if finals else 0
+        """The batch of these sequences at their final lengths: every row as long as the longest. With
+        live quantization, every row may still be in the model's dtype up to `live_from` positions, and
+        the rows that pass it are quantized up to their final length: both are charged at once (a row
+        that is quantized copies itself before it lets go of the other form)."""
+        if not finals:
+            return 0
+        cost = self.cost
+        if cost.live_from is None:
+            return len(finals) * cost.bytes(max(finals))
+        longest = max(finals)
+        plain = len(finals) * cost.bytes(min(longest, cost.live_from))
+        quant = [n for n in finals if cost.live(n)]
+        return plain + len(quant) * cost.quant_bytes(max(quant, default=0))
 
     # -- the scheduler's calls -------------------------------------------------------------------
     def admits(self, active: Sequence[Request], candidate: Request) -> bool:
@@ -124,9 +165,12 @@ class KvMemory:
         lengths = [r.computed + len(r.output) for r in active]
         decoding = [n for r, n in zip(active, lengths, strict=True) if r.output]
         prefilling = [n for r, n in zip(active, lengths, strict=True) if not r.output]
-        batch = len(decoding) * self.cost.bytes(max(decoding)) if decoding else 0
-        own = sum(self.cost.bytes(n) for n in prefilling)
-        padding = batch - sum(n * self.cost.token_bytes for n in decoding)
+        batch = self.cost.batch(decoding)
+        own = sum(self.cost.held(n) for n in prefilling)
+        used = sum(
+            n * (self.cost.quant_token_bytes if self.cost.live(n) else self.cost.token_bytes) for n in decoding
+        )
+        padding = batch - used
         blocked = waiting if self._blocked is not None else 0
         self._blocked = None
         if not waiting:
@@ -139,6 +183,8 @@ class KvMemory:
             blocked,
             self._admitted,
             self._delayed,
+            self.cost.live_from or 0,
+            sum(1 for n in lengths if self.cost.live(n)),
         )
 
     def view(self) -> MemoryView:

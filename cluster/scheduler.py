@@ -42,6 +42,10 @@ class SchedulerConfig:
     # on a 2-core CPU: 8 chats arriving at once, 987 prompt tokens in 4 steps of 256 took 2.7 s, in one
     # 2.1 s; the decoding stream also stalls less in all). 0: always prefill_chunk.
     idle_prefill_chunk: int = 1024
+    # --kv-live-from (rank.livequant): a sequence's cache is quantized once it holds this many positions;
+    # a prompt chunk never crosses it and a row below it drafts nothing past it, so position p attends to
+    # quantized keys exactly when p >= live_from, however the prompt was chunked. None: off.
+    live_from: int | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -241,6 +245,8 @@ class Scheduler:
             end = min(req.prompt_len, req.computed + budget)
             if _computes_prompt(req):  # rank 0 holds a chunk's logits, chunk x vocabulary: keep it short
                 end = min(end, req.computed + cfg.prefill_chunk)
+            if cfg.live_from is not None and req.computed < cfg.live_from < end:
+                end = cfg.live_from  # the ranks quantize the sequence's cache before its next chunk
             k = req.sampling.prompt_logprobs if _computes_prompt(req) else None
             prefill.append(
                 PrefillChunk(
@@ -298,9 +304,11 @@ class Scheduler:
         """Drafts a row may verify: what it emits (accepted drafts and one more) stays within max_tokens
         and the context."""
         done = len(req.output)
-        return max(
-            0, min(req.sampling.max_tokens - done, self.config.context_length - req.prompt_len - done) - 1
-        )
+        room = min(req.sampling.max_tokens - done, self.config.context_length - req.prompt_len - done) - 1
+        held = req.prompt_len + done - 1  # positions the ranks hold; the step feeds 1 + drafts from there
+        if self.config.live_from is not None and held < self.config.live_from:
+            room = min(room, self.config.live_from - held - 1)  # every fed position below live_from
+        return max(0, room)
 
     def clear_prefix_cache(self, tier: str = "ram") -> int:
         """Drop every cached block of a tier that no running sequence uses; the next plan tells the ranks."""

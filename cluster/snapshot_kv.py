@@ -77,6 +77,8 @@ class MemoryView:
     waiting_for_memory: int
     admitted: int  # requests admitted against the budget since start
     delayed: int  # of them, those that waited for memory first
+    live_from: int = 0  # --kv-live-from: caches quantized from this many positions (0: off)
+    quantized: int = 0  # running sequences whose cache is quantized now
 
     @property
     def pressure(self) -> float:

@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="values per quantization group, along the head dimension",
     )
     kv.add_argument(
+        "--kv-live-from",
+        type=_live_from,
+        default=None,
+        metavar="N|off",
+        help="quantize a running sequence's KV cache, in --kv-bits' format, once it holds N positions (as "
+        "mlx-lm's --quantized-kv-start): 3.6x the positions per byte for an fp32 model, 1.9x for bf16; off "
+        "by default: on a CPU quantized attention is slower at every length (docs/kv-quantization.md)",
+    )
+    kv.add_argument(
         "--kv-budget",
         type=float,
         default=None,
@@ -356,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _live_from(value: str) -> int | None:
+    """`--kv-live-from`: a position count of at least 1, or "off"."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number of positions nor 'off'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 (or 'off')")
+    return n
+
+
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     keys = list(args.api_key)
     env = os.environ.get("ORCHARD_API_KEYS", "")
@@ -441,6 +463,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--kv-ssd-queue-mb must be 0 or more")
     if getattr(args, "kv_budget", None) is not None and args.kv_budget <= 0:
         raise ConfigError("--kv-budget must be positive (GiB per rank)")
+    if getattr(args, "kv_live_from", None) is not None and args.kv_bits == 16:
+        raise ConfigError("--kv-live-from quantizes running caches in --kv-bits' format: use --kv-bits 8 or 4")
     if args.spec is None:
         args.spec = "draft" if args.draft_model else "ngram"
     if not 1 <= args.spec_tokens <= 16:

@@ -31,6 +31,7 @@ from cluster.messages import PrefillChunk, StepPlan
 from cluster.requests import TokenLogprob
 from rank import mlx_patch, model_caps
 from rank.kvquant import KvFormat
+from rank.livequant import LiveBatch, LiveQuant, quantized
 from rank.lora_layers import LoraSlots
 from rank.model_head import ModelHead, VocabSlice
 from rank.packing import RowLayout, pass_caches
@@ -95,6 +96,7 @@ class Executor:
         kv_format: KvFormat | None = None,
         speculative: bool = False,
         point_to_point: bool = True,
+        live_from: int | None = None,
     ) -> None:
         self.model = model
         # unfused adapters (rank.lora_layers): slots 1..max_loras; none, and the layers stay as they are
@@ -141,6 +143,25 @@ class Executor:
                 "speculative decoding off: it needs plain KV caches that can be rolled back (%s)",
                 self.caps.reason,
             )
+        # --kv-live-from: running caches quantized past a length (rank.livequant), in the blocks' format
+        self.live = self._live_quant(live_from, logging.WARNING if want_logits else logging.DEBUG)
+        self._ragged = self.speculates or self.live is not None  # the batch's rows end where they do
+
+    def _live_quant(self, start: int | None, level: int) -> LiveQuant | None:
+        if start is None:
+            return None
+        geometry = self.caps.geometry
+        why = None
+        if not self.kv.quantized:
+            why = f"the blocks' format is {self.kv.name} (--kv-bits 8 or 4 sets the live format too)"
+        elif not (self.caps.prefix_blocks and self._packs and self.caps.batch_decode) or geometry is None:
+            why = f"it needs plain KV caches and the packed-step seam ({self.caps.reason})"
+        elif geometry.key_dim != geometry.value_dim:
+            why = "keys and values of different widths"
+        if why is not None:
+            log.log(level, "live quantized KV off: %s", why)
+            return None
+        return LiveQuant(start, self.kv.bits, self.kv.group_size)
 
     @property
     def num_sequences(self) -> int:
@@ -194,6 +215,10 @@ class Executor:
             at = _positions(self.prefilling[chunk.seq_id])
             if at is not None and at != chunk.start:
                 raise EngineError(f"sequence {chunk.seq_id}: prefill at {chunk.start}, cache at {at}")
+            if self.live is not None and at is not None and self.live.due(at):
+                caches = self.prefilling[chunk.seq_id]
+                if not quantized(caches):  # before the pass: its positions from here on see quantized K/V
+                    self.prefilling[chunk.seq_id] = self.live.quantize(caches)
             self.prefill_tokens += chunk.end - chunk.start
         # A step is its prompt chunks, then its decode rows. Packed (rank.packing), they all run in one
         # pass, the batch arranged first (a sequence is never prefilled and decoded in one step);
@@ -295,7 +320,7 @@ class Executor:
         cache = pass_caches([self.prefilling[c.seq_id] for c in chunks], layout, self.batch)
         with self._adapters(chunks, decode_ids, width):
             h = self.inner(inputs, cache=cache)
-        if decode_ids and self.speculates:  # the batch is ragged: rows keep what they fed
+        if decode_ids and self._ragged:  # the batch is ragged: rows keep what they fed
             assert self.batch is not None
             for c in self.batch:
                 c.advance(counts)
@@ -332,7 +357,7 @@ class Executor:
     def _rollback(self, lengths: tuple[tuple[int, int], ...]) -> None:
         """Sequences keep the positions rank 0 accepted in the step before (speculation's drafts)."""
         for sid, n in lengths:
-            if sid in self.batch_ids and self.speculates:
+            if sid in self.batch_ids and self._ragged:
                 assert self.batch is not None
                 row = self.batch_ids.index(sid)
                 for c in self.batch:
@@ -385,10 +410,28 @@ class Executor:
             stored = [self.blocks[b] for b in block_ids]
         except KeyError as exc:
             raise EngineError(f"cached block {exc} is not on this rank (ranks out of step)") from None
+        if self.live is not None and self.live.due(len(block_ids) * self.block_tokens):
+            return self._quantized_from_blocks(stored)
         k_all, v_all = geometry.unpack(*self.kv.decode(stored))
         for layer, cache in enumerate(caches):
             cache.keys, cache.values = k_all[layer][None], v_all[layer][None]
             cache.offset = k_all.shape[2]
+        return caches
+
+    def _quantized_from_blocks(self, stored: list[tuple[mx.array, ...]]) -> list[Any]:
+        """A sequence's caches, quantized (rank.livequant), straight from blocks of the same format: the
+        numbers it held when the blocks were stored, bit for bit."""
+        from mlx_lm.models.cache import QuantizedKVCache
+
+        assert self.live is not None
+        parts = self.kv.join(stored)
+        caches = []
+        for layer in range(self.num_layers):
+            c = QuantizedKVCache(self.live.group_size, self.live.bits)
+            c.keys = tuple(p[layer][None] for p in parts[:3])
+            c.values = tuple(p[layer][None] for p in parts[3:])
+            c.offset = int(parts[0].shape[2])
+            caches.append(c)
         return caches
 
     def _store(self, seq_id: int, first: int, block_ids: tuple[int, ...]) -> None:
@@ -404,9 +447,17 @@ class Executor:
             lo, hi = (first + i) * b, (first + i + 1) * b
             if hi > cache[0].offset:
                 raise EngineError(f"block {first + i} of sequence {seq_id} is not computed yet")
-            k = mx.stack([c.keys[0, :, lo:hi, :] for c in cache])
-            v = mx.stack([c.values[0, :, lo:hi, :] for c in cache])
-            self.blocks[block_id] = parts = self.kv.encode(*geometry.pack(k, v))
+            if quantized(cache):  # already in the blocks' format (rank.livequant): the same numbers
+                parts = tuple(
+                    mx.stack([getattr(c, side)[i][0, :, lo:hi, :] for c in cache])
+                    for side in ("keys", "values")
+                    for i in range(3)
+                )
+            else:
+                k = mx.stack([c.keys[0, :, lo:hi, :] for c in cache])
+                v = mx.stack([c.values[0, :, lo:hi, :] for c in cache])
+                parts = self.kv.encode(*geometry.pack(k, v))
+            self.blocks[block_id] = parts
             new += parts
         mx.eval(new)
 
@@ -510,12 +561,15 @@ class Executor:
             for c in self.batch:
                 c.filter(order)  # each cache type's own reordering
             self.batch_ids = list(decode_ids)
+        if self.live is not None and self.batch is not None:
+            for c in self.batch:  # rows that reached the length: quantized before this pass
+                c.quantize_rows(self.live)
 
     def _join(self, seq_ids: list[int], caches: list[list[Any]]) -> None:
         """Sequences that finished prefilling become rows of the batch, each layer's caches merged by
         their own type (as mlx-lm's `_merge_caches`). All of a step's at once: every extend copies the
         whole batch, so one at a time cost a copy of every row per newcomer."""
-        merge = RaggedKVCache.merge if self.speculates else None
+        merge = LiveBatch.merge if self.live is not None else RaggedKVCache.merge if self.speculates else None
         merged = [(merge or layer[0].merge)(list(layer)) for layer in zip(*caches, strict=True)]
         if self.batch is None:
             self.batch = merged

@@ -92,13 +92,17 @@ class KvFormat:
             out += (packed, scales, biases)
         return tuple(out)
 
-    def decode(self, blocks: list[tuple[mx.array, ...]]) -> tuple[mx.array, mx.array]:
-        """Consecutive stored blocks as one pair of arrays in the model's dtype (concatenated along the
-        token axis, dequantized once)."""
-        joined = [
+    def join(self, blocks: list[tuple[mx.array, ...]]) -> list[mx.array]:
+        """Consecutive stored blocks' parts, each concatenated along the token axis (still as stored)."""
+        return [
             mx.concatenate([b[i] for b in blocks], axis=2) if len(blocks) > 1 else blocks[0][i]
             for i in range(self.parts)
         ]
+
+    def decode(self, blocks: list[tuple[mx.array, ...]]) -> tuple[mx.array, mx.array]:
+        """Consecutive stored blocks as one pair of arrays in the model's dtype (concatenated along the
+        token axis, dequantized once)."""
+        joined = self.join(blocks)
         if not self.quantized:
             return joined[0], joined[1]
         g, b = self.group_size, self.bits
@@ -153,7 +157,11 @@ def kv_memory(args: Any, executor: Any, ram_tier_bytes: int, context_length: int
     if geometry is None:
         log.info("KV memory admission off: this model's layers keep caches of different shapes")
         return None
-    cost = KvCost(geometry.bytes(1))
+    live = getattr(executor, "live", None)  # --kv-live-from (rank.livequant): quantized past a length
+    if live is not None:
+        cost = KvCost(geometry.bytes(1), live_from=live.start, quant_token_bytes=geometry.stored_bytes(executor.kv, 1))
+    else:
+        cost = KvCost(geometry.bytes(1))
     if getattr(args, "kv_budget", None):
         budget, how = int(args.kv_budget * GIB), "--kv-budget"
     else:
@@ -167,6 +175,6 @@ def kv_memory(args: Any, executor: Any, ram_tier_bytes: int, context_length: int
         how,
         budget // cost.token_bytes,
         cost.token_bytes,
-        min(context_length, max(0, budget // cost.token_bytes - cost.step)),
+        min(context_length, memory.room(0)),
     )
     return memory

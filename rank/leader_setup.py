@@ -261,6 +261,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
             prefill_chunk=args.prefill_chunk,
             context_length=context,
             idle_prefill_chunk=args.idle_prefill_chunk,
+            live_from=executor.live.start if executor.live is not None else None,
         ),
         decode=tokenizer.decode,
         eos_token_ids=tokenizer.eos_token_ids,

@@ -98,6 +98,8 @@ class PackedCache:
     """One layer's view of a packed pass: the caches of the sequences whose chunks are in the row (one
     `KVCache` each) and, optionally, the decode batch's `BatchKVCache` for the row's last positions."""
 
+    attends_itself = True  # the seam hands it the attention (`attend`)
+
     def __init__(self, caches: list[Any], layout: RowLayout, batch: Any = None) -> None:
         self.caches, self.batch = caches, batch
         self.attended = 0  # calls of `attend`: one a layer, or the layer's attention bypassed the seam
@@ -129,15 +131,20 @@ class PackedCache:
         """Each segment's causal attention over its own keys, the decode rows' under the batch's mask."""
         self.attended += 1
         spans = self.offset.spans
+        # each segment's cache goes along: a quantized one (rank.livequant) takes mlx-lm's quantized path
         parts = [
-            attend(queries[:, :, lo:hi], k, v, None, scale, "causal")
-            for (lo, hi), k, v in zip(spans, keys[: len(spans)], values[: len(spans)], strict=True)
+            attend(queries[:, :, lo:hi], k, v, c, scale, "causal")
+            for (lo, hi), c, k, v in zip(spans, self.caches, keys[: len(spans)], values[: len(spans)], strict=True)
         ]
         if self.batch is not None:
             lo, hi = self.offset.batch_span
             w = self.offset.width
             q = _rows(queries[:, :, lo:hi], w)
-            parts.append(_unrows(attend(q, keys[-1], values[-1], None, scale, self.batch_mask), w))
+            if getattr(self.batch, "attends_itself", False):  # rank.livequant.LiveBatch: its groups
+                out = self.batch.attend(q, keys[-1], values[-1], scale, attend)
+            else:
+                out = attend(q, keys[-1], values[-1], None, scale, self.batch_mask)
+            parts.append(_unrows(out, w))
         return mx.concatenate(parts, axis=2)
 
 
@@ -158,8 +165,9 @@ def pass_caches(chunk_caches: list[list[Any]], layout: RowLayout, batch: list[An
 
 
 def attention_seam(attend: Attend) -> Attend:
-    """mlx-lm's attention function as a packed pass needs it: a `PackedCache` attends segment by segment,
-    anything else goes to `attend` (mlx-lm's own function, or the CPU kernels in front of it)."""
+    """mlx-lm's attention function as a packed pass needs it: a `PackedCache` attends segment by segment
+    (a `rank.livequant.LiveBatch` group by group), anything else goes to `attend` (mlx-lm's own function,
+    or the CPU kernels in front of it)."""
 
     def scaled_dot_product_attention(
         queries: mx.array,
@@ -170,7 +178,7 @@ def attention_seam(attend: Attend) -> Attend:
         mask: Any,
         sinks: mx.array | None = None,
     ) -> mx.array:
-        if isinstance(cache, PackedCache):
+        if getattr(cache, "attends_itself", False):
             return cache.attend(queries, keys, values, scale, attend)
         return attend(queries, keys, values, cache, scale, mask, sinks)
 

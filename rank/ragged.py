@@ -20,7 +20,7 @@ rolls rows back with `set_length`. Only plain `KVCache` layers become ragged (ra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -43,17 +43,21 @@ class RaggedKVCache:
         self.offset = mx.array(self.lengths, dtype=mx.int32)  # where each row's next position is (RoPE)
 
     # -- what the model and rank.packing call ----------------------------------------------------
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         """Write `keys`/`values` (B, kv_heads, W, d) at each row's length; return every row's keys up to
         the longest row's new end (what lies past a row's own end is masked by `make_mask`)."""
         width = keys.shape[2]
         end = max(self.lengths) + width
+        keys, values = self._encode(keys), self._encode(values)
         self._reserve(end, keys, values)
         assert self.keys is not None and self.values is not None
         pos = self.offset[:, None, None, None] + mx.arange(width, dtype=mx.int32)[None, None, :, None]
-        self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(pos, keys.shape), keys, axis=2)
-        self.values = mx.put_along_axis(self.values, mx.broadcast_to(pos, values.shape), values, axis=2)
-        return self.keys[:, :, :end], self.values[:, :, :end]
+
+        def put(buffer: mx.array, new: mx.array) -> mx.array:
+            return mx.put_along_axis(buffer, mx.broadcast_to(pos, new.shape), new, axis=2)
+
+        self.keys, self.values = _zip_each(put, self.keys, keys), _zip_each(put, self.values, values)
+        return _each(lambda x: x[:, :, :end], self.keys), _each(lambda x: x[:, :, :end], self.values)
 
     def make_mask(self, n: int, return_array: bool = False, **_: Any) -> mx.array:
         """(B, 1, n, T) booleans: query j of row b (at position length_b + j) sees keys 0..length_b + j."""
@@ -83,27 +87,39 @@ class RaggedKVCache:
 
     @classmethod
     def merge(cls, caches: Sequence[Any]) -> RaggedKVCache:
-        """Rows from one-sequence `KVCache`s (sequences that finished prefilling), right-padded."""
+        """Rows from one-sequence caches (sequences that finished prefilling: mlx-lm's `KVCache`, or its
+        `QuantizedKVCache` for `QuantizedRaggedKVCache`), right-padded."""
         lengths = [int(c.offset) for c in caches]
         if any(c.keys is None for c in caches):
             raise ValueError("a sequence without positions cannot join the decode batch")
         cap = _capacity(max(lengths))
-        parts_k, parts_v = [], []
-        for c, n in zip(caches, lengths, strict=True):
-            pad = [(0, 0), (0, 0), (0, cap - n), (0, 0)]
-            parts_k.append(mx.pad(c.keys[:, :, :n], pad))
-            parts_v.append(mx.pad(c.values[:, :, :n], pad))
-        return cls(lengths, mx.concatenate(parts_k, axis=0), mx.concatenate(parts_v, axis=0))
+
+        def joined(arrays: list[Any]) -> Any:
+            def pad(x: mx.array, n: int) -> mx.array:
+                return mx.pad(x[:, :, :n], [(0, 0), (0, 0), (0, cap - n), (0, 0)])
+
+            rows = [_each(lambda x, n=n: pad(x, n), a) for a, n in zip(arrays, lengths, strict=True)]
+            if isinstance(rows[0], tuple):
+                return tuple(mx.concatenate([r[i] for r in rows], axis=0) for i in range(len(rows[0])))
+            return mx.concatenate(rows, axis=0)
+
+        return cls._like(caches[0], lengths, joined([c.keys for c in caches]), joined([c.values for c in caches]))
+
+    @classmethod
+    def _like(cls, model: Any, lengths: list[int], keys: Any, values: Any) -> RaggedKVCache:
+        return cls(lengths, keys, values)
 
     def extend(self, other: RaggedKVCache) -> None:
         """Append `other`'s rows (both padded to the larger capacity). Rows always hold positions (a
         sequence joins the batch after its prompt), so both sides have buffers."""
         assert self.keys is not None and self.values is not None
         assert other.keys is not None and other.values is not None
-        cap = max(self.keys.shape[2], other.keys.shape[2])
-        ks = [_pad_to(self.keys, cap), _pad_to(other.keys, cap)]
-        vs = [_pad_to(self.values, cap), _pad_to(other.values, cap)]
-        self.keys, self.values = mx.concatenate(ks, axis=0), mx.concatenate(vs, axis=0)
+        cap = max(_cap(self.keys), _cap(other.keys))
+
+        def join(mine: mx.array, theirs: mx.array) -> mx.array:
+            return mx.concatenate([_pad_to(mine, cap), _pad_to(theirs, cap)], axis=0)
+
+        self.keys, self.values = _zip_each(join, self.keys, other.keys), _zip_each(join, self.values, other.values)
         self.lengths += other.lengths
         self.offset = mx.array(self.lengths, dtype=mx.int32)
 
@@ -117,32 +133,88 @@ class RaggedKVCache:
             return
         rows = mx.array(idx, dtype=mx.int32)
         cap = _capacity(max(self.lengths, default=0))
-        self.keys = self.keys[rows][:, :, : min(cap, self.keys.shape[2])]
-        self.values = self.values[rows][:, :, : min(cap, self.values.shape[2])]
+        keep = min(cap, _cap(self.keys))
+        self.keys = _each(lambda x: x[rows][:, :, :keep], self.keys)
+        self.values = _each(lambda x: x[rows][:, :, :keep], self.values)
 
     def extract(self, row: int) -> Any:
         """Row `row` as a one-sequence `KVCache` (mlx-lm's)."""
-        from mlx_lm.models.cache import KVCache
-
-        cache = KVCache()
+        cache = self._single()
         n = self.lengths[row]
         if self.keys is not None and self.values is not None:
-            cache.keys = mx.contiguous(self.keys[row : row + 1, :, :n])
-            cache.values = mx.contiguous(self.values[row : row + 1, :, :n])
+            cache.keys = _each(lambda x: mx.contiguous(x[row : row + 1, :, :n]), self.keys)
+            cache.values = _each(lambda x: mx.contiguous(x[row : row + 1, :, :n]), self.values)
             cache.offset = n
         return cache
 
+    def _single(self) -> Any:
+        from mlx_lm.models.cache import KVCache
+
+        return KVCache()
+
+    def _encode(self, x: mx.array) -> Any:
+        """New positions as the buffer stores them."""
+        return x
+
     # -- internals -----------------------------------------------------------------------------------
-    def _reserve(self, end: int, keys: mx.array, values: mx.array) -> None:
-        """Room for `end` positions in every row (keys/values give the shapes and dtype)."""
+    def _reserve(self, end: int, keys: Any, values: Any) -> None:
+        """Room for `end` positions in every row (keys/values, as `_encode` gives them: the shapes and
+        dtypes)."""
         b = len(self.lengths)
         if self.keys is None or self.values is None:
             cap = _capacity(end)
-            self.keys = mx.zeros((b, keys.shape[1], cap, keys.shape[3]), keys.dtype)
-            self.values = mx.zeros((b, values.shape[1], cap, values.shape[3]), values.dtype)
-        elif end > self.keys.shape[2]:
+
+            def zeros(x: mx.array) -> mx.array:
+                return mx.zeros((b, x.shape[1], cap, x.shape[3]), x.dtype)
+
+            self.keys, self.values = _each(zeros, keys), _each(zeros, values)
+        elif end > _cap(self.keys):
             cap = _capacity(end)
-            self.keys, self.values = _pad_to(self.keys, cap), _pad_to(self.values, cap)
+            self.keys = _each(lambda x: _pad_to(x, cap), self.keys)
+            self.values = _each(lambda x: _pad_to(x, cap), self.values)
+
+
+class QuantizedRaggedKVCache(RaggedKVCache):
+    """`RaggedKVCache` storing keys and values as `mx.quantize` gives them, (packed, scales, biases), in
+    groups along the head dimension, as mlx-lm's `QuantizedKVCache` does for one sequence: new positions
+    are quantized on write, and `bits`/`group_size` make mlx-lm's attention function take its quantized
+    path (`quantized_scaled_dot_product_attention`), whose boolean mask hides each row's padding."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        keys: Any = None,
+        values: Any = None,
+        group_size: int = 64,
+        bits: int = 8,
+    ) -> None:
+        super().__init__(lengths, keys, values)
+        self.group_size, self.bits = group_size, bits
+
+    @classmethod
+    def _like(cls, model: Any, lengths: list[int], keys: Any, values: Any) -> RaggedKVCache:
+        return cls(lengths, keys, values, model.group_size, model.bits)
+
+    def _single(self) -> Any:
+        from mlx_lm.models.cache import QuantizedKVCache
+
+        return QuantizedKVCache(self.group_size, self.bits)
+
+    def _encode(self, x: mx.array) -> Any:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+
+def _each(f: Callable[[mx.array], mx.array], x: Any) -> Any:
+    """`f` of an array, or of each part of a quantized one (packed, scales, biases)."""
+    return tuple(f(p) for p in x) if isinstance(x, (tuple, list)) else f(x)
+
+
+def _zip_each(f: Callable[[mx.array, mx.array], mx.array], x: Any, y: Any) -> Any:
+    return tuple(f(a, b) for a, b in zip(x, y, strict=True)) if isinstance(x, (tuple, list)) else f(x, y)
+
+
+def _cap(x: Any) -> int:
+    return int((x[0] if isinstance(x, (tuple, list)) else x).shape[2])
 
 
 def _pad_to(x: mx.array, cap: int) -> mx.array:

@@ -194,6 +194,7 @@ def start(args: argparse.Namespace) -> Iterator[Started]:
                 kv_format=kv_format(args),
                 speculative=getattr(args, "spec", "off") != "off",
                 point_to_point=point_to_point,
+                live_from=getattr(args, "kv_live_from", None),
             )
             adapters = _load_loras(executor, args.lora, log.info if leader else log.debug)
             if ssd_store is not None:

@@ -77,4 +77,6 @@ def test_the_seam_sends_packed_caches_to_their_segments_and_the_rest_on() -> Non
     packed = PackedCache([KVCache(), KVCache()], RowLayout.of([1, 2], 0))
     out = seam(q, [q[:, :, :1], q[:, :, 1:]], [q[:, :, :1], q[:, :, 1:]], cache=packed, scale=0.5, mask=None)
     assert out.shape == q.shape
-    assert calls == [((1, 2, 1, 4), None, "causal", None), ((1, 2, 2, 4), None, "causal", None)]
+    # each segment's own cache goes along (a quantized one takes mlx-lm's quantized path, rank.livequant)
+    first, second = packed.caches
+    assert calls == [((1, 2, 1, 4), first, "causal", None), ((1, 2, 2, 4), second, "causal", None)]

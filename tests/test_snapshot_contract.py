@@ -63,7 +63,7 @@ ADAPTER_KEYS = {"name", "slot", "state", "requests", "total_requests", "rank", "
 LEGACY_ROW = {"request_id", "state", "age_s", "prompt_tokens", "generated_tokens", "tokens_per_s", "client"}
 MEMORY_KEYS = {
     "budget_bytes", "kv_bytes", "padding_bytes", "reserved_bytes", "waiting_for_memory", "admitted", "delayed",
-    "pressure",
+    "pressure", "live_from", "quantized",
 }  # fmt: skip
 SPEC_KEYS = {
     "mode", "tokens", "drafted", "accepted", "rows", "recent_drafted", "recent_accepted", "acceptance",

@@ -69,7 +69,8 @@ class TierView(Vertical):
 class MemoryView(Vertical):
     """The running sequences' KV per rank against the budget (`--kv-budget`): what they hold now (the
     bar, "now/budget"), what they may grow to over the budget ("rsv"), the decode batch's padding
-    ("pad"), and requests waiting for memory (first, as the pane is narrow)."""
+    ("pad"), with --kv-live-from the running sequences whose cache is quantized ("q"), and requests waiting
+    for memory (first, as the pane is narrow)."""
 
     DEFAULT_CSS = """
     MemoryView { height: auto; }
@@ -104,6 +105,8 @@ class MemoryView(Vertical):
             f"rsv {m.pressure:.0%}",
             f"pad {human_bytes(m.padding_bytes)}",
         ]
+        if m.live_from:  # --kv-live-from: how many running caches are quantized
+            parts.append(f"q{m.quantized}")
         text = escape(" · ".join(parts))
         if m.waiting_for_memory:  # first: the pane is narrow, and this is what an operator must see
             text = f"[b $warning]{m.waiting_for_memory} wait for memory[/] · " + text
