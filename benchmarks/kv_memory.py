@@ -2,9 +2,11 @@
 executor on one rank (every rank of a TP job holds the same share, so one rank's figures are each rank's).
 
 Two workloads: one prompt near the context length beside seven short ones (the decode batch pads every
-row to the longest), and twenty near-context prompts at once. For each, without a budget ("before") and
-with `--budget-rows` rows of the full context as the budget ("after"): the most KV the executor's caches
-held after any step (the arrays' bytes), MLX's peak memory, the accounted peak, and the time to finish.
+row to the longest), and twenty near-context prompts at once. For each, without a budget ("before"), with
+`--budget-rows` rows of the full context as the budget ("after"), and with the same budget and running
+caches quantized past `--live-from` positions ("live", `--kv-live-from`, 8 bits): the most KV the
+executor's caches held after any step (the arrays' bytes), MLX's peak memory, the accounted peak, the
+most sequences running at once, and the time to finish.
 
     .venv/bin/python benchmarks/kv_memory.py --max-context 2048           # the embedded SmolLM2-135M
     .venv/bin/python benchmarks/kv_memory.py --tiny --max-context 512     # the tiny random model
@@ -35,6 +37,8 @@ from cluster.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from rank import cpu_kernels  # noqa: E402
 from rank.engine import Leader  # noqa: E402
 from rank.executor import Executor  # noqa: E402
+from rank.kvquant import KvFormat  # noqa: E402
+from rank.livequant import LiveBatch  # noqa: E402
 from rank.models import default_cache_dir, load_model, make_tiny_model, resolve_model  # noqa: E402
 from rank.transport import LocalTransport  # noqa: E402
 
@@ -45,21 +49,41 @@ class Measured(Executor):
     """The executor, measuring after every step the bytes of every KV array it holds."""
 
     peak_kv = 0
+    most_running = 0
 
     def execute(self, plan: Any) -> Any:
         out = super().execute(plan)
         caches = [c for seq in self.prefilling.values() for c in seq] + list(self.batch or [])
-        held = sum(c.keys.nbytes + c.values.nbytes for c in caches if getattr(c, "keys", None) is not None)
-        self.peak_kv = max(self.peak_kv, held)
+        self.peak_kv = max(self.peak_kv, sum(_held(c) for c in caches))
+        self.most_running = max(self.most_running, self.num_sequences)
         return out
 
 
-def run(model: Any, context: int, prompts: list[tuple[int, int]], budget: int | None) -> dict[str, float]:
-    executor = Measured(model, True, block_tokens=32)
-    assert executor.caps.geometry is not None
-    cost = KvCost(executor.caps.geometry.bytes(1))
+def _held(cache: Any) -> int:
+    """Bytes of a layer cache's arrays: plain, quantized (parts), or a live batch's two groups."""
+    if isinstance(cache, LiveBatch):
+        return sum(_held(g) for g in (cache.plain, cache.quant) if g is not None)
+    total = 0
+    for side in (getattr(cache, "keys", None), getattr(cache, "values", None)):
+        parts = side if isinstance(side, (tuple, list)) else [side] if side is not None else []
+        total += sum(int(p.nbytes) for p in parts)
+    return total
+
+
+def run(
+    model: Any, context: int, prompts: list[tuple[int, int]], budget: int | None, live_from: int | None = None
+) -> dict[str, float]:
+    kv = KvFormat(8, 64) if live_from else None
+    executor = Measured(model, True, block_tokens=32, kv_format=kv, live_from=live_from)
+    geometry = executor.caps.geometry
+    assert geometry is not None
+    if executor.live is not None:
+        cost = KvCost(geometry.bytes(1), live_from=live_from, quant_token_bytes=geometry.stored_bytes(executor.kv, 1))
+    else:
+        cost = KvCost(geometry.bytes(1))
     memory = KvMemory(cost, budget, context) if budget else None
-    sched = Scheduler(SchedulerConfig(8, 256, context), lambda ids: "", [], memory=memory)
+    config = SchedulerConfig(8, 256, context, live_from=executor.live.start if executor.live else None)
+    sched = Scheduler(config, lambda ids: "", [], memory=memory)
     client = EngineClient(max_waiting=100)
     leader = Leader(executor, sched, ControlBus(LocalTransport()), client)
     thread = threading.Thread(target=leader.run, daemon=True)
@@ -91,6 +115,7 @@ def run(model: Any, context: int, prompts: list[tuple[int, int]], budget: int | 
         "peak_kv_mib": round(executor.peak_kv / MIB, 1),
         "mlx_peak_over_weights_mib": round((mx.get_peak_memory() - base) / MIB, 1),
         "accounted_peak_mib": round(accounted / MIB, 1),
+        "most_running": executor.most_running,
         "budget_mib": round(budget / MIB, 1) if budget else 0.0,
     }
 
@@ -101,6 +126,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny random-weight test model instead")
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--budget-rows", type=int, default=3, help="the budget: this many rows of the context")
+    p.add_argument("--live-from", type=int, default=256, help="--kv-live-from of the \"live\" runs")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     reexec_with_rank_environment(str(Path(__file__).resolve()), sys.argv[1:], "auto")  # OpenBLAS, as a rank
@@ -121,8 +147,8 @@ def main() -> None:
     budget = args.budget_rows * cost.bytes(ctx)
     out: dict[str, Any] = {"model": model_dir.name, "context": ctx, "token_bytes": cost.token_bytes}
     for name, prompts in workloads.items():
-        for mode, b in (("before", None), ("after", budget)):
-            r = run(model, ctx, prompts, b)
+        for mode, b, live in (("before", None, None), ("after", budget, None), ("live", budget, args.live_from)):
+            r = run(model, ctx, prompts, b, live)
             out[f"{name} / {mode}"] = r
             print(f"{name:32s} {mode:6s} {json.dumps(r)}", flush=True)
     if args.json:

@@ -129,19 +129,26 @@ class KvMemory:
         return self.final_tokens(req.prompt_len, req.sampling.max_tokens)
 
     def reserved(self, finals: Sequence[int]) -> int:
-        """The batch of these sequences at their final lengths: every row as long as the longest. With
-        live quantization, every row may still be in the model's dtype up to `live_from` positions, and
-        the rows that pass it are quantized up to their final length: both are charged at once (a row
-        that is quantized copies itself before it lets go of the other form)."""
+        """The batch of these sequences at their final lengths: every row as long as the longest.
+
+        With live quantization (rank.livequant) the batch has two groups, each padded to its own longest
+        row: rows in the model's dtype (those that never reach `live_from`, and the others until they do,
+        so at most `live_from` positions) and quantized rows. A row that reaches `live_from` holds both
+        forms for a moment (its quantized copy is made before the other is let go). At any time, then,
+        the rows that never reach it cost at most their plain form, and each other row at most the larger
+        of its plain form plus that copy, and its quantized form at the longest final length."""
         if not finals:
             return 0
         cost = self.cost
-        if cost.live_from is None:
-            return len(finals) * cost.bytes(max(finals))
         longest = max(finals)
-        plain = len(finals) * cost.bytes(min(longest, cost.live_from))
+        if cost.live_from is None:
+            return len(finals) * cost.bytes(longest)
+        plain = cost.bytes(min(longest, cost.live_from))
         quant = [n for n in finals if cost.live(n)]
-        return plain + len(quant) * cost.quant_bytes(max(quant, default=0))
+        if not quant:
+            return len(finals) * plain
+        crossing = max(plain + cost.quant_bytes(cost.live_from), cost.quant_bytes(max(quant)))
+        return (len(finals) - len(quant)) * plain + len(quant) * crossing
 
     # -- the scheduler's calls -------------------------------------------------------------------
     def admits(self, active: Sequence[Request], candidate: Request) -> bool:

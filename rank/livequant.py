@@ -4,7 +4,10 @@ As mlx-lm's `generate` does with `kv_bits` and `quantized_kv_start` (`maybe_quan
 pass, a sequence whose cache holds N positions or more has every layer's cache quantized (mlx-lm's
 `KVCache.to_quantized`), and from then on its new positions are quantized on write and its attention is
 mlx-lm's quantized one. The format is the prefix blocks' (`--kv-bits`, `--kv-group-size`: groups along the
-head dimension, so the numbers are the same under any tensor-parallel layout).
+head dimension, so the numbers are the same under any tensor-parallel layout). Where MLX runs on a CPU the
+seam dequantizes a quantized cache's keys and values and attends them as plain ones
+(`rank.packing.dequantizing`: MLX's quantized matmuls are far slower there than BLAS): the same values,
+summed in another order (the logprobs match mlx-lm's quantized run within 1e-5, tests/test_livequant.py).
 
 Whether a position is computed against quantized keys depends only on the sequence: position p attends
 to quantized keys and values exactly when p >= N. Rank 0 keeps it so: a prompt chunk that would cross N

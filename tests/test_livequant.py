@@ -269,16 +269,22 @@ def test_live_batch_keeps_rows_in_order_through_moves_filters_and_joins() -> Non
 
 def test_memory_charges_quantized_positions_at_their_bytes() -> None:
     """Positions past --kv-live-from cost the quantized bytes (8 bits, groups of 64, fp32 model: 72 of
-    256 bytes); until a row gets there, it is charged in the model's dtype too."""
+    256 bytes); a row is charged the larger of its plain phase (with the moment it holds both forms) and
+    its quantized one; rows that never get there stay plain, padded only to their own group's longest."""
     plain = KvCost(token_bytes=256, step=0)
     live = KvCost(token_bytes=256, step=0, live_from=1000, quant_token_bytes=72)
     budget = 4_000_000
     a, b = KvMemory(plain, budget, 100_000), KvMemory(live, budget, 100_000)
     assert a.room(0) == 15_625
-    assert b.room(0) == (budget - 1000 * 256) // 72  # the plain phase up to 1000, then quantized
+    assert b.room(0) == budget // 72  # quantized at its longest: more than its plain phase and the copy
     assert b.need(10, 100) == 110 * 256  # never reaches the length: as without
-    assert b.reserved([5000, 10]) == 2 * 1000 * 256 + 5000 * 72
-    assert "at most 52000 positions" in (b.refusal(60_000, 10) or "")
+    assert b.need(1000, 100) == 1000 * 256 + 1000 * 72  # both forms for a moment at 1000
+    # the short row stays plain, padded to 1000 while the long one is plain too; the long one costs the
+    # larger of its two phases
+    assert b.reserved([5000, 10]) == 1000 * 256 + 5000 * 72
+    assert b.reserved([500, 10]) == 2 * 500 * 256
+    assert b.reserved([5000, 2000]) == 2 * 5000 * 72
+    assert "at most 55555 positions" in (b.refusal(60_000, 10) or "")
     assert live.batch([5000, 10, 20]) == 5000 * 72 + 2 * 20 * 256  # each form padded to its own longest
 
 
