@@ -164,6 +164,11 @@ class OrchardCollector(Collector):
             "orchard_running_sequences", "Sequences being prefilled or decoded.", value=snap.batch.running
         )
         yield GaugeMetricFamily("orchard_max_batch", "Configured batch capacity.", value=snap.batch.max_batch)
+        yield CounterMetricFamily(
+            "orchard_chained_steps",
+            "Steps whose plan went out while the step before ran (--chain-steps).",
+            value=snap.chained_steps,
+        )
         yield GaugeMetricFamily(
             "orchard_ready", "1 when the engine admits requests.", value=float(snap.admission == "open")
         )

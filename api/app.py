@@ -81,6 +81,7 @@ def engine_stats(snap: JobSnapshot) -> dict[str, object]:
         "free_slots": snap.batch.free_slots,
         "sequences_on_ranks": snap.sequences_on_ranks,
         "steps": snap.steps,
+        "chained_steps": snap.chained_steps,
         "generated_tokens": snap.totals.generated_tokens,
         "last_step_ms": snap.last_step_ms,
     }

@@ -119,9 +119,12 @@ def server_itl(url: str) -> tuple[float, float]:
     return values.get("sum", 0.0), values.get("count", 0.0)
 
 
+PLAIN = False  # --plain-greedy: streams without logprobs or logit bias (argmax steps, chained at TP=2)
+
+
 def stream(url: str, model: str, prompt: str, tokens: int) -> dict[str, list[float]]:
     """One greedy stream: time to first token and the gaps between token chunks (s)."""
-    body = {
+    body: dict[str, object] = {
         "model": model,
         "prompt": prompt,
         "max_tokens": tokens,
@@ -131,6 +134,11 @@ def stream(url: str, model: str, prompt: str, tokens: int) -> dict[str, list[flo
         "return_tokens_as_token_ids": True,
         "logit_bias": {"0": -100, "2": -100},  # no end of text: every stream runs to max_tokens
     }
+    if PLAIN:  # each rank sends only its best entry per row (StepPlan.argmax); counted from `usage`
+        del body["logprobs"], body["return_tokens_as_token_ids"], body["logit_bias"]
+        body["ignore_eos"] = True
+        body["stream_options"] = {"include_usage": True}
+    usage = 0
     stamps: list[float] = []
     counts: list[int] = []
     itl_before = server_itl(url)
@@ -140,8 +148,13 @@ def stream(url: str, model: str, prompt: str, tokens: int) -> dict[str, list[flo
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
-            choices = json.loads(line[6:])["choices"]
-            got = len((choices[0].get("logprobs") or {}).get("tokens") or []) if choices else 0
+            chunk = json.loads(line[6:])
+            choices = chunk["choices"]
+            if PLAIN:
+                usage = (chunk.get("usage") or {}).get("completion_tokens") or usage
+                got = 1 if choices and choices[0].get("text") else 0
+            else:
+                got = len((choices[0].get("logprobs") or {}).get("tokens") or []) if choices else 0
             if got:
                 stamps.append(time.perf_counter())
                 counts.append(got)
@@ -152,7 +165,7 @@ def stream(url: str, model: str, prompt: str, tokens: int) -> dict[str, list[flo
         "ttft": [stamps[0] - start],
         "gaps": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
         "decode_s": [stamps[-1] - stamps[0]],
-        "tokens": [float(sum(counts))],
+        "tokens": [float(usage if PLAIN else sum(counts))],
     }
 
 
@@ -268,6 +281,13 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, help="JSON file to add this run to (a list of runs per model)")
     p.add_argument(
+        "--plain-greedy",
+        action="store_true",
+        help="streams without logprobs or logit bias: each rank sends rank 0 only its best entry per row, "
+        "and at TP=2 the next plan goes out while a step runs (--chain-steps)",
+    )
+    p.add_argument("--chain-steps", choices=["on", "off"], default="on", help="the job's --chain-steps")
+    p.add_argument(
         "--collectives",
         choices=["mpi", "ring"],
         default="mpi",
@@ -304,7 +324,9 @@ def main() -> None:
         args.yield_when_idle == "auto" and np > (os.cpu_count() or 1)
     )
     extra = ["--mca", "mpi_yield_when_idle", "1"] if yield_when_idle else []
-    model_args += ["--collectives", args.collectives]
+    model_args += ["--collectives", args.collectives, "--chain-steps", args.chain_steps]
+    global PLAIN
+    PLAIN = args.plain_greedy
     extra += ["-x", "ORCHARD_HOSTFILE"]  # the ranks read each host's address for the ring from it
     print(f"{label}: TP={np}, delay by {method}, {args.rounds} x {args.tokens} tokens per delay", flush=True)
     result: dict[str, object] = {
@@ -318,6 +340,8 @@ def main() -> None:
         "rounds": args.rounds,
         "mpi_yield_when_idle": yield_when_idle,
         "collectives": args.collectives,
+        "plain_greedy": args.plain_greedy,
+        "chain_steps": args.chain_steps,
         "machine": f"{os.cpu_count()} cores, {platform.system()}",
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }

@@ -137,6 +137,11 @@ class EngineClient:
             yield items
             self._inbox_ids.clear()
 
+    def has_commands(self) -> bool:
+        """Whether anything waits in the inbox (a request, a cancel, an operator's command): the engine
+        then plans its next step after taking it, not ahead (rank/engine.py's chained steps)."""
+        return bool(self._inbox)
+
     def wait(self, timeout: float) -> None:
         self._wake.wait(timeout)
 

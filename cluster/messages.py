@@ -102,7 +102,10 @@ class StepPlan:
     token, each position yielding a row of logits; `rollback` (first, after release) sets sequences'
     lengths back to what they accepted in the step before. `argmax`: every row's pick is its plain greedy
     argmax (no logprobs, penalties, bias, bans or grammar; no prompt logprobs): under a vocabulary-parallel
-    head each rank then sends rank 0 its slice's best entry per row instead of the slice.
+    head each rank then sends rank 0 its slice's best entry per row instead of the slice (with two ranks,
+    each sends the other its entries, so every rank knows every pick). `chained`: rank 0 sent this plan
+    before it knew the step before's picks (rank/engine.py: the plan broadcast overlaps that step): each
+    row's input token is the pick every rank computed for it in the step before (`decode_tokens` are 0).
     """
 
     KIND: ClassVar[int] = 1
@@ -122,6 +125,7 @@ class StepPlan:
     decode_drafts: tuple[tuple[int, ...], ...] = ()  # () or one (maybe empty) tuple per decode row
     rollback: tuple[tuple[int, int], ...] = ()  # (sequence id, positions it keeps)
     argmax: bool = False
+    chained: bool = False
 
     def to_wire(self) -> list[Any]:
         return [
@@ -142,12 +146,13 @@ class StepPlan:
             [list(d) for d in self.decode_drafts],
             [[sid, n] for sid, n in self.rollback],
             self.argmax,
+            self.chained,
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> StepPlan:
         (_, step, release, admit, prefill, decode_ids, decode_tokens, store, evict, load, save, delete,
-         adapter_load, adapter_unload, drafts, rollback, argmax) = w  # fmt: skip
+         adapter_load, adapter_unload, drafts, rollback, argmax, chained) = w  # fmt: skip
         if len(decode_ids) != len(decode_tokens):
             raise BusDecodeError("step plan: decode ids and tokens differ in length")
         drafts = _list(drafts, "step plan: decode_drafts")
@@ -177,6 +182,7 @@ class StepPlan:
             decode_drafts=tuple(_ints(d) for d in drafts),
             rollback=tuple(_pair(r, "step plan: a rollback") for r in _list(rollback, "step plan: rollback")),
             argmax=_bool(argmax),
+            chained=_bool(chained),
         )
 
 

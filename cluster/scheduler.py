@@ -300,6 +300,36 @@ class Scheduler:
         row_drafts = ((),) * len(completed) + drafts if drafts else ()
         return ScheduledStep(plan, tuple(completed + decoding), tuple(prefilled), row_drafts)
 
+    def chain(self, step: ScheduledStep) -> ScheduledStep | None:
+        """The step after `step`, planned before `step` runs (rank/engine.py sends it while `step` computes,
+        so no rank waits for the plan): the same rows, each fed the token every rank picks for it in
+        `step` (`StepPlan.chained`). Only when nothing else could change the next plan: `step` decodes
+        every running sequence and nothing more, all rows plain greedy and without drafts, nobody waits
+        or leaves, and no row ends at `step` for its length. None otherwise. A row that ends at `step`
+        on an EOS or a stop string is computed once more in vain; `update` skips it."""
+        plan = step.plan
+        if not plan.argmax or not plan.decode_ids or plan.prefill or any(plan.decode_drafts):
+            return None  # (a step without drafts chains: the chained one has none either)
+        if self._waiting or self._release or self._rollback or self._refused:
+            return None
+        rows = step.rows
+        if len(rows) != len(self._active) or any(r.status is not RequestStatus.RUNNING for r in rows):
+            return None
+        context = self.config.context_length
+        for r in rows:
+            n = len(r.output) + 2  # its output after `step` and after the chained step
+            if n > r.sampling.max_tokens or r.prompt_len + n > context:
+                return None
+        self._step += 1
+        chained = StepPlan(
+            step=self._step,
+            decode_ids=plan.decode_ids,
+            decode_tokens=(0,) * len(plan.decode_ids),
+            argmax=True,
+            chained=True,
+        )
+        return ScheduledStep(chained, rows, (), ())
+
     def _draft_room(self, req: Request) -> int:
         """Drafts a row may verify: what it emits (accepted drafts and one more) stays within max_tokens
         and the context."""

@@ -329,6 +329,7 @@ class JobSnapshot:
     memory: MemoryView = NO_MEMORY  # the KV budget per rank (cluster.memory); came with #17
     # speculative decoding (#16); None: a server from before it (the key is absent) or not yet published
     speculation: SpeculationView | None = None
+    chained_steps: int = 0  # steps whose plan went out before the step before ran (rank/engine.py)
 
     @classmethod
     def starting(cls, facts: JobFacts) -> JobSnapshot:
@@ -374,6 +375,7 @@ class JobSnapshot:
             "adapters": [a.to_json() for a in self.adapters],
             "memory": self.memory.to_json(),
             "speculation": None if self.speculation is None else self.speculation.to_json(),
+            "chained_steps": self.chained_steps,
         }
 
     @classmethod
@@ -407,6 +409,7 @@ class JobSnapshot:
             adapters=tuple(AdapterView.from_json(a.d, a.path) for a in d.children("adapters")),
             memory=MemoryView.from_json(d.get("memory")),
             speculation=None if spec is None else SpeculationView.from_json(spec),
+            chained_steps=d.integer("chained_steps"),
         )
 
 
@@ -428,6 +431,7 @@ def capture(
     ranks: Sequence[RankView],
     now_unix: float,
     adapters: Sequence[AdapterView] = (),
+    chained_steps: int = 0,
 ) -> JobSnapshot:
     """The job as it is now, for `EngineClient.publish`. Engine thread only (it reads `stats`, which
     only that thread writes). Cheap: the statistics' views are cached until they change."""
@@ -453,4 +457,5 @@ def capture(
         adapters=tuple(adapters),
         memory=stats.memory_view(),
         speculation=stats.speculation_view(now_unix),
+        chained_steps=chained_steps,
     )

@@ -360,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
         "env ORCHARD_COLLECTIVES)",
     )
     p.add_argument(
+        "--chain-steps",
+        choices=("on", "off"),
+        default="on",
+        help="with two ranks, send the next greedy decode step's plan while the current step runs, so no "
+        "rank waits for it: one link delay less per token (docs/collectives.md)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity"
     )
     return p

@@ -48,6 +48,7 @@ class Leader:
         facts: JobFacts | None = None,
         clock: Callable[[], float] = time.monotonic,
         grammar: GrammarRuntime | None = None,
+        chain_steps: bool = True,
     ) -> None:
         self.executor = executor
         self.scheduler = scheduler
@@ -78,6 +79,12 @@ class Leader:
         self.facts = facts or JobFacts("", bus.size, scheduler.config.context_length, time.time())
         self.pulses: PulseBook | None = None  # liveness answers outside MPI (rank/pulse.py)
         self.pulse_timeout = 5.0
+        # Chained steps (`Scheduler.chain`, `StepPlan.chained`): the next plan goes out before this step
+        # runs, so the followers never wait for it; only where every rank learns the picks (two ranks
+        # with a vocabulary-parallel head, `Executor.chains`).
+        self.chains = chain_steps and executor.chains
+        self.chained_steps = 0
+        self._ahead: ScheduledStep | None = None  # a plan sent, not yet run: it runs before anything else
 
     @property
     def shutting_down(self) -> bool:
@@ -103,25 +110,36 @@ class Leader:
                 now = self.clock()
                 self._take_inbox(now)
                 self._expire(now)
-                if self._should_exit(now):
-                    break
-                self._collect_reports(now)
-                if not self.scheduler.has_work():
-                    self._publish(now)
-                    if now - last_sent >= self.heartbeat_interval:
-                        self._send(Heartbeat(self.steps, time.time()), "an idle heartbeat")
-                        self._leave()
-                        last_sent = now
-                    self.client.wait(min(self.heartbeat_interval, 0.25))
-                    continue
-                if self._gathers_burst(now):
-                    self.client.wait(BURST_POLL_S)
-                    continue
-                self._burst_since = None
-                step = self.scheduler.schedule()
-                plan = step.plan
-                self._send(plan, f"step {plan.step}")
+                if self._ahead is not None:  # sent before the last step ran: the followers are running it
+                    step, self._ahead = self._ahead, None
+                    plan = step.plan
+                    if self.watchdog is not None:
+                        self.watchdog.enter(f"step {plan.step}")
+                else:
+                    if self._should_exit(now):
+                        break
+                    self._collect_reports(now)
+                    if not self.scheduler.has_work():
+                        self._publish(now)
+                        if now - last_sent >= self.heartbeat_interval:
+                            self._send(Heartbeat(self.steps, time.time()), "an idle heartbeat")
+                            self._leave()
+                            last_sent = now
+                        self.client.wait(min(self.heartbeat_interval, 0.25))
+                        continue
+                    if self._gathers_burst(now):
+                        self.client.wait(BURST_POLL_S)
+                        continue
+                    self._burst_since = None
+                    step = self.scheduler.schedule()
+                    plan = step.plan
+                    self._send(plan, f"step {plan.step}")
                 last_sent = self.clock()
+                if self.chains and not self.client.has_commands():
+                    self._ahead = self.scheduler.chain(step)
+                    if self._ahead is not None:  # out before this step runs: no rank waits for it
+                        self._send(self._ahead.plan, f"step {self._ahead.plan.step}", watch=False)
+                        self.chained_steps += 1
                 self._deliver(self._step(step))
                 self._leave()
                 took = self.clock() - last_sent
@@ -133,8 +151,9 @@ class Leader:
                 self._publish(self.clock())
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
-                        "step %d: %.0f ms, %d admitted, %d prompt tokens in %d chunks, %d decoded",
+                        "step %d%s: %.0f ms, %d admitted, %d prompt tokens in %d chunks, %d decoded",
                         plan.step,
+                        " (chained)" if plan.chained else "",
                         took * 1000,
                         len(plan.admit),
                         sum(c.end - c.start for c in plan.prefill),
@@ -172,10 +191,11 @@ class Leader:
             self._burst_since = now
         return now - self._burst_since < BURST_WAIT_S
 
-    def _send(self, message: StepPlan | Heartbeat, label: str) -> None:
+    def _send(self, message: StepPlan | Heartbeat, label: str, watch: bool = True) -> None:
         """Broadcast; a message without collectives (a heartbeat, a plan with no forward pass) then waits
-        until every rank has it, so a dead or hung follower is named within the step timeout."""
-        if self.watchdog is not None:
+        until every rank has it, so a dead or hung follower is named within the step timeout. `watch`:
+        the watchdog times it from now (a chained plan's time starts when rank 0 runs it)."""
+        if self.watchdog is not None and watch:
             self.watchdog.enter(label)
         self.bus.send(message)
         if isinstance(message, StepPlan) and (message.prefill or message.decode_ids):
@@ -268,6 +288,7 @@ class Leader:
                 ranks=self.health.snapshot(),
                 now_unix=time.time(),
                 adapters=self.scheduler.adapters.rows() if self.scheduler.adapters is not None else (),
+                chained_steps=self.chained_steps,
             )
         )
 

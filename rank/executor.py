@@ -133,6 +133,11 @@ class Executor:
         self.point_to_point = point_to_point
         self._packs = self.caps.packable  # a step in one pass (rank.packing, its seam from rank.mlx_patch)
         self._slice = self._head_slice() if self.group is not None and self.head.splits_vocabulary else None
+        # Two ranks with a vocabulary-parallel head: an argmax step's picks reach both ranks in the one
+        # exchange (each sends the other its best entries), so rank 0 may send the next plan before it
+        # knows them (`StepPlan.chained`, rank/engine.py): the plan broadcast overlaps the step.
+        self.chains = self._slice is not None and self.group is not None and self.group.size() == 2
+        self._picks: dict[int, int] = {}  # each row's pick in the last argmax step, when every rank has them
         self.prompt_logprobs = PromptLogprobs()
         # Speculation (--spec): decode rows feed drafts and keep what rank 0 accepts, so the batch's rows
         # end at different lengths: right-padded ragged caches (rank.ragged), for models of plain KV caches.
@@ -193,6 +198,13 @@ class Executor:
         self.lora.unload(slot)
 
     def execute(self, plan: StepPlan) -> StepOutput:
+        decode_tokens = plan.decode_tokens
+        if plan.chained:  # the input tokens are the step before's picks, which every rank computed
+            try:
+                decode_tokens = tuple(self._picks[sid] for sid in plan.decode_ids)
+            except KeyError as exc:
+                raise EngineError(f"chained step {plan.step}: no pick of sequence {exc} (ranks out of step)") from None
+        self._picks = {}
         for slot in plan.adapter_unload:
             self.unload_adapter(slot)
         for load in plan.adapter_load:
@@ -229,7 +241,7 @@ class Executor:
             self.packed_passes += 1
             if plan.decode_ids:
                 self._arrange_batch(plan.decode_ids)
-            self._forward(plan.prefill, plan.decode_ids, plan.decode_tokens, rows, plan.decode_drafts)
+            self._forward(plan.prefill, plan.decode_ids, decode_tokens, rows, plan.decode_drafts)
         else:
             for chunk in plan.prefill:
                 self._forward((chunk,), (), (), rows)
@@ -249,11 +261,11 @@ class Executor:
         if plan.decode_ids and not packed:
             if self.caps.batch_decode:
                 self._arrange_batch(plan.decode_ids)
-                self._forward((), plan.decode_ids, plan.decode_tokens, rows, plan.decode_drafts)
+                self._forward((), plan.decode_ids, decode_tokens, rows, plan.decode_drafts)
             else:
                 if any(plan.decode_drafts):
                     raise EngineError("drafts for a model that decodes one row at a time")
-                self._decode_one_by_one(plan.decode_ids, plan.decode_tokens, rows)
+                self._decode_one_by_one(plan.decode_ids, decode_tokens, rows)
         if not rows.hidden and not rows.prompt:
             return StepOutput([], None, failed)
         row_ids = rows.ids
@@ -493,14 +505,22 @@ class Executor:
         lo = sum(counts[: self.group.rank()]) if self.group is not None else 0
         local = finite_logits(head(last).astype(mx.float32))
         best = mx.stack([local.max(axis=-1), (mx.argmax(local, axis=-1) + lo).astype(mx.float32)], axis=-1)
-        parts = self._to_rank0(best, [2] * len(counts))
-        if parts is None:
-            return StepOutput(row_ids, None, failed)
-        every = mx.stack(parts)  # ranks x rows x (value, index)
+        if self.chains:  # both ranks get both ranks' entries, and keep the picks for a chained next step
+            every = mx.distributed.all_gather(best, group=self.group).reshape(len(counts), len(row_ids), 2)
+        else:
+            parts = self._to_rank0(best, [2] * len(counts))
+            if parts is None:
+                return StepOutput(row_ids, None, failed)
+            every = mx.stack(parts)  # ranks x rows x (value, index)
         winner = mx.argmax(every[:, :, 0], axis=0)  # the first rank holding a row's maximum
         picks = mx.take_along_axis(every[:, :, 1], winner[None], axis=0)[0].astype(mx.int32)
         mx.eval(picks)  # where MLX releases the GIL
-        return StepOutput(row_ids, None, failed, picks=picks.tolist())
+        chosen = picks.tolist()
+        if self.chains:
+            self._picks = dict(zip(row_ids, chosen, strict=True))
+            if not self.want_logits:
+                return StepOutput(row_ids, None, failed)
+        return StepOutput(row_ids, None, failed, picks=chosen)
 
     def _to_rank0(self, local: mx.array, widths: list[int]) -> list[mx.array] | None:
         """Every rank's `local` (rows x widths[rank]) on rank 0, in rank order; None on the others.

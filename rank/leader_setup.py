@@ -283,6 +283,7 @@ def lead(args: argparse.Namespace, started: Started) -> int:
         rank_names=names,
         facts=JobFacts(serving.model_name, serving.world_size, serving.context_length, time.time()),
         grammar=GrammarRuntime(tokenizer),  # constrained decoding (rank/grammar.py); ~1 s at a 150k vocab
+        chain_steps=getattr(args, "chain_steps", "on") == "on",
     )
     leader.stats.memory = memory  # /metrics, /admin/state and the dashboard show it (cluster.stats)
     if spec is not None:

@@ -81,6 +81,7 @@ def _plan(
         [],  # decode_drafts (protocol 8)
         [],  # rollback
         False,  # argmax (protocol 9)
+        False,  # chained (protocol 10)
     ]
     return msgpack.packb([PROTOCOL_VERSION, 1, body], use_bin_type=True)
 

@@ -62,6 +62,7 @@ def plans(draw: st.DrawFn) -> StepPlan:
         else (),
         rollback=tuple((draw(ids), draw(small)) for _ in range(draw(st.integers(0, 3)))),
         argmax=draw(st.booleans()),
+        chained=draw(st.booleans()),
     )
 
 
@@ -356,7 +357,7 @@ def test_speculation_fields_must_match_the_decode_rows() -> None:
     good = StepPlan(step=1, decode_ids=(4, 5), decode_tokens=(1, 2), decode_drafts=((3, 4), ()), rollback=((4, 9),))
     assert codec.decode(codec.encode(1, good)).message == good
     wire = good.to_wire()
-    drafts, rollback = len(wire) - 3, len(wire) - 2  # then `argmax`
+    drafts, rollback = len(wire) - 4, len(wire) - 3  # then `argmax`, `chained`
     wire[drafts] = [[3, 4]]  # one row's drafts for two rows
     with pytest.raises(BusDecodeError, match="drafts"):
         StepPlan.from_wire(wire)
@@ -366,6 +367,9 @@ def test_speculation_fields_must_match_the_decode_rows() -> None:
     wire[drafts], wire[rollback] = [], [[4]]
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)
-    wire[rollback], wire[-1] = [], 1  # argmax is a bool
+    wire[rollback], wire[-2] = [], 1  # argmax is a bool
+    with pytest.raises(BusDecodeError):
+        StepPlan.from_wire(wire)
+    wire[-2], wire[-1] = False, "yes"  # and so is chained
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)

@@ -132,6 +132,61 @@ def test_tp2_concurrent_plain_greedy_equals_tp1(tiny_tp2: Job, tiny_tp1: Job) ->
     assert texts(tiny_tp2) == texts(tiny_tp1)
 
 
+def test_chained_steps_with_stops_lengths_cancels_and_arrivals_equal_tp1(
+    job_factory, tiny_model: Path, tiny_tp1: Job  # type: ignore[no-untyped-def]
+) -> None:
+    """At TP=2 plain greedy decode steps are chained (the next plan goes out while a step runs, and each
+    row's input is the pick both ranks computed, rank/engine.py): rows that end on a stop string or at
+    their max_tokens while a chained plan is already out, a stream closed mid-way and a request arriving
+    mid-chain leave every other row's text as one rank gives it, and nothing behind on the ranks.
+    Speculation off: a step with drafts is not chained (and on the tiny model's repetitive text the
+    n-gram drafter drafts nearly every step)."""
+    import time
+
+    from tests.test_lifecycle import wait_idle
+
+    tiny_tp2 = job_factory.start(2, tiny_args(tiny_model, "--spec", "off"), "tiny-tp2-chain")
+
+    full = client(tiny_tp1).completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=40, temperature=0)
+    stop = str(full.choices[0].text)[12:15]  # ends that request a dozen tokens in, on a text match
+    assert stop, "the tiny model wrote nothing"
+
+    def texts(job: Job) -> list[tuple[str, str | None]]:
+        c = client(job)
+
+        def one(i: int) -> tuple[str, str | None]:
+            if i == 5:
+                time.sleep(0.15)  # arrives while the others decode, chained
+            extra = {"stop": [stop]} if i == 2 else {}
+            r = c.completions.create(  # type: ignore[call-overload]
+                model="tiny", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=(5, 17, 40, 150, 31, 25)[i],
+                temperature=0, **extra,
+            )  # fmt: skip
+            return str(r.choices[0].text), r.choices[0].finish_reason
+
+        def leave() -> None:  # a stream closed after a few tokens
+            body = {"model": "tiny", "prompt": "leaving early", "max_tokens": 60, "temperature": 0, "stream": True}
+            with httpx.stream("POST", job.url + "/v1/completions", json=body, timeout=60) as r:
+                for n, _ in enumerate(r.iter_lines()):
+                    if n > 6:
+                        break
+
+        with cf.ThreadPoolExecutor(7) as pool:
+            gone = pool.submit(leave)
+            out = list(pool.map(one, range(6)))
+            gone.result()
+        return out
+
+    before = httpx.get(tiny_tp2.url + "/health", timeout=10).json()["engine_stats"]["chained_steps"]
+    two, one_rank = texts(tiny_tp2), texts(tiny_tp1)
+    assert two == one_rank
+    assert two[2][1] == "stop" and two[0][1] == "length"
+    after = wait_idle(tiny_tp2)
+    assert after["chained_steps"] > before + 50  # the steps were chained (the 150-token row's alone, at least)
+    assert wait_idle(tiny_tp1)["chained_steps"] == 0  # one rank has nobody to overlap with
+    tiny_tp2.stop()
+
+
 def test_bad_input_gets_4xx_and_the_cluster_keeps_serving(tiny_tp2: Job) -> None:
     url = tiny_tp2.url
     before = greedy_ids(tiny_tp2, PROMPTS[0])

@@ -399,3 +399,43 @@ def test_a_burst_prefills_in_larger_steps_while_starters_outnumber_decoders() ->
         s.add(request(rid, 30))
     plan = s.schedule().plan
     assert sum(p.end - p.start for p in plan.prefill) == 10 and len(plan.decode_ids) == 3
+
+
+def test_chain_plans_the_next_greedy_step_only_when_nothing_else_could_change_it() -> None:
+    """`Scheduler.chain`: the next step of the same rows, planned before the step runs (rank/engine.py):
+    only for a pure greedy decode step of every running row, nobody waiting or leaving, no row ending
+    for its length at the step; a row that then ends on EOS is skipped in the chained step's update."""
+
+    def greedy(rid: str, n: int) -> GenerationRequest:
+        return GenerationRequest(rid, (1, 2, 3), SamplingParams(max_tokens=n, temperature=0.0), sink=lambda e: None)
+
+    s = make(chunk=100)
+    s.add(greedy("a", 10))
+    s.add(greedy("b", 3))
+    first = s.schedule()  # the prompts: no chain
+    assert s.chain(first) is None
+    s.update(first, sample(first))
+    step = s.schedule()  # both decode; "b" reaches its 2nd token here and its 3rd in a chained step
+    chained = s.chain(step)
+    assert chained is not None and chained.plan.chained and chained.plan.argmax
+    assert chained.plan.decode_ids == step.plan.decode_ids and chained.plan.step == step.plan.step + 1
+    s.update(step, sample(step))
+    s.update(chained, [SampledToken(1), SampledToken(EOS)])  # "b" ends on its last token
+    step = s.schedule()
+    assert step.plan.release == (chained.rows[1].seq_id,)  # "b" leaves in this plan, which may chain
+    chained = s.chain(step)
+    assert chained is not None and chained.plan.decode_ids == step.plan.decode_ids == (chained.rows[0].seq_id,)
+    s.update(step, [SampledToken(EOS)])  # "a" ends at `step` on EOS: the chained step computes it in vain
+    assert s.update(chained, [SampledToken(1)]) == []  # and its row there is skipped
+    assert s.schedule().plan.release == chained.plan.decode_ids  # released in the next plan
+    s.add(greedy("c", 5))
+    step = s.schedule()
+    s.update(step, sample(step))
+    step = s.schedule()
+    s.add(greedy("d", 5))  # waiting: the next plan admits it
+    assert s.chain(step) is None
+    sampled = make(chunk=100)
+    sampled.add(GenerationRequest("t", (1, 2), SamplingParams(max_tokens=5, temperature=0.9), sink=lambda e: None))
+    step = sampled.schedule()
+    sampled.update(step, sample(step))
+    assert sampled.chain(sampled.schedule()) is None  # sampled rows need rank 0's logits

@@ -216,6 +216,7 @@ def test_legacy_keys_and_nesting_are_kept(full: JobSnapshot) -> None:
     assert LEGACY_TOP <= set(doc)
     assert set(doc) - LEGACY_TOP == {
         "steps", "sequences_on_ranks", "latency", "published_unix", "adapters", "memory", "speculation",
+        "chained_steps",
     }  # fmt: skip
     assert set(doc["memory"]) == MEMORY_KEYS
     assert set(doc["speculation"]) == SPEC_KEYS
