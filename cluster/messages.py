@@ -106,6 +106,9 @@ class StepPlan:
     each sends the other its entries, so every rank knows every pick). `chained`: rank 0 sent this plan
     before it knew the step before's picks (rank/engine.py: the plan broadcast overlaps that step): each
     row's input token is the pick every rank computed for it in the step before (`decode_tokens` are 0).
+    `topk` (when not `argmax`): every row samples with top_k <= topk or is plain greedy, and nothing else
+    reads the rest of the distribution: each rank sends rank 0 its slice's `topk` best entries per row
+    (rank/sampler.py `top_k_mask`), not the slice; 0: the slices.
     """
 
     KIND: ClassVar[int] = 1
@@ -126,6 +129,7 @@ class StepPlan:
     rollback: tuple[tuple[int, int], ...] = ()  # (sequence id, positions it keeps)
     argmax: bool = False
     chained: bool = False
+    topk: int = 0
 
     def to_wire(self) -> list[Any]:
         return [
@@ -147,12 +151,13 @@ class StepPlan:
             [[sid, n] for sid, n in self.rollback],
             self.argmax,
             self.chained,
+            self.topk,
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> StepPlan:
         (_, step, release, admit, prefill, decode_ids, decode_tokens, store, evict, load, save, delete,
-         adapter_load, adapter_unload, drafts, rollback, argmax, chained) = w  # fmt: skip
+         adapter_load, adapter_unload, drafts, rollback, argmax, chained, topk) = w  # fmt: skip
         if len(decode_ids) != len(decode_tokens):
             raise BusDecodeError("step plan: decode ids and tokens differ in length")
         drafts = _list(drafts, "step plan: decode_drafts")
@@ -183,6 +188,7 @@ class StepPlan:
             rollback=tuple(_pair(r, "step plan: a rollback") for r in _list(rollback, "step plan: rollback")),
             argmax=_bool(argmax),
             chained=_bool(chained),
+            topk=_int(topk),
         )
 
 

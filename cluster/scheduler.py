@@ -296,6 +296,7 @@ class Scheduler:
             decode_drafts=drafts,
             rollback=rollback,
             argmax=all(map(_argmax_only, completed + decoding)) and all(c.prompt_logprobs < 0 for c in prefill),
+            topk=_top_k_of(completed + decoding, prefill),
         )
         row_drafts = ((),) * len(completed) + drafts if drafts else ()
         return ScheduledStep(plan, tuple(completed + decoding), tuple(prefilled), row_drafts)
@@ -520,6 +521,28 @@ def fork_seed(seed: int, request_id: str, fork_of: str) -> int:
     index = request_id[len(fork_of) + 1 :] if request_id.startswith(fork_of + "-") else request_id
     digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: within every PRNG's seed range
+
+
+TOPK_GATHER_MAX = 256  # top_k up to which a rank sends its k best entries per row, not its vocabulary slice
+
+
+def _top_k_of(rows: list[Request], prefill: list[PrefillChunk]) -> int:
+    """`StepPlan.topk`: the largest top_k of the step's rows when every row samples with a top_k (at most
+    TOPK_GATHER_MAX) or is plain greedy, and no row reads more of the distribution than its k best
+    (logprobs, penalties, bias, a grammar, banned EOS, prompt logprobs); 0 otherwise, and for an
+    all-greedy step (an `argmax` plan)."""
+    if not rows or any(c.prompt_logprobs >= 0 for c in prefill):
+        return 0
+    k = 0
+    for req in rows:
+        p = req.sampling
+        if _argmax_only(req):
+            continue
+        plain = not p.logit_bias and p.logprobs is None and not p.penalised and req.constraint is None
+        if not (plain and 0 < p.top_k <= TOPK_GATHER_MAX and len(req.output) >= p.min_tokens):
+            return 0
+        k = max(k, p.top_k)
+    return k
 
 
 def _argmax_only(req: Request) -> bool:

@@ -150,10 +150,12 @@ class Leader:
                     self.scheduler.spec.timed(positions, took * 1000)
                 self._publish(self.clock())
                 if log.isEnabledFor(logging.DEBUG):
+                    gather = " (chained)" if plan.chained else ""
+                    gather += f" (top-{plan.topk} gather)" if plan.topk and self.executor.splits_vocabulary else ""
                     log.debug(
                         "step %d%s: %.0f ms, %d admitted, %d prompt tokens in %d chunks, %d decoded",
                         plan.step,
-                        " (chained)" if plan.chained else "",
+                        gather,
                         took * 1000,
                         len(plan.admit),
                         sum(c.end - c.start for c in plan.prefill),

@@ -37,7 +37,7 @@ from rank.model_head import ModelHead, VocabSlice
 from rank.packing import RowLayout, pass_caches
 from rank.prompt_logprobs import PromptLogprobs, rows_wanted
 from rank.ragged import RaggedKVCache
-from rank.sampler import finite_logits
+from rank.sampler import finite_logits, from_top_k, top_k_entries
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,12 @@ class Executor:
         return LiveQuant(start, self.kv.bits, self.kv.group_size)
 
     @property
+    def splits_vocabulary(self) -> bool:
+        """Whether the ranks gather rank 0's logits from vocabulary slices (argmax and top-k plans reduce
+        what they send)."""
+        return self._slice is not None
+
+    @property
     def num_sequences(self) -> int:
         return len(self.prefilling) + len(self.batch_ids)
 
@@ -274,6 +280,8 @@ class Executor:
         if self._slice is not None:
             if plan.argmax and not rows.prompt:
                 return self._vocab_argmax(row_ids, last, failed)
+            if plan.topk > 0 and not rows.prompt:
+                return self._vocab_topk(row_ids, last, failed, plan.topk)
             return self._prompt_rows(self._vocab_parallel(row_ids, last, failed), rows)
         if not self.want_logits and self.group is None:
             mx.eval(last)
@@ -521,6 +529,26 @@ class Executor:
             if not self.want_logits:
                 return StepOutput(row_ids, None, failed)
         return StepOutput(row_ids, None, failed, picks=chosen)
+
+    def _vocab_topk(self, row_ids: list[int], last: mx.array, failed: tuple[int, ...], k: int) -> StepOutput:
+        """`_vocab_parallel` for a step whose rows all sample with top_k <= k (or are plain greedy): each rank
+        sends rank 0 its slice's k best entries per row (values and vocabulary indices, rank/sampler.py
+        `top_k_entries`), rank 0 sets them in rows of -inf. The k best of a whole row are among the
+        entries sent (ties go to the lower id on every rank alike), so every row samples as from the
+        whole row: the same token for the same key."""
+        assert self._slice is not None
+        head, counts = self._slice
+        lo = sum(counts[: self.group.rank()]) if self.group is not None else 0
+        local = finite_logits(head(last).astype(mx.float32))
+        mine = min(k, local.shape[-1])
+        values, idx = top_k_entries(local, mine)
+        sent = mx.concatenate([values, (idx + lo).astype(mx.float32)], axis=-1)  # exact: ids < 2**24
+        parts = self._to_rank0(sent, [2 * min(k, c) for c in counts])
+        if parts is None:
+            return StepOutput(row_ids, None, failed)
+        logits = from_top_k(parts, sum(counts))
+        mx.eval(logits)  # where MLX releases the GIL
+        return StepOutput(row_ids, logits, failed)
 
     def _to_rank0(self, local: mx.array, widths: list[int]) -> list[mx.array] | None:
         """Every rank's `local` (rows x widths[rank]) on rank 0, in rank order; None on the others.

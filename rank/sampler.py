@@ -172,9 +172,8 @@ class Sampler:
             token = int(mx.argmax(row).item())
         else:
             scores = row / p.temperature  # finite: |row| <= LOGIT_LIMIT, temperature >= GREEDY_BELOW
-            if 0 < p.top_k < scores.shape[-1]:
-                kth = mx.sort(scores)[-p.top_k]
-                scores = mx.where(scores < kth, -mx.inf, scores)
+            if 0 < p.top_k < scores.shape[-1]:  # chosen on the logits: dividing may round two into a tie
+                scores = mx.where(top_k_mask(row, p.top_k), scores, -mx.inf)
             if p.top_p < 1.0:
                 order = mx.argsort(-scores)
                 probs = mx.softmax(scores[order])
@@ -196,6 +195,37 @@ class Sampler:
         if req.token_counts is not None:
             req.token_counts[token] += 1
         return SampledToken(token, lp)
+
+
+def top_k_mask(scores: mx.array, k: int) -> mx.array:
+    """Which entries of each row (last axis) are its `k` largest: exactly k, ties at the k-th value going
+    to the lower token ids (mlx-lm keeps exactly k too, ties as its partition falls). Exactly k with a
+    fixed tie rule is what lets each rank of a vocabulary-parallel head send only its own k best
+    (`StepPlan.topk`): the k best of the whole row are among them, whatever the ties."""
+    kth = mx.sort(scores, axis=-1)[..., -k][..., None]
+    above = scores > kth
+    tied = scores == kth
+    need = k - above.sum(axis=-1, keepdims=True)
+    return above | (tied & (mx.cumsum(tied.astype(mx.int32), axis=-1) <= need))
+
+
+def top_k_entries(scores: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """Each row's `k` largest entries by `top_k_mask`: (values, indices), rows x k, in no set order."""
+    keep = top_k_mask(scores, k)
+    idx = mx.argsort(mx.where(keep, 0, 1).astype(mx.int32), axis=-1)[..., :k]
+    return mx.take_along_axis(scores, idx, axis=-1), idx
+
+
+def from_top_k(parts: Sequence[mx.array], vocab: int) -> mx.array:
+    """Rows of `vocab` logits from each rank's (values, vocabulary indices) pairs, rows x 2k (values first,
+    then indices as float32): the entries sent, -inf elsewhere. Sampling a row of it with top_k <= k gives
+    what sampling the whole row gives (rank/executor.py `_vocab_topk`)."""
+    rows = parts[0].shape[0]
+    full = mx.full((rows, vocab), -mx.inf, dtype=mx.float32)
+    for part in parts:
+        k = part.shape[1] // 2
+        full = mx.put_along_axis(full, part[:, k:].astype(mx.int32), part[:, :k].astype(mx.float32), axis=-1)
+    return full
 
 
 def finite_logits(x: mx.array) -> mx.array:

@@ -82,6 +82,7 @@ def _plan(
         [],  # rollback
         False,  # argmax (protocol 9)
         False,  # chained (protocol 10)
+        0,  # topk (protocol 11)
     ]
     return msgpack.packb([PROTOCOL_VERSION, 1, body], use_bin_type=True)
 

@@ -63,6 +63,7 @@ def plans(draw: st.DrawFn) -> StepPlan:
         rollback=tuple((draw(ids), draw(small)) for _ in range(draw(st.integers(0, 3)))),
         argmax=draw(st.booleans()),
         chained=draw(st.booleans()),
+        topk=draw(st.integers(0, 256)),
     )
 
 
@@ -357,7 +358,7 @@ def test_speculation_fields_must_match_the_decode_rows() -> None:
     good = StepPlan(step=1, decode_ids=(4, 5), decode_tokens=(1, 2), decode_drafts=((3, 4), ()), rollback=((4, 9),))
     assert codec.decode(codec.encode(1, good)).message == good
     wire = good.to_wire()
-    drafts, rollback = len(wire) - 4, len(wire) - 3  # then `argmax`, `chained`
+    drafts, rollback = len(wire) - 5, len(wire) - 4  # then `argmax`, `chained`, `topk`
     wire[drafts] = [[3, 4]]  # one row's drafts for two rows
     with pytest.raises(BusDecodeError, match="drafts"):
         StepPlan.from_wire(wire)
@@ -367,9 +368,12 @@ def test_speculation_fields_must_match_the_decode_rows() -> None:
     wire[drafts], wire[rollback] = [], [[4]]
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)
-    wire[rollback], wire[-2] = [], 1  # argmax is a bool
+    wire[rollback], wire[-3] = [], 1  # argmax is a bool
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)
-    wire[-2], wire[-1] = False, "yes"  # and so is chained
+    wire[-3], wire[-2] = False, "yes"  # and so is chained
+    with pytest.raises(BusDecodeError):
+        StepPlan.from_wire(wire)
+    wire[-2], wire[-1] = False, "8"  # topk is an integer
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)

@@ -132,20 +132,46 @@ def test_tp2_concurrent_plain_greedy_equals_tp1(tiny_tp2: Job, tiny_tp1: Job) ->
     assert texts(tiny_tp2) == texts(tiny_tp1)
 
 
+@pytest.fixture(scope="module")
+def tiny_tp2_plain(job_factory, tiny_model: Path) -> Job:  # type: ignore[no-untyped-def]
+    """TP=2 without speculation (a step with drafts is not chained, and on the tiny model's repetitive
+    text the n-gram drafter drafts nearly every step) and without a prefix cache (a hit loads 8-bit
+    blocks: a request repeated would not compute the same numbers)."""
+    flags = ("--spec", "off", "--kv-ram-gb", "0", "--kv-ssd-dir", "none", "--log-level", "debug")
+    return job_factory.start(2, tiny_args(tiny_model, *flags), "tiny-tp2-plain")
+
+
+def test_top_k_sampling_gathers_k_entries_and_samples_as_from_the_slices(tiny_tp2_plain: Job) -> None:
+    """Seeded sampling with top_k: without logprobs each rank sends rank 0 its k best entries a row
+    (StepPlan.topk); asking for logprobs (which never change the pick) makes the step gather the
+    vocabulary slices instead. Same seed, same tokens, for several k, top_p and temperatures."""
+    c = client(tiny_tp2_plain)
+    cases = [(5, 1.0, 1.0), (40, 0.8, 0.9), (1, 1.2, 1.0), (200, 1.5, 0.95)]
+    for i, (k, temperature, top_p) in enumerate(cases):
+        def text(logprobs: bool, i: int = i, k: int = k, temperature: float = temperature, top_p: float = top_p) -> str:
+            r = c.completions.create(
+                model="tiny", prompt=PROMPTS[i], max_tokens=24, temperature=temperature, top_p=top_p,
+                seed=100 + i, logprobs=1 if logprobs else None, extra_body={"top_k": k},
+            )  # fmt: skip
+            return str(r.choices[0].text)
+
+        assert text(False) == text(True), (k, temperature, top_p)
+    log = tiny_tp2_plain.log_path.read_text()
+    assert all(f"(top-{k} gather)" in log for k, _, _ in cases)  # the steps without logprobs took it
+
+
 def test_chained_steps_with_stops_lengths_cancels_and_arrivals_equal_tp1(
-    job_factory, tiny_model: Path, tiny_tp1: Job  # type: ignore[no-untyped-def]
+    tiny_tp2_plain: Job, tiny_tp1: Job
 ) -> None:
     """At TP=2 plain greedy decode steps are chained (the next plan goes out while a step runs, and each
     row's input is the pick both ranks computed, rank/engine.py): rows that end on a stop string or at
     their max_tokens while a chained plan is already out, a stream closed mid-way and a request arriving
-    mid-chain leave every other row's text as one rank gives it, and nothing behind on the ranks.
-    Speculation off: a step with drafts is not chained (and on the tiny model's repetitive text the
-    n-gram drafter drafts nearly every step)."""
+    mid-chain leave every other row's text as one rank gives it, and nothing behind on the ranks."""
     import time
 
     from tests.test_lifecycle import wait_idle
 
-    tiny_tp2 = job_factory.start(2, tiny_args(tiny_model, "--spec", "off"), "tiny-tp2-chain")
+    tiny_tp2 = tiny_tp2_plain
 
     full = client(tiny_tp1).completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=40, temperature=0)
     stop = str(full.choices[0].text)[12:15]  # ends that request a dozen tokens in, on a text match
@@ -184,7 +210,6 @@ def test_chained_steps_with_stops_lengths_cancels_and_arrivals_equal_tp1(
     after = wait_idle(tiny_tp2)
     assert after["chained_steps"] > before + 50  # the steps were chained (the 150-token row's alone, at least)
     assert wait_idle(tiny_tp1)["chained_steps"] == 0  # one rank has nobody to overlap with
-    tiny_tp2.stop()
 
 
 def test_bad_input_gets_4xx_and_the_cluster_keeps_serving(tiny_tp2: Job) -> None:
