@@ -113,6 +113,7 @@ class Leader:
                 if self._ahead is not None:  # sent before the last step ran: the followers are running it
                     step, self._ahead = self._ahead, None
                     plan = step.plan
+                    self._collect_reports(now)
                     if self.watchdog is not None:
                         self.watchdog.enter(f"step {plan.step}")
                 else:
@@ -135,7 +136,8 @@ class Leader:
                     plan = step.plan
                     self._send(plan, f"step {plan.step}")
                 last_sent = self.clock()
-                if self.chains and not self.client.has_commands():
+                # (not while stopping: the loop checks whether to stop between plans it has not sent)
+                if self.chains and not self.shutting_down and not self.client.has_commands():
                     self._ahead = self.scheduler.chain(step)
                     if self._ahead is not None:  # out before this step runs: no rank waits for it
                         self._send(self._ahead.plan, f"step {self._ahead.plan.step}", watch=False)

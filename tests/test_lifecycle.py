@@ -70,11 +70,15 @@ def test_fifty_disconnecting_streams_free_everything(job_factory, tiny_model: Pa
     assert after["generated_tokens"] < 50 * 300  # cancelled, not run to completion
 
 
-def drain_scenario(job: Job, stop: Callable[[], None]) -> None:
+def drain_scenario(job: Job, stop: Callable[[], None], plain: bool = False) -> None:
     """One event loop for the stream and the probes: a second client thread blocked on a long response
     can stall this machine's other client requests for seconds (seen with CPython threads here), which
-    would test the client, not the server."""
-    body = {"model": "tiny", "prompt": "drain", "max_tokens": 1900, "stream": True, "logit_bias": NO_EOS}
+    would test the client, not the server. `plain`: a plain greedy stream (ignore_eos, no logit bias),
+    whose steps a TP=2 job chains (rank/engine.py)."""
+    body: dict = {"model": "tiny", "prompt": "drain", "max_tokens": 1900, "stream": True, "logit_bias": NO_EOS}
+    if plain:
+        del body["logit_bias"]
+        body["ignore_eos"], body["temperature"] = True, 0
 
     async def scenario() -> list[str]:
         client = await stream_in_subprocess(job.url, body)
@@ -119,6 +123,22 @@ def test_sigusr1_to_the_launcher_drains_too(job_factory, tiny_model: Path) -> No
     not kill the launcher alone and leave mpirun and the ranks running without it."""
     job = job_factory.start(2, tiny_args(tiny_model), "drain-launcher-usr1", launcher=True)
     drain_scenario(job, lambda: job.signal(signal.SIGUSR1))
+
+
+def test_sigterm_drains_a_job_whose_steps_are_chained(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """A plain greedy stream at TP=2 without speculation: its steps are chained (a plan is out before
+    the step before runs); a drain stops chaining, finishes the stream and exits cleanly."""
+    job = job_factory.start(2, tiny_args(tiny_model, "--spec", "off"), "drain-chained")
+    rank0 = job.rank_pid(0)
+    seen: dict[str, int] = {}
+
+    def stop() -> None:
+        time.sleep(0.3)  # the stream decodes, chained, meanwhile
+        seen["chained"] = stats(job)["chained_steps"]
+        __import__("os").kill(rank0, signal.SIGTERM)
+
+    drain_scenario(job, stop, plain=True)
+    assert seen["chained"] > 10
 
 
 def test_sigterm_to_rank0_drains_then_every_rank_exits_zero(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
