@@ -30,20 +30,18 @@ from rank.model_head import find_inner  # noqa: E402
 from rank.models import default_cache_dir, load_model, resolve_model  # noqa: E402
 
 
+def cache_of(quantize: bool, heads: int, dim: int, length: int, dtype: mx.Dtype) -> object:
+    """One sequence's cache of one layer holding `length` random positions, plain or quantized (8 bits,
+    groups of 64, as `--kv-live-from` quantizes it)."""
+    c = KVCache()
+    k = mx.random.normal((1, heads, length, dim)).astype(dtype)
+    c.update_and_fetch(k, k)
+    return LiveQuant(1, 8, 64).quantize([c])[0] if quantize else c
+
+
 def filled(quantize: bool, layers: int, heads: int, dim: int, length: int, rows: int, dtype: mx.Dtype) -> list[LiveBatch]:
     """Each layer's decode batch of `rows` rows of `length` positions, plain or quantized."""
-    live = LiveQuant(1, 8, 64)
-    batch = []
-    for _ in range(layers):
-        singles = []
-        for _ in range(rows):
-            c = KVCache()
-            k = mx.random.normal((1, heads, length, dim)).astype(dtype)
-            c.update_and_fetch(k, k)
-            singles.append(c)
-        if quantize:
-            singles = live.quantize(singles)
-        batch.append(LiveBatch.merge(singles))
+    batch = [LiveBatch.merge([cache_of(quantize, heads, dim, length, dtype) for _ in range(rows)]) for _ in range(layers)]
     mx.eval([layer.state for layer in batch])
     return batch
 
@@ -51,15 +49,8 @@ def filled(quantize: bool, layers: int, heads: int, dim: int, length: int, rows:
 def chunk_ms(model: object, quantize: bool, layers: int, heads: int, dim: int, length: int, chunk: int, dtype: mx.Dtype) -> float:
     """A prompt chunk of `chunk` positions of one sequence whose cache holds `length` (a prefilling
     sequence's own caches: mlx-lm's `KVCache`, or its `QuantizedKVCache` past --kv-live-from)."""
-    caches = []
-    for _ in range(layers):
-        c = KVCache()
-        k = mx.random.normal((1, heads, length, dim)).astype(dtype)
-        c.update_and_fetch(k, k)
-        caches.append(c)
-    if quantize:
-        caches = LiveQuant(1, 8, 64).quantize(caches)
-    mx.eval([c.state for c in caches])
+    caches = [cache_of(quantize, heads, dim, length, dtype) for _ in range(layers)]
+    mx.eval([c.state for c in caches])  # type: ignore[attr-defined]
     tokens = mx.ones((1, chunk), dtype=mx.int32)
     t0 = time.perf_counter()
     mx.eval(model(tokens, cache=caches))  # type: ignore[operator]
