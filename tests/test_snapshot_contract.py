@@ -161,6 +161,7 @@ def full(tmp_path: Path) -> JobSnapshot:
         facts=FACTS, engine_state="ready", admission_paused=True, failure="rank 1 is slow",
         running=1, waiting=1, max_batch=8, sequences_on_ranks=1, steps=321, last_step_ms=41.237,
         stats=stats(), queue=QUEUE, tiers=tiers(tmp_path), ranks=ranks(), now_unix=NOW, adapters=adapters(),
+        chained_steps=300,
     )  # fmt: skip
 
 
@@ -304,7 +305,8 @@ def test_api_serves_the_published_snapshot(full: JobSnapshot) -> None:
         health = http.get("/health").json()
         assert health["engine_stats"] == {
             "state": "ready", "running": 1, "waiting": 1, "max_batch": 8, "free_slots": 7,
-            "sequences_on_ranks": 1, "steps": 321, "generated_tokens": 120, "last_step_ms": 41.24,
+            "sequences_on_ranks": 1, "steps": 321, "chained_steps": 300, "generated_tokens": 120,
+            "last_step_ms": 41.24,
         }  # fmt: skip
         assert (health["status"], health["ranks"], health["uptime_s"]) == ("ok", 2, 100.0)
         assert http.get("/health/ready").json()["ranks_ok"] is True
