@@ -16,6 +16,8 @@ length in the same way.
 It speaks the cache interface mlx-lm's models and `rank.packing` use (`update_and_fetch`, `make_mask`,
 `offset`, `merge`, `extend`, `filter`); the executor moves lengths on with `advance` after each pass and
 rolls rows back with `set_length`. Only plain `KVCache` layers become ragged (rank.model_caps decides).
+`QuantizedRaggedKVCache` is the same batch with keys and values stored as `mx.quantize` gives them, for
+the rows `--kv-live-from` quantized (rank.livequant).
 """
 
 from __future__ import annotations
