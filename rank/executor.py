@@ -133,6 +133,8 @@ class Executor:
         self.point_to_point = point_to_point
         self._packs = self.caps.packable  # a step in one pass (rank.packing, its seam from rank.mlx_patch)
         self._slice = self._head_slice() if self.group is not None and self.head.splits_vocabulary else None
+        # where this rank's rows of the vocabulary start (its slice's ids are offset by it)
+        self._vocab_lo = sum(self._slice[1][: self.group.rank()]) if self._slice is not None and self.group else 0
         # Two ranks with a vocabulary-parallel head: an argmax step's picks reach both ranks in the one
         # exchange (each sends the other its best entries), so rank 0 may send the next plan before it
         # knows them (`StepPlan.chained`, rank/engine.py): the plan broadcast overlaps the step.
@@ -510,16 +512,15 @@ class Executor:
         sampler's clamping: the same token as gathering the slices."""
         assert self._slice is not None
         head, counts = self._slice
-        lo = sum(counts[: self.group.rank()]) if self.group is not None else 0
         local = finite_logits(head(last).astype(mx.float32))
-        best = mx.stack([local.max(axis=-1), (mx.argmax(local, axis=-1) + lo).astype(mx.float32)], axis=-1)
-        if self.chains:  # both ranks get both ranks' entries, and keep the picks for a chained next step
-            every = mx.distributed.all_gather(best, group=self.group).reshape(len(counts), len(row_ids), 2)
-        else:
-            parts = self._to_rank0(best, [2] * len(counts))
-            if parts is None:
-                return StepOutput(row_ids, None, failed)
-            every = mx.stack(parts)  # ranks x rows x (value, index)
+        best = mx.stack(
+            [local.max(axis=-1), (mx.argmax(local, axis=-1) + self._vocab_lo).astype(mx.float32)], axis=-1
+        )
+        # chained steps: both ranks get both ranks' entries, and keep the picks for the next step
+        parts = self._to_rank0(best, [2] * len(counts), everyone=self.chains)
+        if parts is None:
+            return StepOutput(row_ids, None, failed)
+        every = mx.stack(parts)  # ranks x rows x (value, index)
         winner = mx.argmax(every[:, :, 0], axis=0)  # the first rank holding a row's maximum
         picks = mx.take_along_axis(every[:, :, 1], winner[None], axis=0)[0].astype(mx.int32)
         mx.eval(picks)  # where MLX releases the GIL
@@ -538,11 +539,9 @@ class Executor:
         whole row: the same token for the same key."""
         assert self._slice is not None
         head, counts = self._slice
-        lo = sum(counts[: self.group.rank()]) if self.group is not None else 0
         local = finite_logits(head(last).astype(mx.float32))
-        mine = min(k, local.shape[-1])
-        values, idx = top_k_entries(local, mine)
-        sent = mx.concatenate([values, (idx + lo).astype(mx.float32)], axis=-1)  # exact: ids < 2**24
+        values, idx = top_k_entries(local, min(k, local.shape[-1]))
+        sent = mx.concatenate([values, (idx + self._vocab_lo).astype(mx.float32)], axis=-1)  # exact: ids < 2**24
         parts = self._to_rank0(sent, [2 * min(k, c) for c in counts])
         if parts is None:
             return StepOutput(row_ids, None, failed)
@@ -550,18 +549,19 @@ class Executor:
         mx.eval(logits)  # where MLX releases the GIL
         return StepOutput(row_ids, logits, failed)
 
-    def _to_rank0(self, local: mx.array, widths: list[int]) -> list[mx.array] | None:
+    def _to_rank0(self, local: mx.array, widths: list[int], everyone: bool = False) -> list[mx.array] | None:
         """Every rank's `local` (rows x widths[rank]) on rank 0, in rank order; None on the others.
         Point to point where every rank reaches rank 0; else one all-gather of the pieces padded to the
-        widest (every rank receives them all: more bytes, the same number of link delays as a ring)."""
+        widest (every rank receives them all: more bytes, the same number of link delays as a ring).
+        `everyone`: the all-gather, and every rank gets the pieces."""
         assert self.group is not None
         rows = local.shape[0]
-        if not self.point_to_point:
+        if everyone or not self.point_to_point:
             wide = max(widths)
             padded = mx.pad(local, [(0, 0), (0, wide - local.shape[1])]) if local.shape[1] < wide else local
             every = mx.distributed.all_gather(padded, group=self.group)  # ranks * rows x wide
             mx.eval(every)  # where MLX releases the GIL
-            if not self.want_logits:
+            if not self.want_logits and not everyone:
                 return None
             return [every[i * rows : (i + 1) * rows, :w] for i, w in enumerate(widths)]
         if not self.want_logits:
