@@ -134,8 +134,8 @@ def test_sigterm_drains_a_job_whose_steps_are_chained(job_factory, tiny_model: P
 
     def stop() -> None:
         time.sleep(0.3)  # the stream decodes, chained, meanwhile
-        seen["chained"] = stats(job)["chained_steps"]
-        __import__("os").kill(rank0, signal.SIGTERM)
+        __import__("os").kill(rank0, signal.SIGTERM)  # first: a slow /health read must not outlast the stream
+        seen["chained"] = stats(job)["chained_steps"]  # counted since start, read while it drains
 
     drain_scenario(job, stop, plain=True)
     assert seen["chained"] > 10
