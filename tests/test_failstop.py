@@ -29,27 +29,35 @@ class Stream:
 
     def __init__(self, job: Job) -> None:
         self.lines: list[str] = []
+        self.status: int | None = None
         self.error: Exception | None = None
         self.started = threading.Event()
         self.ended = threading.Event()
+        self.got_text = False
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
-        assert self.started.wait(60), "the stream never produced a token"
+        assert self.started.wait(60) and self.got_text, f"the stream never produced a token: {self.describe()}"
 
     def _run(self, job: Job) -> None:
         try:
             with httpx.stream(
                 "POST", job.url + "/v1/completions", json=BODY, timeout=httpx.Timeout(60, read=30)
             ) as r:
+                self.status = r.status_code
                 for line in r.iter_lines():
                     if line:
                         self.lines.append(line)
                         if '"text":"' in line and '"text":""' not in line:
+                            self.got_text = True
                             self.started.set()
         except httpx.HTTPError as exc:
             self.error = exc
         finally:
             self.started.set()
             self.ended.set()
+
+    def describe(self) -> str:
+        """For assertion messages: how the stream went (its status, error and last lines)."""
+        return f"status {self.status}, error {self.error!r}, {len(self.lines)} lines, last: {self.lines[-3:]}"
 
     def failed(self) -> bool:
         got_error_event = any(ln.startswith("data: {") and "error" in json.loads(ln[6:]) for ln in self.lines)
@@ -64,7 +72,7 @@ def test_hung_follower_mid_request(job_factory, tiny_model: Path, launcher: bool
     os.kill(follower, signal.SIGSTOP)
     try:
         assert stream.ended.wait(15), "client left hanging"
-        assert stream.failed()
+        assert stream.failed(), f"{stream.describe()}\n{job.log()[-3000:]}"
         try:
             ready = httpx.get(job.url + "/health/ready", timeout=2)
             assert ready.status_code == 503
