@@ -120,6 +120,7 @@ def server_itl(url: str) -> tuple[float, float]:
 
 
 PLAIN = False  # --plain-greedy: streams without logprobs or logit bias (argmax steps, chained at TP=2)
+TEMPERATURE = 0.0  # --temperature: plain streams that sample (StepPlan.draws: picks gathered, chained)
 
 
 def stream(url: str, model: str, prompt: str, tokens: int) -> dict[str, list[float]]:
@@ -138,6 +139,7 @@ def stream(url: str, model: str, prompt: str, tokens: int) -> dict[str, list[flo
         del body["logprobs"], body["return_tokens_as_token_ids"], body["logit_bias"]
         body["ignore_eos"] = True
         body["stream_options"] = {"include_usage": True}
+        body["temperature"] = TEMPERATURE
     usage = 0
     stamps: list[float] = []
     counts: list[int] = []
@@ -288,6 +290,13 @@ def main() -> None:
     )
     p.add_argument("--chain-steps", choices=["on", "off"], default="on", help="the job's --chain-steps")
     p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="with --plain-greedy: the streams sample at this temperature (no seed, no other parameter), "
+        "so each rank sends rank 0 the best entry of its slice plus the row's Gumbel noise",
+    )
+    p.add_argument(
         "--collectives",
         choices=["mpi", "ring"],
         default="mpi",
@@ -325,8 +334,11 @@ def main() -> None:
     )
     extra = ["--mca", "mpi_yield_when_idle", "1"] if yield_when_idle else []
     model_args += ["--collectives", args.collectives, "--chain-steps", args.chain_steps]
-    global PLAIN
+    global PLAIN, TEMPERATURE
     PLAIN = args.plain_greedy
+    TEMPERATURE = args.temperature
+    if TEMPERATURE and not PLAIN:
+        raise SystemExit("--temperature needs --plain-greedy (streams with logprobs gather the slices)")
     extra += ["-x", "ORCHARD_HOSTFILE"]  # the ranks read each host's address for the ring from it
     print(f"{label}: TP={np}, delay by {method}, {args.rounds} x {args.tokens} tokens per delay", flush=True)
     result: dict[str, object] = {
@@ -342,6 +354,7 @@ def main() -> None:
         "collectives": args.collectives,
         "plain_greedy": args.plain_greedy,
         "chain_steps": args.chain_steps,
+        "temperature": args.temperature,
         "machine": f"{os.cpu_count()} cores, {platform.system()}",
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }

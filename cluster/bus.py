@@ -31,7 +31,7 @@ from cluster.messages import (
 )
 
 # 6: LoRA adapters (Admit.adapter, StepPlan.adapter_load / adapter_unload); 7: PrefillChunk.prompt_logprobs
-PROTOCOL_VERSION = 11  # 9: StepPlan.argmax; 10: StepPlan.chained; 11: StepPlan.topk
+PROTOCOL_VERSION = 12  # 9: StepPlan.argmax; 10: StepPlan.chained; 11: StepPlan.topk; 12: StepPlan.draws
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 R = TypeVar("R", bound=Reply)

@@ -10,6 +10,7 @@ sync, SSD write results) is split into messages that each fit the bus limit (`ch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -108,7 +109,11 @@ class StepPlan:
     row's input token is the pick every rank computed for it in the step before (`decode_tokens` are 0).
     `topk` (when not `argmax`): every row samples with top_k <= topk or is plain greedy, and nothing else
     reads the rest of the distribution: each rank sends rank 0 its slice's `topk` best entries per row
-    (rank/sampler.py `top_k_mask`), not the slice; 0: the slices.
+    (rank/sampler.py `top_k_mask`), not the slice; 0: the slices. `draws` (an `argmax` plan whose rows
+    include plain sampling ones, at temperature only): one (temperature, PRNG key) per row, temperature 0
+    for a greedy row; a sampling row's pick is the argmax of its logits / temperature plus the Gumbel
+    noise of its key over the whole vocabulary, which is how `mx.random.categorical` samples, so each rank
+    takes its slice's best entry of that sum as for a greedy row (rank/sampler.py `gumbel_scores`).
     """
 
     KIND: ClassVar[int] = 1
@@ -130,6 +135,7 @@ class StepPlan:
     argmax: bool = False
     chained: bool = False
     topk: int = 0
+    draws: tuple[tuple[float, int, int], ...] = ()  # () or (temperature, key word 0, key word 1) per row
 
     def to_wire(self) -> list[Any]:
         return [
@@ -152,12 +158,13 @@ class StepPlan:
             self.argmax,
             self.chained,
             self.topk,
+            [[t, k0, k1] for t, k0, k1 in self.draws],
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> StepPlan:
         (_, step, release, admit, prefill, decode_ids, decode_tokens, store, evict, load, save, delete,
-         adapter_load, adapter_unload, drafts, rollback, argmax, chained, topk) = w  # fmt: skip
+         adapter_load, adapter_unload, drafts, rollback, argmax, chained, topk, draws) = w  # fmt: skip
         if len(decode_ids) != len(decode_tokens):
             raise BusDecodeError("step plan: decode ids and tokens differ in length")
         drafts = _list(drafts, "step plan: decode_drafts")
@@ -167,7 +174,7 @@ class StepPlan:
         unloads = _list(adapter_unload, "step plan: adapter_unload")
         if len(loads) > MAX_ADAPTER_OPS_PER_PLAN or len(unloads) > MAX_ADAPTER_OPS_PER_PLAN:
             raise BusDecodeError(f"step plan: more than {MAX_ADAPTER_OPS_PER_PLAN} adapter loads or unloads")
-        return cls(
+        plan = cls(
             step=_int(step),
             release=_ints(release),
             admit=tuple(_admit(a) for a in _list(admit, "step plan: admit")),
@@ -189,7 +196,28 @@ class StepPlan:
             argmax=_bool(argmax),
             chained=_bool(chained),
             topk=_int(topk),
+            draws=tuple(_draw(d) for d in _list(draws, "step plan: draws")),
         )
+        if plan.draws and (any(plan.decode_drafts) or len(plan.draws) != plan.num_rows):
+            raise BusDecodeError("step plan: draws are not one per row of a step without drafts")
+        return plan
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of logits the step yields without drafts: its prompts' last chunks, then its decode rows."""
+        return sum(p.last for p in self.prefill) + len(self.decode_ids)
+
+
+def _draw(w: Any) -> tuple[float, int, int]:
+    """A row's (temperature, PRNG key) of `StepPlan.draws`: a finite temperature >= 0, two 32-bit words."""
+    if not isinstance(w, list) or len(w) != 3:
+        raise BusDecodeError("step plan: a draw is not (temperature, key, key)")
+    t, k0, k1 = w
+    if type(t) is not float or not math.isfinite(t) or t < 0:
+        raise BusDecodeError(f"step plan: a draw's temperature is not a finite float >= 0: {t!r}")
+    if not all(0 <= _int(k) < 2**32 for k in (k0, k1)):
+        raise BusDecodeError("step plan: a draw's key is not two 32-bit words")
+    return t, k0, k1
 
 
 def _pair(w: Any, what: str) -> tuple[int, int]:

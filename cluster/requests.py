@@ -69,6 +69,14 @@ class SamplingParams:
         distribution (under TP, rank 0 then needs each rank's best entry, not its slice of the vocabulary)."""
         return self.greedy and not self.logit_bias and self.logprobs is None and not self.penalised
 
+    @property
+    def plain_sampling(self) -> bool:
+        """The pick is a sample of softmax(logits / temperature) as they come: no top-k, top-p or min-p cut,
+        nothing else read from the distribution (under TP, each rank adds the Gumbel noise of the row's key
+        to its slice and rank 0 needs its best entry: `StepPlan.draws`)."""
+        cut = 0 < self.top_k or self.top_p < 1.0 or self.min_p > 0.0
+        return not self.greedy and not cut and not self.logit_bias and self.logprobs is None and not self.penalised
+
 
 @dataclass(slots=True, frozen=True)
 class TokenLogprob:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from cluster.adapters import AdapterRegistry, adapter_root
@@ -109,6 +109,10 @@ class Scheduler:
         self._release: list[int] = []
         self._seq_ids = itertools.count(1)
         self._step = 0
+        # Set by the engine when its ranks gather picks from vocabulary slices: each sampling row's
+        # (temperature, PRNG key) for an argmax plan (`StepPlan.draws`, rank/sampler.py `Sampler.draws`).
+        # None: a row that samples makes its step gather the slices.
+        self.draws: Callable[[Sequence[Request]], tuple[tuple[float, int, int], ...]] | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -295,9 +299,12 @@ class Scheduler:
             adapter_unload=adapter_unload,
             decode_drafts=drafts,
             rollback=rollback,
-            argmax=all(map(_argmax_only, completed + decoding)) and all(c.prompt_logprobs < 0 for c in prefill),
+            argmax=self._picks_only(completed + decoding, any(drafts))
+            and all(c.prompt_logprobs < 0 for c in prefill),
             topk=_top_k_of(completed + decoding, prefill),
         )
+        if plan.argmax and self.draws is not None and not all(map(_argmax_only, completed + decoding)):
+            plan = replace(plan, draws=self.draws(completed + decoding))
         row_drafts = ((),) * len(completed) + drafts if drafts else ()
         return ScheduledStep(plan, tuple(completed + decoding), tuple(prefilled), row_drafts)
 
@@ -305,8 +312,9 @@ class Scheduler:
         """The step after `step`, planned before `step` runs (rank/engine.py sends it while `step` computes,
         so no rank waits for the plan): the same rows, each fed the token every rank picks for it in
         `step` (`StepPlan.chained`). Only when nothing else could change the next plan: `step` decodes
-        every running sequence and nothing more, all rows plain greedy and without drafts, nobody waits
-        or leaves, and no row ends at `step` for its length. None otherwise. A row that ends at `step`
+        every running sequence and nothing more, an argmax plan (rows plain greedy or sampling at a
+        temperature alone: their next keys are drawn now, a request's keys never depend on its tokens)
+        without drafts, nobody waits or leaves, and no row ends at `step` for its length. None otherwise. A row that ends at `step`
         on an EOS or a stop string is computed once more in vain; `update` skips it."""
         plan = step.plan
         if not plan.argmax or not plan.decode_ids or plan.prefill or any(plan.decode_drafts):
@@ -328,8 +336,15 @@ class Scheduler:
             decode_tokens=(0,) * len(plan.decode_ids),
             argmax=True,
             chained=True,
+            draws=self.draws(rows) if plan.draws and self.draws is not None else (),
         )
         return ScheduledStep(chained, rows, (), ())
+
+    def _picks_only(self, rows: list[Request], drafts: bool) -> bool:
+        """`StepPlan.argmax`: every row is plain greedy, or (when the ranks gather picks, `draws`, and no row
+        has drafts: a sampled run draws keys as it goes) samples at its temperature alone."""
+        sampling = self.draws is not None and not drafts
+        return all(_argmax_only(r) or (sampling and _sampling_only(r)) for r in rows)
 
     def _draft_room(self, req: Request) -> int:
         """Drafts a row may verify: what it emits (accepted drafts and one more) stays within max_tokens
@@ -543,6 +558,12 @@ def _top_k_of(rows: list[Request], prefill: list[PrefillChunk]) -> int:
             return 0
         k = max(k, p.top_k)
     return k
+
+
+def _sampling_only(req: Request) -> bool:
+    """Its next token is a sample of softmax(logits / temperature) (`SamplingParams.plain_sampling`), no
+    grammar, min_tokens out."""
+    return req.sampling.plain_sampling and req.constraint is None and len(req.output) >= req.sampling.min_tokens
 
 
 def _argmax_only(req: Request) -> bool:

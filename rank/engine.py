@@ -56,6 +56,8 @@ class Leader:
         self.client = client
         client.attach(scheduler)
         self.sampler = Sampler(eos_token_ids=scheduler.eos_token_ids)
+        if executor.splits_vocabulary:  # sampling rows' picks are gathered too (`StepPlan.draws`)
+            scheduler.draws = self.sampler.draws
         self.grammar = grammar  # constrained decoding (rank/grammar.py); None: constrained requests fail
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_timeout = shutdown_timeout
@@ -153,6 +155,7 @@ class Leader:
                 self._publish(self.clock())
                 if log.isEnabledFor(logging.DEBUG):
                     gather = " (chained)" if plan.chained else ""
+                    gather += " (sampled picks)" if plan.draws else ""
                     gather += f" (top-{plan.topk} gather)" if plan.topk and self.executor.splits_vocabulary else ""
                     log.debug(
                         "step %d%s: %.0f ms, %d admitted, %d prompt tokens in %d chunks, %d decoded",

@@ -37,7 +37,7 @@ from rank.model_head import ModelHead, VocabSlice
 from rank.packing import RowLayout, pass_caches
 from rank.prompt_logprobs import PromptLogprobs, rows_wanted
 from rank.ragged import RaggedKVCache
-from rank.sampler import finite_logits, from_top_k, top_k_entries
+from rank.sampler import finite_logits, from_top_k, gumbel_scores, top_k_entries
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class Executor:
         last = mx.concatenate(hidden, axis=0) if len(hidden) > 1 else hidden[0]
         if self._slice is not None:
             if plan.argmax and not rows.prompt:
-                return self._vocab_argmax(row_ids, last, failed)
+                return self._vocab_argmax(row_ids, last, failed, plan.draws)
             if plan.topk > 0 and not rows.prompt:
                 return self._vocab_topk(row_ids, last, failed, plan.topk)
             return self._prompt_rows(self._vocab_parallel(row_ids, last, failed), rows)
@@ -505,14 +505,21 @@ class Executor:
         mx.eval(logits)  # where MLX releases the GIL (see below)
         return StepOutput(row_ids, logits, failed)
 
-    def _vocab_argmax(self, row_ids: list[int], last: mx.array, failed: tuple[int, ...]) -> StepOutput:
-        """`_vocab_parallel` for a step whose every row is plain greedy: each rank sends rank 0 its slice's
-        best logit and its index per row (rows x 2 numbers instead of rows x vocabulary / ranks); rank 0
-        takes the best of them, the first rank's on a tie, which is the argmax of the whole row with the
-        sampler's clamping: the same token as gathering the slices."""
+    def _vocab_argmax(
+        self, row_ids: list[int], last: mx.array, failed: tuple[int, ...], draws: tuple[tuple[float, int, int], ...]
+    ) -> StepOutput:
+        """`_vocab_parallel` for a step whose every row is plain greedy or samples at a temperature alone
+        (`draws`: its key's Gumbel noise is added to the slice first, rank/sampler.py `gumbel_scores`):
+        each rank sends rank 0 its slice's best score and its index per row (rows x 2 numbers instead of
+        rows x vocabulary / ranks); rank 0 takes the best of them, the first rank's on a tie, which is the
+        argmax of the whole row with the sampler's clamping: the same token as gathering the slices."""
         assert self._slice is not None
         head, counts = self._slice
         local = finite_logits(head(last).astype(mx.float32))
+        if draws:
+            if len(draws) != local.shape[0]:
+                raise EngineError(f"{len(draws)} draws for {local.shape[0]} rows")
+            local = gumbel_scores(local, draws, self._vocab_lo, sum(counts))
         best = mx.stack(
             [local.max(axis=-1), (mx.argmax(local, axis=-1) + self._vocab_lo).astype(mx.float32)], axis=-1
         )

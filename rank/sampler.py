@@ -48,6 +48,17 @@ class Sampler:
         req.rng_key = key
         return sub
 
+    def draws(self, rows: Sequence[Request]) -> tuple[tuple[float, int, int], ...]:
+        """`StepPlan.draws` for rows that are plain greedy or sample at a temperature alone: each sampling
+        row's temperature and the key `sample` would draw for it now (the request's next one), 0 and no key
+        for a greedy row. Every rank then picks as `sample` would (`gumbel_scores`)."""
+        keys = {i: self._next_key(req) for i, req in enumerate(rows) if not _greedy(req.sampling)}
+        words = dict(zip(keys, mx.stack(list(keys.values())).tolist(), strict=True)) if keys else {}
+        return tuple(
+            (float(req.sampling.temperature), *words[i]) if i in words else (0.0, 0, 0)
+            for i, req in enumerate(rows)
+        )
+
     def sample(
         self, rows: Sequence[Request], logits: mx.array, masks: StepMasks | None = None
     ) -> list[SampledToken]:
@@ -226,6 +237,24 @@ def from_top_k(parts: Sequence[mx.array], vocab: int) -> mx.array:
         k = part.shape[1] // 2
         full = mx.put_along_axis(full, part[:, k:].astype(mx.int32), part[:, :k].astype(mx.float32), axis=-1)
     return full
+
+
+def gumbel_scores(logits: mx.array, draws: Sequence[tuple[float, int, int]], lo: int, vocab: int) -> mx.array:
+    """`logits` (rows x a slice of the vocabulary starting at id `lo`, clamped by `finite_logits`) as
+    `StepPlan.draws` turn them into scores whose argmax is the row's token: a greedy row's (temperature 0)
+    as they are; a sampling row's divided by its temperature plus its slice of the Gumbel noise its key
+    gives over the whole `vocab`. `mx.random.categorical(scores, key)` is the argmax of the scores plus
+    that noise, so the best entry of the slices' best entries is the token `Sampler.sample` draws from
+    the whole row with the same key (tests/test_gumbel_gather.py)."""
+    rows = []
+    for i, (temperature, k0, k1) in enumerate(draws):
+        if temperature == 0.0:
+            rows.append(logits[i])
+            continue
+        key = mx.array([k0, k1], dtype=mx.uint32)
+        noise = mx.random.gumbel(shape=(vocab,), dtype=logits.dtype, key=key)[lo : lo + logits.shape[-1]]
+        rows.append(logits[i] / temperature + noise)
+    return mx.stack(rows)
 
 
 def finite_logits(x: mx.array) -> mx.array:

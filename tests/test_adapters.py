@@ -83,6 +83,7 @@ def _plan(
         False,  # argmax (protocol 9)
         False,  # chained (protocol 10)
         0,  # topk (protocol 11)
+        [],  # draws (protocol 12)
     ]
     return msgpack.packb([PROTOCOL_VERSION, 1, body], use_bin_type=True)
 

@@ -36,6 +36,15 @@ small = st.integers(min_value=0, max_value=2**20)
 @st.composite
 def plans(draw: st.DrawFn) -> StepPlan:
     decode_ids = draw(st.lists(ids, max_size=16))
+    prefill = tuple(
+        PrefillChunk(draw(ids), draw(small), tuple(draw(st.lists(small, max_size=64))), draw(st.booleans()))
+        for _ in range(draw(st.integers(0, 4)))
+    )
+    drafts = (
+        tuple(tuple(draw(st.lists(small, max_size=4))) for _ in decode_ids) if draw(st.booleans()) else ()
+    )
+    rows = sum(p.last for p in prefill) + len(decode_ids)
+    words = st.integers(0, 2**32 - 1)
     return StepPlan(
         step=draw(ids),
         release=tuple(draw(st.lists(ids, max_size=8))),
@@ -43,10 +52,7 @@ def plans(draw: st.DrawFn) -> StepPlan:
             Admit(draw(ids), tuple(draw(st.lists(small, max_size=8))))
             for _ in range(draw(st.integers(0, 4)))
         ),
-        prefill=tuple(
-            PrefillChunk(draw(ids), draw(small), tuple(draw(st.lists(small, max_size=64))), draw(st.booleans()))
-            for _ in range(draw(st.integers(0, 4)))
-        ),
+        prefill=prefill,
         decode_ids=tuple(decode_ids),
         decode_tokens=tuple(draw(st.lists(small, min_size=len(decode_ids), max_size=len(decode_ids)))),
         store=tuple(
@@ -57,13 +63,14 @@ def plans(draw: st.DrawFn) -> StepPlan:
         ssd_load=tuple((draw(ids), draw(hashes)) for _ in range(draw(st.integers(0, 3)))),
         ssd_save=tuple((draw(ids), draw(hashes)) for _ in range(draw(st.integers(0, 3)))),
         ssd_delete=tuple(draw(st.lists(hashes, max_size=3))),
-        decode_drafts=tuple(tuple(draw(st.lists(small, max_size=4))) for _ in decode_ids)
-        if draw(st.booleans())
-        else (),
+        decode_drafts=drafts,
         rollback=tuple((draw(ids), draw(small)) for _ in range(draw(st.integers(0, 3)))),
         argmax=draw(st.booleans()),
         chained=draw(st.booleans()),
         topk=draw(st.integers(0, 256)),
+        draws=tuple((draw(st.floats(0, 2)), draw(words), draw(words)) for _ in range(rows))
+        if draw(st.booleans()) and not any(drafts)
+        else (),
     )
 
 
@@ -358,7 +365,7 @@ def test_speculation_fields_must_match_the_decode_rows() -> None:
     good = StepPlan(step=1, decode_ids=(4, 5), decode_tokens=(1, 2), decode_drafts=((3, 4), ()), rollback=((4, 9),))
     assert codec.decode(codec.encode(1, good)).message == good
     wire = good.to_wire()
-    drafts, rollback = len(wire) - 5, len(wire) - 4  # then `argmax`, `chained`, `topk`
+    drafts, rollback = len(wire) - 6, len(wire) - 5  # then `argmax`, `chained`, `topk`, `draws`
     wire[drafts] = [[3, 4]]  # one row's drafts for two rows
     with pytest.raises(BusDecodeError, match="drafts"):
         StepPlan.from_wire(wire)
@@ -368,12 +375,27 @@ def test_speculation_fields_must_match_the_decode_rows() -> None:
     wire[drafts], wire[rollback] = [], [[4]]
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)
-    wire[rollback], wire[-3] = [], 1  # argmax is a bool
+    wire[rollback], wire[-4] = [], 1  # argmax is a bool
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)
-    wire[-3], wire[-2] = False, "yes"  # and so is chained
+    wire[-4], wire[-3] = False, "yes"  # and so is chained
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)
-    wire[-2], wire[-1] = False, "8"  # topk is an integer
+    wire[-3], wire[-2] = False, "8"  # topk is an integer
     with pytest.raises(BusDecodeError):
         StepPlan.from_wire(wire)
+    wire[-2] = 0
+    for draws, row_drafts, says in [
+        ([[1.0, 1, 2]], [], "one per row"),  # one draw for two rows
+        ([[1.0, 1, 2], [0.0, 0, 0]], [[3], []], "one per row"),  # rows with drafts draw keys as they go
+        ([[1, 1, 2], [0.0, 0, 0]], [], "temperature"),  # an integer temperature
+        ([[float("nan"), 1, 2], [0.0, 0, 0]], [], "temperature"),
+        ([[-1.0, 1, 2], [0.0, 0, 0]], [], "temperature"),
+        ([[1.0, 2**32, 2], [0.0, 0, 0]], [], "32-bit"),
+        ([[1.0, 1], [0.0, 0, 0]], [], "not \\(temperature"),
+    ]:
+        wire[-1], wire[drafts] = draws, row_drafts
+        with pytest.raises(BusDecodeError, match=says):
+            StepPlan.from_wire(wire)
+    ok = StepPlan(step=1, decode_ids=(4, 5), decode_tokens=(1, 2), draws=((0.7, 1, 2**32 - 1), (0.0, 0, 0)))
+    assert codec.decode(codec.encode(1, ok)).message == ok

@@ -160,6 +160,34 @@ def test_top_k_sampling_gathers_k_entries_and_samples_as_from_the_slices(tiny_tp
     assert all(f"(top-{k} gather)" in log for k, _, _ in cases)  # the steps without logprobs took it
 
 
+def test_sampling_at_a_temperature_gathers_picks_chains_and_samples_as_from_the_slices(tiny_tp2_plain: Job) -> None:
+    """Seeded sampling at a temperature alone (what OpenAI clients send): without logprobs each rank adds
+    its slice of the row's Gumbel noise to its logits and sends rank 0 its best entry (StepPlan.draws), and
+    the decode steps chain; asking for logprobs makes the steps gather the vocabulary slices and rank 0
+    sample. Same seed, same tokens, at several temperatures, and not the greedy text."""
+    from tests.test_lifecycle import wait_idle
+
+    c = client(tiny_tp2_plain)
+    before = wait_idle(tiny_tp2_plain)["chained_steps"]
+    sampled_differently = 0
+    for i, temperature in enumerate((0.6, 1.0, 1.5)):
+        def text(logprobs: bool, t: float = temperature, i: int = i) -> str:
+            r = c.completions.create(
+                model="tiny", prompt=PROMPTS[i], max_tokens=40, temperature=t, seed=200 + i,
+                logprobs=1 if logprobs else None, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            return str(r.choices[0].text)
+
+        picked = text(False)
+        assert picked == text(True), temperature
+        greedy = c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=40, temperature=0)
+        sampled_differently += picked != greedy.choices[0].text
+    assert sampled_differently >= 2
+    log = tiny_tp2_plain.log_path.read_text()
+    assert "(chained) (sampled picks)" in log  # the steps without logprobs gathered picks, chained
+    assert wait_idle(tiny_tp2_plain)["chained_steps"] > before + 60
+
+
 def test_chained_steps_with_stops_lengths_cancels_and_arrivals_equal_tp1(
     tiny_tp2_plain: Job, tiny_tp1: Job
 ) -> None:
