@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def launch(np: int | None, hostfile: str | None, rank_args: list[str], extra: li
     cmd = mpirun_command(np, hostfile, rank_args, extra)
     print("orchard: " + " ".join(cmd), file=sys.stderr, flush=True)
     try:
-        code, lost = _run(cmd)
+        code, lost = _run(cmd, Path(files[0]))
         for line in lost_host_report(lost, Path(files[1])):
             print(f"orchard: {line}", file=sys.stderr, flush=True)
         text = Path(files[0]).read_text().strip()
@@ -204,8 +205,23 @@ def lost_host_report(hosts: list[str], ranks_file: Path) -> list[str]:
     return out
 
 
-def _run(cmd: list[str]) -> tuple[int, list[str]]:
-    """Run mpirun, passing its output through and noting every host it reports lost."""
+# How long mpirun gets to end on its own once a rank has left a failure code in the status file (a rank
+# that could not start aborts, the watchdog exits rank 0): under ULFM mpirun has been seen, on a loaded
+# machine, to hang after two ranks called MPI_Abort at once.
+FAILED_JOB_GRACE_S = 20.0
+
+
+def _failure_code(status_file: Path | None) -> int:
+    try:
+        text = status_file.read_text().strip() if status_file is not None else ""
+    except OSError:
+        return 0
+    return int(text) if text.isdigit() else 0
+
+
+def _run(cmd: list[str], status_file: Path | None = None) -> tuple[int, list[str]]:
+    """Run mpirun, passing its output through and noting every host it reports lost. Once a rank has
+    written a failure code to `status_file`, mpirun gets FAILED_JOB_GRACE_S to end, then is ended."""
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lost: list[str] = []
 
@@ -245,15 +261,42 @@ def _run(cmd: list[str]) -> tuple[int, list[str]]:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
+    failed_at: float | None = None
     while True:
         try:
-            code = proc.wait()
+            code = proc.wait(timeout=0.5)
             break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
-            continue
+        except subprocess.TimeoutExpired:
+            pass
+        if failed_at is None:
+            failed_at = time.monotonic() if _failure_code(status_file) else None
+        elif time.monotonic() - failed_at > FAILED_JOB_GRACE_S:
+            print(
+                f"orchard: a rank failed and mpirun has not ended {FAILED_JOB_GRACE_S:g} s later: ending it",
+                file=sys.stderr,
+                flush=True,
+            )
+            _end_group(proc)
+            proc.wait()
+            code = _failure_code(status_file)
+            break
     for reader in readers:
         reader.join(timeout=5)
     return code, lost
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """mpirun and whatever it started in its session: SIGTERM, then SIGKILL after 5 s."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def split_launch_args(

@@ -93,3 +93,29 @@ def test_without_secrets_nothing_moves() -> None:
     )
     with pytest.raises(ConfigError, match="comma"):
         move_secrets(["--api-key", "a,b"], {})
+
+
+def test_a_job_whose_rank_failed_is_ended_when_mpirun_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank left its failure code in the status file, but mpirun does not end (seen under ULFM on a
+    loaded machine after two ranks aborted at once): the launcher ends it after the grace period, even
+    when it ignores SIGTERM, and exits with the rank's code. Real processes; `mpirun` here is a Python
+    process that hangs."""
+    import signal
+    import sys
+    import time
+
+    from rank import launch
+
+    status = tmp_path / "status"
+    status.write_text("2")
+    monkeypatch.setattr(launch, "FAILED_JOB_GRACE_S", 1.0)
+    hang = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
+    t0 = time.monotonic()
+    try:
+        code, lost = launch._run([sys.executable, "-c", hang], status)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert (code, lost) == (2, [])
+    assert time.monotonic() - t0 < 15  # grace 1 s, SIGTERM ignored for 5 s, then SIGKILL
