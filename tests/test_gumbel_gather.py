@@ -127,3 +127,32 @@ def test_keys_are_the_ones_sampling_would_draw() -> None:
         for i, r in enumerate(rows)
     ]
     assert a == b
+
+
+def test_batched_greedy_rows_pick_what_each_row_alone_picks() -> None:
+    """`Sampler.sample` takes the argmax of every greedy row that reads nothing but its logits (a logit
+    bias at most) in one batched pass; each must be the token the row-by-row path gives: biases that push
+    past the clamp, NaN and infinite logits, rows beside sampling, logprobs and min_tokens rows."""
+    rng = np.random.default_rng(3)
+    vocab = 500
+    cases = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, logit_bias=((7, 100.0), (8, -100.0))),
+        SamplingParams(temperature=0.0, logit_bias=((9, 3.0e38),)),  # past the clamp: ties at the limit
+        SamplingParams(temperature=0.9, seed=2),
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=0.0, min_tokens=5, logit_bias=((2, 50.0),)),  # EOS banned meanwhile
+        SamplingParams(temperature=1e-7, logit_bias=((4, 1.0),)),  # under GREEDY_BELOW
+    ]
+    for trial in range(20):
+        raw = rng.normal(0, 3, (len(cases), vocab))
+        raw[trial % len(cases), rng.integers(vocab, size=5)] = [np.nan, np.inf, -np.inf, 1e30, np.nan]
+        logits = mx.array(raw, dtype=mx.float32)
+        batch, alone = requests(cases, "b"), requests(cases, "a")
+        got = [t.token_id for t in Sampler(eos_token_ids=frozenset({2})).sample(batch, logits)]
+        ref = Sampler(eos_token_ids=frozenset({2}))
+        want = [
+            ref._sample_row(finite_logits(logits)[i], req, None, ref._banned(req) if ref._bans(req) else None).token_id
+            for i, req in enumerate(alone)
+        ]
+        assert got == want, (trial, got, want)
