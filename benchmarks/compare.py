@@ -36,6 +36,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -76,8 +77,8 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def bench_namespace(args: argparse.Namespace, url: str, model: str) -> argparse.Namespace:
-    """The arguments serve_bench.run reads, from ours."""
+def bench_namespace(args: argparse.Namespace, url: str, model: str, seed: int | None = None) -> argparse.Namespace:
+    """The arguments serve_bench.run reads, from ours (`seed`: the prompts' seed, default --seed)."""
     return argparse.Namespace(
         url=url,
         model=model,
@@ -90,7 +91,7 @@ def bench_namespace(args: argparse.Namespace, url: str, model: str) -> argparse.
         prefix_tokens=args.prefix_tokens,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
-        seed=args.seed,
+        seed=args.seed if seed is None else seed,
         send_seed=args.send_seed,
         timeout=args.bench_timeout,
         max_duration=args.bench_timeout,
@@ -133,8 +134,13 @@ def measure_server(
     say(f"{job.name}: ready after {ready:.1f} s; warm-up, then {args.requests} requests")
     for _ in range(args.warmup):
         warm_up(job.url, model, args.bench_timeout)
+    runs = []
+    for i in range(args.repeat):  # new prompts each time (seed + i): nothing cached from the run before
+        runs.append(asyncio.run(serve_bench.run(bench_namespace(args, job.url, model, args.seed + i))))
+        if args.repeat > 1:
+            say(f"{job.name}: run {i + 1}/{args.repeat}: {runs[-1]['output_tok_s']} output tok/s")
+    summary = median_of(runs)
     bench = bench_namespace(args, job.url, model)
-    summary = asyncio.run(serve_bench.run(bench))
     summary["ready_s"] = round(ready, 1)
     say(f"{job.name}: {summary['output_tok_s']} output tok/s, {summary['errors']} errors")
     if args.concurrency > 1 and args.single_requests > 0:
@@ -197,24 +203,46 @@ def batching_verdict(
     return {"valid": False, "invalid_reason": reason, "batching_gain": gain, "decode_batching_gain": decode}
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of repeated runs: each number the median of the runs' (errors: their sum), and the
+    headline figures of every run beside it (`<metric>_runs`). A single run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if isinstance(value, bool) or not all(isinstance(v, int | float) for v in values):
+            continue
+        out[key] = sum(values) if key == "errors" else round(statistics.median(values), 2)  # type: ignore[arg-type]
+        if key in REPEATED:
+            out[f"{key}_runs"] = values
+    out["repeats"] = len(runs)
+    return out
+
+
+REPEATED = ("output_tok_s", "ttft_p50_ms", "itl_p50_ms", "tpot_p50_ms", "e2e_p50_ms")
+
+
 def measure_raw(args: argparse.Namespace, model_dir: Path, logs: Path) -> dict[str, Any] | None:
-    name = f"raw-engine-np{args.np}-kernels-{os.environ.get('ORCHARD_CPU_KERNELS', 'auto')}"
-    out = logs / f"{name}.json"
-    script = Path(__file__).resolve().parent / "raw_engine.py"
-    flags = ["--model", str(model_dir), "--workload", args.workload, "--requests", str(args.requests)]
-    flags += ["--concurrency", str(args.concurrency), "--prompt-tokens", str(args.prompt_tokens)]
-    flags += ["--prefix-tokens", str(args.prefix_tokens), "--max-tokens", str(args.max_tokens)]
-    flags += ["--temperature", str(args.temperature), "--seed", str(args.seed), "--warmup", str(args.warmup)]
-    env = dict(os.environ)
-    cmd = job_command(args.np, [sys.executable, str(script), *flags, "--json", str(out)], env)
-    say(f"raw engine: {args.requests} requests on {args.np} rank(s) (log {logs / name}.log)")
-    job = run_to_end(name, cmd, args.bench_timeout, logs, env)
-    if not out.exists():
-        say(f"raw engine failed (exit {job.proc.returncode}):\n{job.log_tail()}")
-        return None
-    summary: dict[str, Any] = json.loads(out.read_text())
-    say(f"raw engine: {summary['output_tok_s']} output tok/s")
-    return summary
+    runs = []
+    for i in range(args.repeat):  # the servers' prompts, run for run
+        name = f"raw-engine-np{args.np}-kernels-{os.environ.get('ORCHARD_CPU_KERNELS', 'auto')}-{i + 1}"
+        out = logs / f"{name}.json"
+        script = Path(__file__).resolve().parent / "raw_engine.py"
+        flags = ["--model", str(model_dir), "--workload", args.workload, "--requests", str(args.requests)]
+        flags += ["--concurrency", str(args.concurrency), "--prompt-tokens", str(args.prompt_tokens)]
+        flags += ["--prefix-tokens", str(args.prefix_tokens), "--max-tokens", str(args.max_tokens)]
+        flags += ["--temperature", str(args.temperature), "--seed", str(args.seed + i), "--warmup", str(args.warmup)]
+        env = dict(os.environ)
+        cmd = job_command(args.np, [sys.executable, str(script), *flags, "--json", str(out)], env)
+        say(f"raw engine: {args.requests} requests on {args.np} rank(s) (log {logs / name}.log)")
+        job = run_to_end(name, cmd, args.bench_timeout, logs, env)
+        if not out.exists():
+            say(f"raw engine failed (exit {job.proc.returncode}):\n{job.log_tail()}")
+            return None
+        runs.append(json.loads(out.read_text()))
+        say(f"raw engine: {runs[-1]['output_tok_s']} output tok/s")
+    return median_of(runs)
 
 
 def ratio(a: Any, b: Any) -> str:
@@ -316,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--orchard-args", default="", help="more flags for python -m rank (one string)")
     p.add_argument("--mlx-lm-args", default="", help="more flags for mlx_lm server (one string)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed runs per system, on new prompts each (--seed, --seed + 1, ...: the same for every "
+        "system); figures are the runs' medians, each run's headline figures kept beside them. A busy "
+        "2-core machine moves a single run by 10%%",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up requests per server")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start")
     p.add_argument("--bench-timeout", type=float, default=900.0, help="seconds one workload run may take")
@@ -379,8 +415,10 @@ def main() -> int:
         stop_all(jobs)
         if kv != "none":
             shutil.rmtree(kv, ignore_errors=True)
+    runs = f", medians of {args.repeat} runs" if args.repeat > 1 else ""
     print(
-        f"\n{args.workload}, {args.requests} requests at concurrency {args.concurrency}, np {args.np}, {model_dir.name}"
+        f"\n{args.workload}, {args.requests} requests at concurrency {args.concurrency}, np {args.np}, "
+        f"{model_dir.name}{runs}"
     )
     print(table(results))
     if args.json:

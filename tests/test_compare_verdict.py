@@ -28,3 +28,18 @@ def test_a_cold_shared_document_burst_that_batched_is_valid() -> None:
     streams decoded at once at 248 ms a token against 94 ms alone: 2.75x, it batched."""
     v = batching_verdict(2.49, 10.62, 8, 8, 248.2, 90.2)
     assert v["valid"] and v["decode_batching_gain"] == 2.91 and v["batching_gain"] == 0.23
+
+
+def test_repeated_runs_report_medians_and_every_run() -> None:
+    from compare import median_of
+
+    runs = [
+        {"output_tok_s": 44.0, "errors": 0, "itl_p50_ms": 95.0, "model": "m", "peak_decoding_streams": 8},
+        {"output_tok_s": 49.0, "errors": 1, "itl_p50_ms": 90.0, "model": "m", "peak_decoding_streams": 8},
+        {"output_tok_s": 46.0, "errors": 0, "itl_p50_ms": 91.0, "model": "m", "peak_decoding_streams": 7},
+    ]
+    m = median_of(runs)
+    assert m["output_tok_s"] == 46.0 and m["itl_p50_ms"] == 91.0 and m["peak_decoding_streams"] == 8
+    assert m["errors"] == 1 and m["repeats"] == 3 and m["model"] == "m"
+    assert m["output_tok_s_runs"] == [44.0, 49.0, 46.0]
+    assert median_of(runs[:1]) is runs[0]
