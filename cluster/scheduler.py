@@ -41,7 +41,7 @@ class SchedulerConfig:
     # waiting one per decoding one: fewer, larger steps prefill faster (every step costs a fixed ~0.1-0.2 s
     # on a 2-core CPU: 8 chats arriving at once, 987 prompt tokens in 4 steps of 256 took 2.7 s, in one
     # 2.1 s; the decoding stream also stalls less in all). 0: always prefill_chunk.
-    idle_prefill_chunk: int = 1024
+    idle_prefill_chunk: int = 2048
     # --kv-live-from (rank.livequant): a sequence's cache is quantized once it holds this many positions;
     # a prompt chunk never crosses it and a row below it drafts nothing past it, so position p attends to
     # quantized keys exactly when p >= live_from, however the prompt was chunked. None: off.

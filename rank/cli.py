@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument(
         "--idle-prefill-chunk",
         type=int,
-        default=1024,
+        default=2048,
         help="prompt tokens per step at most while no sequence is decoding (no stream to keep waiting) or "
         "while more sequences wait for their first token than decode (--prefill-chunk per waiting one per "
         "decoding one: a burst of requests starts in fewer, larger steps); 0: always --prefill-chunk",
