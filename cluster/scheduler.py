@@ -314,8 +314,9 @@ class Scheduler:
         `step` (`StepPlan.chained`). Only when nothing else could change the next plan: `step` decodes
         every running sequence and nothing more, an argmax plan (rows plain greedy or sampling at a
         temperature alone: their next keys are drawn now, a request's keys never depend on its tokens)
-        without drafts, nobody waits or leaves, and no row ends at `step` for its length. None otherwise. A row that ends at `step`
-        on an EOS or a stop string is computed once more in vain; `update` skips it."""
+        without drafts, nobody waits or leaves, and no row ends at `step` for its length. None otherwise.
+        A row that ends at `step` on an EOS or a stop string is computed once more in vain; `update`
+        skips it."""
         plan = step.plan
         if not plan.argmax or not plan.decode_ids or plan.prefill or any(plan.decode_drafts):
             return None  # (a step without drafts chains: the chained one has none either)
