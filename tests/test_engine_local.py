@@ -193,7 +193,8 @@ def test_tiny_capacity_evicts_and_stays_correct(tiny_model: Path) -> None:
 
 def test_an_idle_engine_waits_for_a_burst_the_api_is_still_preparing(tiny_model: Path) -> None:
     """While the HTTP side reports requests on their way (api/prompts.py), an idle engine holds the first
-    one back briefly so the burst starts in one step; a lone request starts at once."""
+    one back briefly so the burst starts in one step; a lone request starts after BURST_QUIET_S (10 ms:
+    requests of one client's burst come in a few ms apart, before the HTTP side counts the next)."""
     eng = LocalEngine(tiny_model, max_batch=4, chunk=64)
     try:
         warm = eng.submit("warm", eng.tokenizer.encode("warm up"), SamplingParams(temperature=0, max_tokens=2))
