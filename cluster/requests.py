@@ -67,7 +67,13 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """The pick is the argmax of the model's logits as they come: nothing read from the rest of the
         distribution (under TP, rank 0 then needs each rank's best entry, not its slice of the vocabulary)."""
-        return self.greedy and not self.logit_bias and self.logprobs is None and not self.penalised
+        return self.greedy and self.logits_alone
+
+    @property
+    def logits_alone(self) -> bool:
+        """Nothing but the model's logits decides the pick: no logit bias, no penalties, no logprobs to
+        report (each would need the whole distribution on rank 0)."""
+        return not self.logit_bias and self.logprobs is None and not self.penalised
 
     @property
     def plain_sampling(self) -> bool:
@@ -75,7 +81,7 @@ class SamplingParams:
         nothing else read from the distribution (under TP, each rank adds the Gumbel noise of the row's key
         to its slice and rank 0 needs its best entry: `StepPlan.draws`)."""
         cut = 0 < self.top_k or self.top_p < 1.0 or self.min_p > 0.0
-        return not self.greedy and not cut and not self.logit_bias and self.logprobs is None and not self.penalised
+        return not self.greedy and not cut and self.logits_alone
 
 
 @dataclass(slots=True, frozen=True)

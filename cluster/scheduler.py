@@ -554,8 +554,7 @@ def _top_k_of(rows: list[Request], prefill: list[PrefillChunk]) -> int:
         p = req.sampling
         if _argmax_only(req):
             continue
-        plain = not p.logit_bias and p.logprobs is None and not p.penalised and req.constraint is None
-        if not (plain and 0 < p.top_k <= TOPK_GATHER_MAX and len(req.output) >= p.min_tokens):
+        if not (p.logits_alone and _unbound(req) and 0 < p.top_k <= TOPK_GATHER_MAX):
             return 0
         k = max(k, p.top_k)
     return k
@@ -564,10 +563,15 @@ def _top_k_of(rows: list[Request], prefill: list[PrefillChunk]) -> int:
 def _sampling_only(req: Request) -> bool:
     """Its next token is a sample of softmax(logits / temperature) (`SamplingParams.plain_sampling`), no
     grammar, min_tokens out."""
-    return req.sampling.plain_sampling and req.constraint is None and len(req.output) >= req.sampling.min_tokens
+    return req.sampling.plain_sampling and _unbound(req)
 
 
 def _argmax_only(req: Request) -> bool:
     """Its next tokens are the argmax of the logits as they come (rank/sampler.py): plain greedy, no grammar,
     and min_tokens out (until then EOS and the stop ids are banned)."""
-    return req.sampling.plain_greedy and req.constraint is None and len(req.output) >= req.sampling.min_tokens
+    return req.sampling.plain_greedy and _unbound(req)
+
+
+def _unbound(req: Request) -> bool:
+    """No grammar masks its next token and min_tokens are out (until then EOS and the stop ids are banned)."""
+    return req.constraint is None and len(req.output) >= req.sampling.min_tokens

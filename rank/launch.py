@@ -158,8 +158,7 @@ def launch(np: int | None, hostfile: str | None, rank_args: list[str], extra: li
         code, lost = _run(cmd, Path(files[0]))
         for line in lost_host_report(lost, Path(files[1])):
             print(f"orchard: {line}", file=sys.stderr, flush=True)
-        text = Path(files[0]).read_text().strip()
-        return code or (int(text) if text.isdigit() else 0) or (1 if lost else 0)
+        return code or _failure_code(Path(files[0])) or (1 if lost else 0)
     finally:
         for path in files:
             os.unlink(path)
