@@ -83,26 +83,31 @@ def drain_scenario(job: Job, stop: Callable[[], None], plain: bool = False) -> N
     async def scenario() -> list[str]:
         client = await stream_in_subprocess(job.url, body)
         assert client.stdout is not None
-        lines: list[str] = []
-        while True:  # until the first token
-            line = (await asyncio.wait_for(client.stdout.readline(), 60)).decode().strip()
-            lines.append(line)
-            if line.startswith("data: {") and (plain or json.loads(line[6:])["choices"][0]["text"]):
-                break
-        stop()
-        deadline = time.monotonic() + 10
-        async with httpx.AsyncClient(base_url=job.url, timeout=10) as probe:
-            while True:  # new work is refused while the in-flight stream finishes
-                r = await probe.post(
-                    "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}
-                )
-                if r.status_code == 503:
-                    assert r.json()["error"]["code"] == "draining"
+        try:
+            lines: list[str] = []
+            while True:  # until the first token
+                line = (await asyncio.wait_for(client.stdout.readline(), 60)).decode().strip()
+                lines.append(line)
+                if line.startswith("data: {") and (plain or json.loads(line[6:])["choices"][0]["text"]):
                     break
-                assert time.monotonic() < deadline, "no 503 while draining"
-                await asyncio.sleep(0.05)
-        rest, _ = await asyncio.wait_for(client.communicate(), 60)
-        return lines + [ln for ln in rest.decode().splitlines() if ln]
+            stop()
+            deadline = time.monotonic() + 10
+            async with httpx.AsyncClient(base_url=job.url, timeout=10) as probe:
+                while True:  # new work is refused while the in-flight stream finishes
+                    r = await probe.post(
+                        "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}
+                    )
+                    if r.status_code == 503:
+                        assert r.json()["error"]["code"] == "draining"
+                        break
+                    assert time.monotonic() < deadline, "no 503 while draining"
+                    await asyncio.sleep(0.05)
+            rest, _ = await asyncio.wait_for(client.communicate(), 60)
+            return lines + [ln for ln in rest.decode().splitlines() if ln]
+        finally:  # a failed check must not leave the client to be collected after this loop is closed
+            if client.returncode is None:
+                client.kill()
+                await client.wait()
 
     lines = asyncio.run(scenario())
     assert lines[-1] == "data: [DONE]"
@@ -128,17 +133,17 @@ def test_sigusr1_to_the_launcher_drains_too(job_factory, tiny_model: Path) -> No
 def test_sigterm_drains_a_job_whose_steps_are_chained(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     """A plain greedy stream at TP=2 without speculation: its steps are chained (a plan is out before
     the step before runs); a drain stops chaining, finishes the stream and exits cleanly."""
-    job = job_factory.start(2, tiny_args(tiny_model, "--spec", "off"), "drain-chained")
+    job = job_factory.start(2, tiny_args(tiny_model, "--spec", "off", "--log-level", "debug"), "drain-chained")
     rank0 = job.rank_pid(0)
-    seen: dict[str, int] = {}
 
     def stop() -> None:
         time.sleep(0.3)  # the stream decodes, chained, meanwhile
-        __import__("os").kill(rank0, signal.SIGTERM)  # first: a slow /health read must not outlast the stream
-        seen["chained"] = stats(job)["chained_steps"]  # counted since start, read while it drains
+        __import__("os").kill(rank0, signal.SIGTERM)
 
+    # Chained steps are counted from the step log, not a /health read during the drain: such a read took
+    # seconds in CI while the stream ran, long enough for the stream to end before the drain was probed.
     drain_scenario(job, stop, plain=True)
-    assert seen["chained"] > 10
+    assert job.log().count(" (chained): ") > 10
 
 
 def test_sigterm_to_rank0_drains_then_every_rank_exits_zero(job_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
